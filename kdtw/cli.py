@@ -1,0 +1,169 @@
+"""The ``kdtw`` command line.
+
+    kdtw pretrain [--config conf/default.yaml] [--force] [key=value ...]
+    kdtw report   [--config conf/default.yaml] [--split validation] [key=value ...]
+    kdtw decode   --mode budgeted|student|teacher|speculative [--budget light] [--k 3] [--strict]
+                  [--config ...] [--input FILE|-] [key=value ...]
+
+Errors print one line (``kdtw: error: ...``) and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf", "default.yaml")
+
+
+def _config(args):
+    from .config import load_config
+
+    path = args.config
+    if path is None and os.path.exists(DEFAULT_CONFIG):
+        path = DEFAULT_CONFIG
+    return load_config(path, args.overrides)
+
+
+def cmd_pretrain(args) -> int:
+    from .pretrain import pretrain
+
+    cfg = _config(args)
+    reports = pretrain(cfg, force=args.force)
+    print(json.dumps({r: {k: v for k, v in rep.items() if k != "role"} for r, rep in reports.items()}, indent=2))
+    return 0
+
+
+def _read_inputs(path: str) -> list[str]:
+    if path == "-":
+        lines = sys.stdin.read().splitlines()
+    else:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"input file {path!r} does not exist")
+        with open(path) as f:
+            lines = f.read().splitlines()
+    lines = [ln.strip() for ln in lines if ln.strip()]
+    if not lines:
+        raise ValueError(f"no input: {'stdin' if path == '-' else path} holds no non-empty line")
+    return lines
+
+
+def cmd_decode(args) -> int:
+    from .data import Example
+    from .decoding import generate, speculative_generate
+    from .factory import budget_table, load_pair, load_teacher, prompts_for
+
+    cfg = _config(args)
+    table = budget_table(cfg)
+    phrase = table.get(args.budget).phrase if args.budget else table.phrases[min(2, len(table) - 1)]
+    sources = _read_inputs(args.input)
+    examples = [Example(s, "") for s in sources]
+    prompts = prompts_for(cfg, examples, phrase)
+    d = cfg.decoding
+    if args.mode == "teacher":
+        teacher, student = load_teacher(cfg), None
+    else:
+        teacher, student = load_pair(cfg)
+    if args.mode == "speculative":
+        out = speculative_generate(student, teacher, prompts, k=args.k or d.spec_k,
+                                   max_new_tokens=d.max_new_tokens, do_sample=d.do_sample)
+    else:
+        out = generate(student, teacher, prompts, mode=args.mode, budgets=table.get(phrase).target,
+                       max_new_tokens=d.max_new_tokens, do_sample=d.do_sample, temperature=d.temperature,
+                       teacher_do_sample=d.teacher_do_sample, strict=args.strict or d.strict,
+                       batch_size=d.batch_size)
+    for src, row in zip(sources, out.rows()):
+        print(json.dumps({"source": src, "budget": phrase, "mode": args.mode, **row}, ensure_ascii=False))
+    return 0
+
+
+def cmd_report(args) -> int:
+    """Decode a split at every budget (and student/teacher alone); print a table."""
+    from .decoding import generate
+    from .factory import budget_table, load_pair, load_splits, prompts_for
+    from .metrics import primary_metric, task_metrics
+
+    cfg = _config(args)
+    table = budget_table(cfg)
+    examples = load_splits(cfg)[args.split][: args.n or None]
+    refs = [ex.target for ex in examples]
+    teacher, student = load_pair(cfg)
+    d = cfg.decoding
+    rows = []
+    runs = [("student", "student", table.phrases[0]), ("teacher", "teacher", table.phrases[0])]
+    runs += [(f"budget {b.phrase}", "budgeted", b.phrase) for b in table]
+    for label, mode, phrase in runs:
+        t0 = time.perf_counter()
+        out = generate(student, teacher, prompts_for(cfg, examples, phrase), mode=mode,
+                       budgets=table.get(phrase).target, max_new_tokens=d.max_new_tokens,
+                       batch_size=d.batch_size, strict=args.strict)
+        m = task_metrics(cfg.task.metric, out.texts, refs)
+        use = sum(out.teacher_use()) / len(out)
+        rows.append({"run": label, "target": table.get(phrase).target if mode == "budgeted" else None,
+                     "teacher_use": use, **m, "seconds": time.perf_counter() - t0})
+    key = primary_metric(cfg.task.metric)
+    print(f"{'run':<18}{'target':>8}{'use':>8}{key:>9}   seconds")
+    for r in rows:
+        tgt = "" if r["target"] is None else f"{r['target']:.2f}"
+        print(f"{r['run']:<18}{tgt:>8}{r['teacher_use']:>8.3f}{r[key]:>9.2f}   {r['seconds']:.1f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kdtw", description="Knowledge distillation with training wheels")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp):
+        sp.add_argument("--config", help="YAML profile (default: conf/default.yaml)")
+        sp.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. seed=3")
+
+    sp = sub.add_parser("pretrain", help="supervised pretraining of the default teacher and student")
+    common(sp)
+    sp.add_argument("--force", action="store_true", help="retrain even if cached")
+    sp.set_defaults(func=cmd_pretrain)
+
+    sp = sub.add_parser("decode", help="decode inputs (one source per line) as JSON lines")
+    common(sp)
+    sp.add_argument("--mode", choices=["budgeted", "student", "teacher", "speculative"], default="budgeted")
+    sp.add_argument("--budget", help="budget phrase, e.g. light")
+    sp.add_argument("--k", type=int, help="speculative block size K")
+    sp.add_argument("--strict", action="store_true", help="mask <τ> once the budget is used")
+    sp.add_argument("--input", default="-", help="file with one source per line, or - for stdin")
+    sp.set_defaults(func=cmd_decode)
+
+    sp = sub.add_parser("report", help="decode a split at every budget and print a table")
+    common(sp)
+    sp.add_argument("--split", default="validation")
+    sp.add_argument("--n", type=int, default=None, help="first N examples only")
+    sp.add_argument("--strict", action="store_true")
+    sp.add_argument("--json", help="also write the rows to this JSON file")
+    sp.set_defaults(func=cmd_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .budgets import BudgetError
+    from .config import ConfigError
+    from .data import DataError
+    from .models import ModelError
+
+    try:
+        return args.func(args)
+    except (ConfigError, BudgetError, DataError, ModelError, FileNotFoundError, ValueError, FloatingPointError) as e:
+        msg = " ".join(str(e).split("\n"))
+        print(f"kdtw: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kdtw: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

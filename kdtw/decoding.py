@@ -1,0 +1,399 @@
+"""Budgeted decoding (DESIGN.md §6) and speculative decoding, on one code path.
+
+``generate`` decodes a batch with KV caches for both models. The student writes a token or emits
+``<τ>``; at a ``<τ>`` the teacher is advanced over the output tokens it has not yet seen (one
+teacher forward for the batch, each output token fed to the teacher at most once) and gives the
+token. Modes on the same loop: ``budgeted``, ``student`` (``<τ>`` masked) and ``teacher`` (every
+token from the teacher, no student forward).
+
+``strict``: a call is allowed at step t (0-based) only if, after it, the sequence's teacher-use
+fraction so far stays within its budget: ``calls + 1 <= budget * (t + 1)``. Since this holds at
+every prefix, the final fraction (DESIGN.md §1, EOS counted) never exceeds the budget, whatever
+length the output ends up with.
+
+``speculative_generate`` is speculative decoding (Leviathan et al. 2023, Chen et al. 2023) with a
+drafter (a student with ``<τ>`` masked, or any LM sharing the tokenizer) and block size K. It
+decodes one sequence at a time (as `transformers` assisted generation does).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .models import LM, Student
+
+
+@dataclass
+class DecodeOutput:
+    """Per-sequence results of a decoding run (lists are indexed by input order)."""
+
+    texts: list[str]
+    tokens: list[list[int]]  # resolved output tokens, EOS included when emitted
+    call_mask: list[list[bool]]  # True where the teacher gave the token (<τ>, or SD's teacher token)
+    behaviour_logp: list[list[float]]  # log-prob of the action taken under the sampling policy
+    student_steps: list[int]  # student (or drafter) forwards spent on the sequence
+    teacher_forwards: list[int]  # teacher forwards that served the sequence
+    teacher_tokens: list[int]  # output positions the teacher computed (logit rows), recomputes counted
+    wall_time: float  # seconds for the whole call
+    batch_teacher_forwards: int = 0  # teacher forward passes over whole batches
+    mode: str = "budgeted"
+    extra: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(t) for t in self.tokens]
+
+    def teacher_use(self) -> list[float]:
+        """Per-sequence teacher-use fraction Σc_t / T (DESIGN.md §1, EOS counted)."""
+        return [sum(c) / max(len(c), 1) for c in self.call_mask]
+
+    def rows(self) -> list[dict]:
+        return [
+            {
+                "text": self.texts[i],
+                "tokens": self.tokens[i],
+                "teacher_calls": int(sum(self.call_mask[i])),
+                "call_mask": [int(c) for c in self.call_mask[i]],
+                "student_steps": self.student_steps[i],
+                "teacher_forwards": self.teacher_forwards[i],
+                "teacher_tokens": self.teacher_tokens[i],
+            }
+            for i in range(len(self))
+        ]
+
+
+MODES = ("budgeted", "student", "teacher")
+
+
+def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Action and its log-prob under the sampling distribution. logits [B, A] -> [B], [B]."""
+    if do_sample:
+        logp = torch.log_softmax(logits / temperature, dim=-1)
+        a = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+    else:
+        logp = torch.log_softmax(logits, dim=-1)
+        a = logits.argmax(-1)
+    return a, logp.gather(-1, a[:, None]).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    student: Student | None,
+    teacher: LM | None,
+    prompts: list[str],
+    *,
+    mode: str = "budgeted",
+    budgets: float | list[float] | None = None,
+    max_new_tokens: int = 64,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    teacher_do_sample: bool = False,
+    strict: bool = False,
+    batch_size: int = 32,
+    tau_bias: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> DecodeOutput:
+    """Decode ``prompts`` (full input texts, budget instruction included).
+
+    ``budgets``: the target fraction per prompt (or one for all); needed for ``strict``.
+    ``tau_bias`` is added to the <τ> logit (an inference-time knob; 0 = the trained policy).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}: use one of {MODES} (or speculative_generate)")
+    if not prompts:
+        raise ValueError("no prompts to decode (empty input)")
+    if mode != "teacher" and student is None:
+        raise ValueError(f"mode={mode} needs a student")
+    if mode != "student" and teacher is None:
+        raise ValueError(f"mode={mode} needs a teacher")
+    if strict and budgets is None:
+        raise ValueError("strict decoding needs the budget of each prompt")
+    if isinstance(budgets, (int, float)):
+        budgets = [float(budgets)] * len(prompts)
+    if budgets is not None and len(budgets) != len(prompts):
+        raise ValueError(f"{len(budgets)} budgets for {len(prompts)} prompts")
+
+    t0 = time.perf_counter()
+    parts = []
+    for s in range(0, len(prompts), batch_size):
+        parts.append(
+            _generate_batch(
+                student,
+                teacher,
+                prompts[s : s + batch_size],
+                mode=mode,
+                budgets=None if budgets is None else budgets[s : s + batch_size],
+                max_new_tokens=max_new_tokens,
+                do_sample=do_sample,
+                temperature=temperature,
+                teacher_do_sample=teacher_do_sample,
+                strict=strict,
+                tau_bias=tau_bias,
+                generator=generator,
+            )
+        )
+    out = DecodeOutput(
+        texts=[t for p in parts for t in p.texts],
+        tokens=[t for p in parts for t in p.tokens],
+        call_mask=[t for p in parts for t in p.call_mask],
+        behaviour_logp=[t for p in parts for t in p.behaviour_logp],
+        student_steps=[t for p in parts for t in p.student_steps],
+        teacher_forwards=[t for p in parts for t in p.teacher_forwards],
+        teacher_tokens=[t for p in parts for t in p.teacher_tokens],
+        wall_time=time.perf_counter() - t0,
+        batch_teacher_forwards=sum(p.batch_teacher_forwards for p in parts),
+        mode=mode,
+    )
+    return out
+
+
+def _generate_batch(student, teacher, prompts, *, mode, budgets, max_new_tokens, do_sample,
+                    temperature, teacher_do_sample, strict, tau_bias, generator) -> DecodeOutput:
+    lm = student.lm if student is not None else teacher
+    ref = teacher if teacher is not None else lm
+    B = len(prompts)
+    dev = lm.device
+    eos, pad = ref.eos_id, ref.pad_id
+
+    s_state = t_state = None
+    if mode != "teacher":
+        s_state = student.lm.start(*student.lm.encode_prompts(prompts))
+        s_logits = student.lm.extend(s_state, torch.empty((B, 0), dtype=torch.long, device=dev))[:, -1]
+        V = student.vocab_size
+    if mode != "student":
+        t_ids, t_mask = teacher.encode_prompts(prompts)
+        t_state = teacher.start(t_ids.to(teacher.device), t_mask.to(teacher.device))
+        V = teacher.vocab_size
+    budget_t = torch.tensor(budgets, dtype=torch.float32, device=dev) if budgets is not None else None
+
+    out = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=dev)
+    calls = torch.zeros((B, max_new_tokens), dtype=torch.bool, device=dev)
+    blogp = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=dev)
+    length = torch.full((B,), max_new_tokens, dtype=torch.long, device=dev)  # final length
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    n_calls = torch.zeros(B, dtype=torch.long, device=dev)
+    t_forwards = torch.zeros(B, dtype=torch.long, device=dev)
+    s_steps = torch.zeros(B, dtype=torch.long, device=dev)
+    batch_fwd = 0
+    teacher_seen = 0  # output positions already fed to the teacher (same for every row)
+
+    T = 0
+    for t in range(max_new_tokens):
+        T = t + 1
+        if mode == "teacher":
+            want = ~done
+            act_logp = torch.zeros(B, device=dev)
+        else:
+            pol = student.policy_logits(s_logits).float()  # [B, V+1]
+            if mode == "student":
+                pol[:, V] = float("-inf")
+            else:
+                if tau_bias:
+                    pol[:, V] += tau_bias
+                if strict:
+                    allowed = (n_calls + 1).float() <= budget_t * (t + 1) + 1e-6
+                    pol[:, V] = torch.where(allowed, pol[:, V], torch.full_like(pol[:, V], float("-inf")))
+            a, act_logp = _pick(pol, do_sample, temperature, generator)
+            want = (a == V) & ~done
+            s_steps += (~done).long()
+        tok = a if mode != "teacher" else torch.full((B,), pad, dtype=torch.long, device=dev)
+        if want.any():
+            new = out[:, teacher_seen:t].to(teacher.device)
+            t_logits = teacher.extend(t_state, new)[:, -1, :V].float()  # [B, V] predicts x_t
+            teacher_seen = t
+            batch_fwd += 1
+            t_forwards += want.long()
+            x, _ = _pick(t_logits.to(dev), teacher_do_sample, 1.0, generator)
+            tok = torch.where(want, x, tok)
+        tok = torch.where(done, torch.full_like(tok, pad), tok)
+        out[:, t] = tok
+        calls[:, t] = want
+        blogp[:, t] = torch.where(done, torch.zeros_like(act_logp), act_logp)
+        n_calls += want.long()
+        ended = (tok == eos) & ~done
+        length = torch.where(ended, torch.full_like(length, t + 1), length)
+        done |= ended
+        if done.all():
+            break
+        if mode != "teacher":
+            s_logits = student.lm.extend(s_state, tok[:, None])[:, -1]
+
+    # the teacher computed output positions 0..teacher_seen once each (if it ran at all)
+    computed = teacher_seen + 1 if batch_fwd else 0
+    t_tokens = torch.minimum(length, torch.full_like(length, computed))
+    lengths = torch.minimum(length, torch.tensor(T, device=dev)).tolist()
+    toks, masks, lps = [], [], []
+    for i in range(B):
+        L = lengths[i]
+        toks.append(out[i, :L].tolist())
+        masks.append(calls[i, :L].tolist())
+        lps.append(blogp[i, :L].tolist())
+    return DecodeOutput(
+        texts=[ref.decode(x) for x in toks],
+        tokens=toks,
+        call_mask=masks,
+        behaviour_logp=lps,
+        student_steps=s_steps.tolist(),
+        teacher_forwards=t_forwards.tolist(),
+        teacher_tokens=t_tokens.tolist(),
+        wall_time=0.0,
+        batch_teacher_forwards=batch_fwd,
+        mode=mode,
+    )
+
+
+# ----------------------------------------------------------------------------- speculative
+
+
+def _draft_logits(drafter: Student | LM, logits: torch.Tensor) -> torch.Tensor:
+    """Drafter logits over V (the student's <τ> masked by dropping it)."""
+    V = drafter.vocab_size
+    return logits[..., :V].float()
+
+
+@torch.no_grad()
+def speculative_generate(
+    drafter: Student | LM,
+    teacher: LM,
+    prompts: list[str],
+    *,
+    k: int = 3,
+    max_new_tokens: int = 64,
+    do_sample: bool = False,
+    generator: torch.Generator | None = None,
+) -> DecodeOutput:
+    """Speculative decoding with block size ``k``: the drafter proposes up to k tokens, the
+    teacher scores them in one forward and accepts a prefix (greedy: while they equal its argmax;
+    sampling: with prob min(1, p/q), resampling from norm(max(0, p − q)) at the first reject),
+    then adds one token of its own. The output is distributed as the teacher's (token-for-token
+    equal to its greedy output in greedy mode). ``call_mask`` marks the teacher's own tokens."""
+    if k < 1:
+        raise ValueError("speculative decoding needs k >= 1")
+    if not prompts:
+        raise ValueError("no prompts to decode (empty input)")
+    d_lm = drafter.lm if isinstance(drafter, Student) else drafter
+    t0 = time.perf_counter()
+    res = DecodeOutput([], [], [], [], [], [], [], 0.0, 0, mode=f"speculative_k{k}")
+    accepted_total = drafted_total = 0
+    for prompt in prompts:
+        d_state = d_lm.start(*d_lm.encode_prompts([prompt]))
+        t_state = teacher.start(*teacher.encode_prompts([prompt]))
+        V = teacher.vocab_size
+        out: list[int] = []
+        mask: list[bool] = []
+        steps = fwd = t_rows = 0
+        while len(out) < max_new_tokens and (not out or out[-1] != teacher.eos_id):
+            # draft: feed the accepted tokens the drafter has not seen, then propose
+            kk = min(k, max_new_tokens - len(out) - 1)
+            base = len(out)
+            drafts: list[int] = []
+            q_rows: list[torch.Tensor | None] = []
+            d_rows: list[torch.Tensor] = []
+            if kk > 0:
+                feed = torch.tensor([out[d_state.n_fed :]], dtype=torch.long, device=d_lm.device)
+                logits = d_lm.extend(d_state, feed)[:, -1]
+                d_rows.append(logits)
+            for i in range(kk):
+                q_logits = _draft_logits(d_lm, logits)[0]
+                if do_sample:
+                    q = torch.softmax(q_logits, -1)
+                    x = int(torch.multinomial(q, 1, generator=generator))
+                else:
+                    q = None
+                    x = int(q_logits.argmax())
+                steps += 1
+                drafts.append(x)
+                q_rows.append(q)
+                if x == teacher.eos_id or i == kk - 1:
+                    break
+                logits = d_lm.extend(d_state, torch.tensor([[x]], device=d_lm.device))[:, -1]
+                d_rows.append(logits)
+            # verify: one teacher forward over the unseen accepted tokens and the drafts
+            feed = torch.tensor([out[t_state.n_fed :] + drafts], dtype=torch.long, device=teacher.device)
+            full = teacher.extend(t_state, feed)[0, -(len(drafts) + 1) :]  # [n+1, Vm]
+            t_logits = full[:, :V].float()
+            fwd += 1
+            t_rows += feed.shape[1] + (1 if fwd == 1 else 0)
+            n_acc = 0
+            new: list[int] = []
+            for i, x in enumerate(drafts):
+                if do_sample:
+                    p = torch.softmax(t_logits[i], -1)
+                    q = q_rows[i]
+                    u = torch.rand((), generator=generator)
+                    if float(u) < min(1.0, float(p[x] / q[x])):
+                        n_acc += 1
+                        new.append(x)
+                        continue
+                    resid = (p - q).clamp(min=0)
+                    resid = resid / resid.sum() if float(resid.sum()) > 0 else p
+                    new.append(int(torch.multinomial(resid, 1, generator=generator)))
+                    break
+                if int(t_logits[i].argmax()) == x:
+                    n_acc += 1
+                    new.append(x)
+                    continue
+                new.append(int(t_logits[i].argmax()))
+                break
+            else:
+                row = t_logits[len(drafts)]
+                if do_sample:
+                    new.append(int(torch.multinomial(torch.softmax(row, -1), 1, generator=generator)))
+                else:
+                    new.append(int(row.argmax()))
+            accepted_total += n_acc
+            drafted_total += len(drafts)
+            new_mask = [False] * n_acc + [True]
+            # stop at EOS and at the length limit
+            for j, x in enumerate(new):
+                if x == teacher.eos_id:
+                    new, new_mask = new[: j + 1], new_mask[: j + 1]
+                    break
+            room = max_new_tokens - len(out)
+            out.extend(new[:room])
+            mask.extend(new_mask[:room])
+            # caches keep only accepted tokens; last_logits predicts the next unfed position
+            keep_t = base + n_acc
+            if keep_t < t_state.n_fed:
+                teacher.rollback(t_state, keep_t, full[n_acc][None])
+            keep_d = base + min(n_acc, len(d_rows) - 1)
+            if d_rows and keep_d < d_state.n_fed:
+                d_lm.rollback(d_state, keep_d, d_rows[keep_d - base])
+        res.texts.append(teacher.decode(out))
+        res.tokens.append(out)
+        res.call_mask.append(mask)
+        res.behaviour_logp.append([0.0] * len(out))
+        res.student_steps.append(steps)
+        res.teacher_forwards.append(fwd)
+        res.teacher_tokens.append(t_rows)
+        res.batch_teacher_forwards += fwd
+    res.wall_time = time.perf_counter() - t0
+    res.extra = {"acceptance_rate": accepted_total / max(drafted_total, 1)}
+    return res
+
+
+@torch.no_grad()
+def forward_time_ratio(student: Student | LM, teacher: LM, prompts: list[str], *, steps: int = 16, repeats: int = 3) -> float:
+    """Measured student/teacher time of one cached decoding step (batch of ``prompts``): the
+    ``c`` of the cost model ``student_steps·c + teacher_forwards`` (DESIGN.md §6)."""
+    s_lm = student.lm if isinstance(student, Student) else student
+
+    def step_time(lm: LM) -> float:
+        best = float("inf")
+        for _ in range(repeats):
+            state = lm.start(*lm.encode_prompts(prompts))
+            x = torch.full((len(prompts), 1), lm.eos_id, dtype=torch.long, device=lm.device)
+            lm.extend(state, x)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                lm.extend(state, x)
+            best = min(best, (time.perf_counter() - t0) / steps)
+        return best
+
+    return step_time(s_lm) / step_time(teacher)

@@ -1,0 +1,131 @@
+"""Build the objects a config names: task splits, budget table, tokenizer, teacher, student."""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Any
+
+from .budgets import BudgetTable
+from .config import Config, ModelConfig
+from .data import Example, build_word_tokenizer, load_task, task_vocabulary
+from .models import (
+    LM,
+    STUDENT_META,
+    ModelError,
+    Student,
+    _from_pretrained,
+    check_tokenizers,
+    init_model,
+    make_student,
+)
+
+GENERATED = ("toy_translation", "toy_summarisation")
+
+
+def budget_table(cfg: Config) -> BudgetTable:
+    return BudgetTable(cfg.budgets, template=cfg.prompt_template)
+
+
+def _generator_kwargs(cfg: Config) -> dict[str, Any]:
+    t = cfg.task
+    return dict(
+        seed=t.seed, n_train=t.n_train, n_validation=t.n_validation, n_test=t.n_test, **t.generator
+    )
+
+
+def load_splits(cfg: Config) -> dict[str, list[Example]]:
+    """The task's examples per split ("train", "validation", optionally "test")."""
+    t = cfg.task
+    if t.kind in GENERATED:
+        splits = load_task(t.kind, **_generator_kwargs(cfg))
+    else:
+        splits = load_task(
+            "datasets",
+            path_or_name=t.dataset,
+            source_column=t.source_column,
+            target_column=t.target_column,
+            splits=dict(t.splits),
+            config_name=t.dataset_config,
+            data_files=t.data_files,
+            max_examples=t.max_examples,
+        )
+    if t.max_examples is not None:
+        splits = {k: v[: t.max_examples] for k, v in splits.items()}
+    return splits
+
+
+def task_tokenizer(cfg: Config) -> Any:
+    """The word-level tokenizer of a generated task: every task word and every prompt word."""
+    if cfg.task.kind not in GENERATED:
+        raise ModelError("task.kind=datasets has no built-in tokenizer: set teacher.tokenizer")
+    gen = {k: v for k, v in _generator_kwargs(cfg).items() if k not in ("n_train", "n_validation", "n_test")}
+    words = task_vocabulary(cfg.task.kind, **gen) + budget_table(cfg).all_words(cfg.task.instruction)
+    return build_word_tokenizer(words)
+
+
+def _spec_tokenizer(cfg: Config, spec: ModelConfig) -> Any:
+    if spec.tokenizer:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(spec.tokenizer)
+    return task_tokenizer(cfg)
+
+
+def model_folder(cfg: Config, role: str) -> str:
+    return os.path.join(cfg.models_dir, role)
+
+
+def _load_plain(cfg: Config, role: str, *, seed_offset: int) -> tuple[Any, Any]:
+    spec: ModelConfig = getattr(cfg, role)
+    if spec.source == "pretrained":
+        return _from_pretrained(spec.name_or_path, dtype=spec.dtype, device=spec.device)
+    if spec.source == "pretrain":
+        folder = model_folder(cfg, role)
+        if not os.path.exists(os.path.join(folder, "config.json")):
+            raise ModelError(
+                f"no pretrained {role} at {folder}: run `kdtw pretrain --config <this config>` "
+                f"first (or set {role}.source=init for a random-init model)"
+            )
+        return _from_pretrained(folder, dtype=spec.dtype, device=spec.device)
+    tok = _spec_tokenizer(cfg, spec)
+    model = init_model(spec, tok, seed=cfg.seed + seed_offset).to(spec.device if spec.device != "auto" else "cpu")
+    return model, tok
+
+
+def load_teacher(cfg: Config) -> LM:
+    model, tok = _load_plain(cfg, "teacher", seed_offset=1)
+    return LM(model, tok)
+
+
+def load_student(cfg: Config, teacher: LM | None = None) -> Student:
+    """The student with <τ> (a kdtw student folder is loaded as is); checked against the
+    teacher's tokenizer when one is given."""
+    spec = cfg.student
+    path = spec.name_or_path if spec.source == "pretrained" else model_folder(cfg, "student")
+    if spec.source != "init" and path and os.path.exists(os.path.join(path, STUDENT_META)):
+        student = Student.load(path, dtype=spec.dtype, device=spec.device)
+    else:
+        model, tok = _load_plain(cfg, "student", seed_offset=2)
+        student = make_student(model, tok)
+    if teacher is not None:
+        check_tokenizers(teacher.tokenizer, student.lm.tokenizer)
+    return student
+
+
+def load_pair(cfg: Config) -> tuple[LM, Student]:
+    teacher = load_teacher(cfg)
+    return teacher, load_student(cfg, teacher)
+
+
+def prompts_for(cfg: Config, examples: list[Example], phrases: str | list[str]) -> list[str]:
+    """Input texts Y = budget instruction + source, one phrase for all or one per example."""
+    table = budget_table(cfg)
+    if isinstance(phrases, str):
+        phrases = [phrases] * len(examples)
+    return [table.prompt(p, cfg.task.instruction, ex.source) for p, ex in zip(phrases, examples)]
+
+
+def random_phrases(cfg: Config, n: int, rng: random.Random) -> list[str]:
+    phrases = budget_table(cfg).phrases
+    return [rng.choice(phrases) for _ in range(n)]

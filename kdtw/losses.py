@@ -1,0 +1,337 @@
+"""Losses for kdtw: shaped rewards, PCL (DESIGN.md §2-3), behaviour cloning (§4), λ update (§5).
+
+Pure functions of tensors and floats. Conventions used throughout:
+
+- ``B`` sequences, ``T`` positions, vocabulary ``V``. The student's policy is over ``V ∪ {<τ>}``:
+  student logits are ``[B, T, V+1]`` with ``<τ>`` at index ``V`` (the last column). Teacher
+  log-probs are over ``V``: ``[B, T, V]``, or ``[B, T]`` for the log-prob of the resolved token.
+- ``mask`` is a float or bool ``[B, T]``, nonzero/True at valid positions; the valid positions of
+  a row are a prefix (right padding). Whatever padding positions hold is ignored.
+- Each loss returns ``(loss, metrics)``; ``metrics`` is a flat ``dict[str, float]``.
+
+A note on the math of PCL with ``<τ>`` (checked numerically in ``tests/test_tabular_pcl.py``):
+writing a token is a deterministic transition, but ``<τ>`` is stochastic (the next state is
+``s·x`` with ``x ~ p(· | s)``). At the soft optimum of the shaped objective the path residual
+``C_t`` is exactly zero on every path without ``<τ>``, while on a path with a ``<τ>`` step it is
+zero only in expectation over the teacher's token: each ``<τ>`` step at ``j`` adds
+``γ^{j-t+1} (V(s_{j+1}) − E_{x~p} V(s_j·x))`` to ``C_t``. Path consistency (Nachum et al. 2017)
+is exact for deterministic dynamics only, so ``E[½ C²]`` over stochastic ``<τ>`` steps carries
+the usual double-sampling variance term, which pulls the values of sibling states together.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+TAU_REWARDS = ("joint", "teacher_logp")
+
+
+def _valid(mask: Tensor) -> Tensor:
+    """A float or bool ``[B, T]`` mask as bool."""
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+def _discount_matrix(T: int, gamma: float, window: int | None, *, dtype, device) -> Tensor:
+    """``W[t, s] = γ^(s−t)`` for ``t ≤ s < t + d``, else 0. ``[T, T]``."""
+    idx = torch.arange(T, device=device)
+    lag = idx[None, :] - idx[:, None]  # [T, T], s − t
+    inside = lag >= 0
+    if window is not None:
+        inside = inside & (lag < window)
+    powers = torch.tensor(gamma, dtype=dtype, device=device) ** lag.clamp(min=0).to(dtype)
+    return torch.where(inside, powers, torch.zeros((), dtype=dtype, device=device))
+
+
+def pcl_residuals(
+    rewards: Tensor,
+    logp: Tensor,
+    values: Tensor,
+    mask: Tensor,
+    *,
+    alpha: float = 1.0,
+    gamma: float = 1.0,
+    window: int | None = None,
+) -> Tensor:
+    """Path-consistency residuals ``C_t`` (DESIGN.md §3).
+
+        C_t = −V(s_t) + γ^{d'} V(s_{t+d'}) + Σ_{j<d'} γ^j (r'_{t+j} − α logp_{t+j}),
+        d' = min(d, T_row − t)
+
+    Args:
+        rewards: ``[B, T]`` shaped rewards ``r'`` (see ``shaped_rewards``).
+        logp: ``[B, T]`` ``log π(a_t | s_t)`` of the action taken (see ``student_action_logp``).
+        values: ``[B, T]`` ``V(s_t)``. ``V`` after the last valid position of a row is 0; values
+            (and rewards, logp) at padding positions are ignored, whatever they hold.
+        mask: ``[B, T]`` float or bool, valid positions a prefix of each row.
+        alpha: entropy coefficient α.
+        gamma: discount γ.
+        window: rollout length ``d ≥ 1``; ``None`` means ``d = ∞`` (to the end of the row).
+
+    Returns:
+        ``[B, T]`` residuals, 0 at padding positions.
+
+    Vectorised with a ``[T, T]`` discount matrix, which is numerically stable for any γ (a
+    cumulative sum scaled by ``γ^{-t}`` is not). With ``V`` and ``r' − α logp`` zeroed past the
+    end of a row, ``d' = min(d, T_row − t)`` needs no special case: the window's terms past the
+    end are 0 and so is the bootstrap ``V(s_{T_row})``.
+    """
+    if window is not None and (int(window) != window or window < 1):
+        raise ValueError(f"window must be a positive int or None, got {window!r}")
+    valid = _valid(mask)
+    B, T = rewards.shape
+    if logp.shape != (B, T) or values.shape != (B, T) or valid.shape != (B, T):
+        raise ValueError(
+            f"rewards, logp, values, mask must all be [B, T]; got {tuple(rewards.shape)}, "
+            f"{tuple(logp.shape)}, {tuple(values.shape)}, {tuple(valid.shape)}"
+        )
+    dtype = torch.promote_types(torch.promote_types(rewards.dtype, logp.dtype), values.dtype)
+    zero = torch.zeros((), dtype=dtype, device=rewards.device)
+    # torch.where, not multiplication: padding may hold inf or nan.
+    step = torch.where(valid, rewards.to(dtype) - alpha * logp.to(dtype), zero)  # [B, T]
+    v = torch.where(valid, values.to(dtype), zero)  # [B, T]
+
+    W = _discount_matrix(T, gamma, window, dtype=dtype, device=rewards.device)  # [T, T]
+    residual = -v + step @ W.T  # [B, T]
+    if window is not None and window < T:
+        # γ^d V(s_{t+d}); beyond T it is 0 (the row has ended).
+        bootstrap = torch.cat([v[:, window:], v.new_zeros(B, window)], dim=1)  # [B, T]
+        residual = residual + gamma**window * bootstrap
+    return torch.where(valid, residual, zero)
+
+
+def pcl_loss(
+    rewards: Tensor,
+    logp: Tensor,
+    values: Tensor,
+    mask: Tensor,
+    *,
+    alpha: float = 1.0,
+    gamma: float = 1.0,
+    window: int | None = None,
+    critic_weight: float = 1.0,
+) -> tuple[Tensor, dict[str, float]]:
+    """PCL loss ``Σ_valid ½ C_t² / (number of valid t in the batch)`` (DESIGN.md §3).
+
+    Args: as ``pcl_residuals`` (all ``[B, T]``), plus
+        critic_weight: scales the gradient that reaches ``values``. ``C`` is built from
+            ``v_eff = critic_weight · values + (1 − critic_weight) · values.detach()``, whose
+            value equals ``values`` and whose gradient is ``critic_weight`` times that of
+            ``values``. So the loss value is mean ½C², its gradient wrt ``logp`` is that of ½C²,
+            and its gradient wrt ``values`` is ``critic_weight`` times that of ½C².
+
+    Returns:
+        ``(loss, metrics)``: scalar loss; metrics ``pcl/loss``, ``pcl/residual_abs_mean``,
+        ``pcl/residual_abs_max``, ``pcl/value_mean``, ``pcl/n_valid``.
+    """
+    valid = _valid(mask)
+    v_eff = critic_weight * values + (1.0 - critic_weight) * values.detach()
+    C = pcl_residuals(rewards, logp, v_eff, valid, alpha=alpha, gamma=gamma, window=window)
+    n_valid = valid.sum()
+    loss = 0.5 * (C**2).sum() / n_valid.clamp(min=1)
+
+    with torch.no_grad():
+        n = max(int(n_valid), 1)
+        abs_c = C.abs()  # 0 at padding
+        v = torch.where(valid, values.detach(), torch.zeros_like(values.detach()))
+        metrics = {
+            "pcl/loss": float(loss.detach()),
+            "pcl/residual_abs_mean": float(abs_c.sum()) / n,
+            "pcl/residual_abs_max": float(abs_c.max()) if abs_c.numel() else 0.0,
+            "pcl/value_mean": float(v.sum()) / n,
+            "pcl/n_valid": float(n_valid),
+        }
+    return loss, metrics
+
+
+def shaped_rewards(
+    teacher_logp: Tensor,
+    tau_mask: Tensor,
+    mask: Tensor,
+    *,
+    lam: Tensor | float,
+    budget: Tensor | float,
+    tau_reward: str = "joint",
+    clip_min: float = -20.0,
+) -> Tensor:
+    """Budget-shaped rewards ``r'_t = r_t − λ (c_t − b)`` (DESIGN.md §2).
+
+        r_t = max(log p(x_t | s_t), clip_min)      for a student token (c_t = 0)
+        r_t = 0                                     for <τ> (c_t = 1), tau_reward="joint"
+        r_t = max(log p(x_t | s_t), clip_min)      for <τ>, tau_reward="teacher_logp"
+
+    Under "joint" the teacher's log-probability of its own token cancels against the same term
+    in log q of the joint (decision, token) process, leaving ``−α log π(<τ> | s)``.
+
+    Args:
+        teacher_logp: ``[B, T]`` teacher log-prob of the resolved token ``x_t``.
+        tau_mask: ``[B, T]`` bool, True where the action was ``<τ>`` (``c_t = 1``).
+        mask: ``[B, T]`` float or bool, valid positions.
+        lam: ``[B]`` multiplier λ of each sequence's budget (or a float for all rows).
+        budget: ``[B]`` target teacher-use fraction ``b`` of each sequence (or a float).
+        tau_reward: "joint" or "teacher_logp".
+        clip_min: lower clip of the teacher log-prob.
+
+    Returns:
+        ``[B, T]`` shaped rewards, 0 at padding positions.
+    """
+    if tau_reward not in TAU_REWARDS:
+        raise ValueError(f"tau_reward must be one of {TAU_REWARDS}, got {tau_reward!r}")
+    valid = _valid(mask)
+    tau = tau_mask.to(torch.bool)
+    dtype = teacher_logp.dtype if teacher_logp.is_floating_point() else torch.float32
+    zero = torch.zeros((), dtype=dtype, device=teacher_logp.device)
+
+    r = teacher_logp.to(dtype).clamp(min=clip_min)  # [B, T]
+    if tau_reward == "joint":
+        r = torch.where(tau, zero, r)
+    lam_b = torch.as_tensor(lam, dtype=dtype, device=r.device).reshape(-1, 1)  # [B, 1] or [1, 1]
+    budget_b = torch.as_tensor(budget, dtype=dtype, device=r.device).reshape(-1, 1)
+    cost = tau.to(dtype)  # [B, T]
+    shaped = r - lam_b * (cost - budget_b)
+    return torch.where(valid, shaped, zero)
+
+
+def student_action_logp(
+    student_logits: Tensor,
+    tokens: Tensor,
+    tau_mask: Tensor,
+    *,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """``log π(a_t | s_t)`` of the action taken (DESIGN.md §1).
+
+    ``a_t = <τ>`` (index ``V``) where ``tau_mask``, else ``a_t = tokens_t``; ``log π`` is the
+    log-softmax over all ``V + 1`` columns.
+
+    Args:
+        student_logits: ``[B, T, V+1]``.
+        tokens: ``[B, T]`` long, resolved tokens in ``[0, V)``.
+        tau_mask: ``[B, T]`` bool.
+        mask: optional ``[B, T]`` valid positions; where given, padding positions may hold any
+            token id (e.g. -100) and their output is 0.
+
+    Returns:
+        ``[B, T]`` log-probs.
+    """
+    V = student_logits.shape[-1] - 1
+    tau = tau_mask.to(torch.bool)
+    actions = torch.where(tau, torch.full_like(tokens, V), tokens)  # [B, T]
+    if mask is not None:
+        actions = torch.where(_valid(mask), actions, torch.zeros_like(actions))
+    logp_all = torch.log_softmax(student_logits, dim=-1)  # [B, T, V+1]
+    logp = logp_all.gather(-1, actions.unsqueeze(-1)).squeeze(-1)  # [B, T]
+    if mask is not None:
+        logp = torch.where(_valid(mask), logp, torch.zeros_like(logp))
+    return logp
+
+
+def bc_loss(
+    student_logits: Tensor,
+    teacher_logp_full: Tensor,
+    call_targets: Tensor,
+    mask: Tensor,
+) -> tuple[Tensor, dict[str, float]]:
+    """Behaviour cloning with the KL oracle's call targets (DESIGN.md §4).
+
+        L_BC = mean_valid-t [ 1[t ∈ M] (−log π(<τ> | s_t)) + 1[t ∉ M] KL(p(·|s_t) ‖ π(·|s_t)) ]
+
+    ``π`` is the student's softmax over ``V ∪ {<τ>}`` and ``p(<τ>) = 0``, so the KL is
+    ``Σ_{x∈V} p(x) (log p(x) − log π(x))``: it pulls ``π`` over ``V`` towards ``p`` and pushes
+    ``<τ>`` down where no call is wanted. Each term is ≥ 0 (``Σ_{x∈V} π(x) ≤ 1``).
+
+    Args:
+        student_logits: ``[B, T, V+1]``, ``<τ>`` last.
+        teacher_logp_full: ``[B, T, V]`` teacher log-probs over ``V`` (may hold -inf).
+        call_targets: ``[B, T]`` bool, the oracle's ``M`` (see ``kdtw.oracle``).
+        mask: ``[B, T]`` float or bool, valid positions.
+
+    Returns:
+        ``(loss, metrics)``: scalar loss, the mean over all valid positions of the batch;
+        metrics ``bc/loss``, ``bc/call_nll`` (mean over call targets), ``bc/kl`` (mean over the
+        other valid positions), ``bc/call_frac``, ``bc/tau_prob_call``, ``bc/tau_prob_nocall``.
+    """
+    V = teacher_logp_full.shape[-1]
+    if student_logits.shape[-1] != V + 1:
+        raise ValueError(
+            f"student_logits must be [B, T, V+1] with V={V} from teacher_logp_full, "
+            f"got last dim {student_logits.shape[-1]}"
+        )
+    valid = _valid(mask)
+    call = call_targets.to(torch.bool) & valid
+    no_call = valid & ~call
+
+    # Half precision is upcast: the KL of near-equal distributions is a small difference.
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    logpi = torch.log_softmax(student_logits.to(dtype), dim=-1)  # [B, T, V+1]
+    teacher_logp_full = teacher_logp_full.to(logpi.dtype)
+    p = teacher_logp_full.exp()  # [B, T, V]
+    # p log p at p = 0 is 0; torch.where also keeps -inf - x from making nan.
+    kl_terms = torch.where(p > 0, p * (teacher_logp_full - logpi[..., :V]), torch.zeros_like(p))
+    kl = kl_terms.sum(-1)  # [B, T]
+    call_nll = -logpi[..., V]  # [B, T]
+
+    zero = torch.zeros((), dtype=logpi.dtype, device=logpi.device)
+    per_pos = torch.where(call, call_nll, torch.where(no_call, kl, zero))  # [B, T]
+    n_valid = valid.sum()
+    loss = per_pos.sum() / n_valid.clamp(min=1)
+
+    with torch.no_grad():
+        n_call, n_no_call = int(call.sum()), int(no_call.sum())
+        tau_prob = logpi[..., V].exp()
+
+        def _mean(x: Tensor, where: Tensor, n: int) -> float:
+            return float(torch.where(where, x, zero).sum()) / n if n else 0.0
+
+        metrics = {
+            "bc/loss": float(loss.detach()),
+            "bc/call_nll": _mean(call_nll, call, n_call),
+            "bc/kl": _mean(kl, no_call, n_no_call),
+            "bc/call_frac": n_call / max(int(n_valid), 1),
+            "bc/tau_prob_call": _mean(tau_prob, call, n_call),
+            "bc/tau_prob_nocall": _mean(tau_prob, no_call, n_no_call),
+        }
+    return loss, metrics
+
+
+@torch.no_grad()
+def lagrange_update(
+    lam: Tensor,
+    observed: Tensor,
+    target: Tensor,
+    *,
+    lr: float,
+    lam_max: float,
+) -> Tensor:
+    """Dual ascent on the budget multipliers (DESIGN.md §5).
+
+        λ_k ← clip(λ_k + η_λ (ĉ_k − b_k), 0, λ_max)
+
+    Args:
+        lam: ``[K]`` current multipliers.
+        observed: ``[K]`` observed teacher-use fraction ``ĉ_k`` (e.g. a moving average).
+        target: ``[K]`` budgets ``b_k``.
+        lr: step size η_λ.
+        lam_max: upper clip λ_max.
+
+    Returns:
+        ``[K]`` new multipliers (a new tensor; ``lam`` is not modified).
+    """
+    if lam_max < 0:
+        raise ValueError(f"lam_max must be >= 0, got {lam_max}")
+    lam = torch.as_tensor(lam)
+    dtype = lam.dtype if lam.is_floating_point() else torch.float32
+    observed = torch.as_tensor(observed, dtype=dtype, device=lam.device)
+    target = torch.as_tensor(target, dtype=dtype, device=lam.device)
+    return (lam.to(dtype) + lr * (observed - target)).clamp(min=0.0, max=lam_max)
+
+
+__all__ = [
+    "TAU_REWARDS",
+    "bc_loss",
+    "lagrange_update",
+    "pcl_loss",
+    "pcl_residuals",
+    "shaped_rewards",
+    "student_action_logp",
+]

@@ -1,0 +1,150 @@
+"""Supervised pretraining of the default teacher and of the student's starting point.
+
+Each model is trained with next-token cross-entropy on the task's train split (prompts carry a
+random budget phrase, so both models read every instruction), then greedy-decoded on the
+validation split for BLEU/chrF or ROUGE. Results are cached under ``<models_dir>/<role>`` as
+``save_pretrained`` folders (written atomically) with ``pretrain_report.json`` beside them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from typing import Callable
+
+import torch
+
+from .config import Config
+from .decoding import generate
+from .factory import _load_plain, load_splits, model_folder, prompts_for, random_phrases
+from .metrics import task_metrics
+from .models import LM, encode_outputs
+
+REPORT = "pretrain_report.json"
+
+
+def lm_loss(lm: LM, prompts: list[str], targets: list[str]) -> torch.Tensor:
+    """Mean token cross-entropy of ``targets`` (EOS included) given ``prompts``, over V."""
+    p_ids, p_mask = lm.encode_prompts(prompts)
+    o_ids, o_mask = encode_outputs(lm, targets)
+    logits = lm.forward(p_ids, p_mask, o_ids)[..., : lm.vocab_size].float()  # [B, T, V]
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), o_ids, reduction="none")  # [B, T]
+    return (nll * o_mask).sum() / o_mask.sum()
+
+
+def _lr_at(step: int, total: int, lr: float, warmup: int) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def supervised_train(
+    cfg: Config,
+    lm: LM,
+    *,
+    steps: int,
+    log: Callable[[str], None] = print,
+    name: str = "model",
+) -> dict:
+    pc = cfg.pretrain
+    splits = load_splits(cfg)
+    train = splits["train"]
+    rng = random.Random(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    opt = torch.optim.AdamW(lm.model.parameters(), lr=pc.lr, weight_decay=pc.weight_decay)
+    lm.model.train()
+    t0 = time.perf_counter()
+    ema = None
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, steps, pc.lr, pc.warmup_steps)
+        batch = rng.sample(train, min(pc.batch_size, len(train)))
+        prompts = prompts_for(cfg, batch, random_phrases(cfg, len(batch), rng))
+        loss = lm_loss(lm, prompts, [ex.target for ex in batch])
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"{name}: loss is {loss.item()} at step {step}; lower pretrain.lr (now {pc.lr})"
+            )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(lm.model.parameters(), 1.0)
+        opt.step()
+        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        if (step + 1) % pc.log_every == 0 or step + 1 == steps:
+            el = time.perf_counter() - t0
+            log(f"[pretrain {name}] step {step + 1}/{steps} loss {ema:.3f} "
+                f"({el:.0f}s, eta {el / (step + 1) * (steps - step - 1):.0f}s)")
+    lm.model.eval()
+    return {"steps": steps, "final_loss": ema, "train_seconds": time.perf_counter() - t0}
+
+
+def evaluate_lm(cfg: Config, lm: LM, *, split: str = "validation", n: int | None = None, phrase: str | None = None) -> dict:
+    """Greedy decoding of ``lm`` alone on a split: task metrics and timing."""
+    examples = load_splits(cfg)[split][: n or None]
+    phrase = phrase or next(iter(cfg.budgets))
+    out = generate(
+        None,
+        lm,
+        prompts_for(cfg, examples, phrase),
+        mode="teacher",
+        max_new_tokens=cfg.decoding.max_new_tokens,
+        batch_size=cfg.decoding.batch_size,
+    )
+    metrics = task_metrics(cfg.task.metric, out.texts, [ex.target for ex in examples])
+    return {**metrics, "decode_seconds": out.wall_time, "n": len(examples)}
+
+
+def _save_atomic(lm: LM, folder: str, report: dict) -> None:
+    parent = os.path.dirname(os.path.abspath(folder))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-pretrain-", dir=parent)
+    try:
+        lm.model.save_pretrained(tmp)
+        lm.tokenizer.save_pretrained(tmp)
+        with open(os.path.join(tmp, REPORT), "w") as f:
+            json.dump(report, f, indent=2)
+        if os.path.exists(folder):
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def pretrain(cfg: Config, *, roles: tuple[str, ...] = ("teacher", "student"), force: bool = False,
+             log: Callable[[str], None] = print) -> dict:
+    """Train (or reuse the cached) default teacher and student starting point; returns the
+    report per role (parameters, steps, seconds, loss, validation metrics)."""
+    reports = {}
+    for role in roles:
+        folder = model_folder(cfg, role)
+        cached = os.path.join(folder, REPORT)
+        if os.path.exists(cached) and not force:
+            with open(cached) as f:
+                reports[role] = json.load(f)
+            log(f"[pretrain {role}] cached at {folder} (use --force to retrain)")
+            continue
+        spec = getattr(cfg, role)
+        if spec.source == "pretrained":
+            log(f"[pretrain {role}] {role}.source=pretrained: nothing to pretrain")
+            continue
+        init_cfg = dataclasses.replace(cfg, **{role: dataclasses.replace(spec, source="init")})
+        model, tok = _load_plain(init_cfg, role, seed_offset=1 if role == "teacher" else 2)
+        lm = LM(model, tok)
+        log(f"[pretrain {role}] {spec.arch} {lm.num_parameters() / 1e6:.2f}M parameters, "
+            f"{getattr(cfg.pretrain, role + '_steps')} steps")
+        stats = supervised_train(cfg, lm, steps=getattr(cfg.pretrain, role + "_steps"), log=log, name=role)
+        metrics = evaluate_lm(cfg, lm, n=cfg.pretrain.eval_examples)
+        log(f"[pretrain {role}] validation " + " ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+        report = {"role": role, "parameters": lm.num_parameters(), **stats, "validation": metrics}
+        _save_atomic(lm, folder, report)
+        reports[role] = report
+    return reports
+

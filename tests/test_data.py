@@ -1,0 +1,353 @@
+import json
+import re
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from transformers import AutoTokenizer
+
+from kdtw import data
+from kdtw.data import DataError, Example
+
+WORD = re.compile(r"[a-z]+")
+SMALL = dict(n_train=300, n_validation=50, n_test=50)
+
+
+@pytest.fixture(autouse=True)
+def datasets_cache(tmp_path, monkeypatch):
+    # Keep `datasets` caches of the local test files out of ~/.cache.
+    import datasets.config
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+
+
+@pytest.fixture(scope="module")
+def translation():
+    return data.toy_translation()
+
+
+@pytest.fixture(scope="module")
+def summarisation():
+    return data.toy_summarisation()
+
+
+# ----------------------------------------------------------------------------- generators
+
+
+@pytest.mark.parametrize("gen", [data.toy_translation, data.toy_summarisation])
+def test_same_seed_same_data_other_seed_other_data(gen):
+    a, b, c = gen(seed=3, **SMALL), gen(seed=3, **SMALL), gen(seed=4, **SMALL)
+    assert a == b
+    for split in data.SPLITS:
+        assert a[split] != c[split]
+
+
+@pytest.mark.parametrize("gen", [data.toy_translation, data.toy_summarisation])
+def test_split_sizes(gen):
+    d = gen(seed=0, n_train=123, n_validation=7, n_test=0)
+    assert set(d) == {"train", "validation", "test"}
+    assert [len(d[s]) for s in data.SPLITS] == [123, 7, 0]
+    assert all(isinstance(ex, Example) for ex in d["train"])
+
+
+@pytest.mark.parametrize("gen", [data.toy_translation, data.toy_summarisation])
+def test_splits_come_from_their_own_streams(gen):
+    small, large = gen(seed=0, **SMALL), gen(seed=0, **{**SMALL, "n_train": 600})
+    # Validation and test do not depend on how much train data was drawn ...
+    assert small["validation"] == large["validation"]
+    assert small["test"] == large["test"]
+    assert small["train"] == large["train"][:300]
+    # ... and are not copies of the train stream or of each other.
+    assert small["validation"] != small["train"][:50]
+    assert small["validation"] != small["test"]
+
+
+def test_translation_source_determines_target(translation):
+    seen: dict[str, str] = {}
+    repeats = 0
+    for ex in translation["train"] + translation["validation"] + translation["test"]:
+        if ex.source in seen:
+            repeats += 1
+            assert seen[ex.source] == ex.target
+        seen[ex.source] = ex.target
+    assert repeats > 0  # the property was exercised
+
+
+def test_translation_verb_comes_last_with_its_suffix_words(translation):
+    # SOV: every target ends in verb, tense marker (3 values), agreement marker (2 values).
+    ends = [ex.target.split()[-2:] for ex in translation["train"]]
+    assert len({tense for tense, _ in ends}) == 3
+    assert len({agree for _, agree in ends}) == 2
+
+
+def test_translation_words_are_letters_and_languages_are_disjoint(translation):
+    src_words, tgt_words = set(), set()
+    for split in translation.values():
+        for ex in split:
+            for text, words in ((ex.source, src_words), (ex.target, tgt_words)):
+                assert text == " ".join(text.split())
+                assert all(WORD.fullmatch(w) for w in text.split()), text
+                words.update(text.split())
+    assert not src_words & tgt_words
+    lengths = [len(ex.source.split()) for ex in translation["train"]]
+    assert min(lengths) >= 4 and max(lengths) <= 14
+
+
+def test_translation_rare_words_at_defaults(translation):
+    share = data.rare_token_share(
+        translation["train"], translation["validation"], data.content_words("toy_translation")
+    )
+    # Bounded by 20 * lexicon_size / train content tokens; see the toy_translation docstring.
+    assert 0.05 <= share <= 0.2
+
+
+def test_translation_rare_words_with_a_larger_lexicon():
+    d = data.toy_translation(lexicon_size=4000)
+    words = data.content_words("toy_translation", lexicon_size=4000)
+    assert 0.18 <= data.rare_token_share(d["train"], d["validation"], words) <= 0.40
+    # Zipfian: the most frequent lemma is far more frequent than the median one.
+    counts = Counter(w for ex in d["train"] for w in ex.target.split() if w in words)
+    ranked = sorted(counts.values(), reverse=True)
+    assert ranked[0] > 20 * ranked[len(ranked) // 2]
+
+
+def test_summarisation_shape_and_facts(summarisation):
+    facts: dict[str, tuple[str, str]] = {}
+    for ex in summarisation["train"] + summarisation["validation"]:
+        doc, summary = ex.source.split(), ex.target.split()
+        assert all(WORD.fullmatch(w) for w in doc + summary)
+        assert len(doc) <= 40 and len(summary) <= 12
+        # The summary: main entity (after "on <day>"), hidden facts, the key event copied.
+        key = doc.index("on")
+        main = doc[key + 2]
+        assert summary[0] == main and summary[1] == "the" and summary[3] == "from"
+        profession, town = summary[2], summary[4]
+        assert town not in doc
+        assert doc[key + 3 : key + 10] == summary[5:]
+        assert facts.setdefault(main, (profession, town)) == (profession, town)
+    assert len({p for p, _ in facts.values()}) > 10
+
+
+def test_summarisation_rare_entities(summarisation):
+    share = data.rare_token_share(
+        summarisation["train"],
+        summarisation["validation"],
+        data.content_words("toy_summarisation"),
+    )
+    assert 0.1 <= share <= 0.4
+
+
+def test_bad_knobs_raise_data_error():
+    with pytest.raises(DataError, match="min_len"):
+        data.toy_translation(min_len=9, max_len=3, **SMALL)
+    with pytest.raises(DataError, match="n_train"):
+        data.toy_summarisation(n_train=-1)
+    with pytest.raises(DataError, match="lexicon_siz"):
+        data.task_vocabulary("toy_translation", lexicon_siz=10)
+    with pytest.raises(DataError, match="toy_translation"):
+        data.task_vocabulary("nope")
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+@pytest.mark.parametrize("kind", ["toy_translation", "toy_summarisation"])
+def test_tokenizer_round_trips_every_validation_text(kind, translation, summarisation):
+    splits = translation if kind == "toy_translation" else summarisation
+    vocab = data.task_vocabulary(kind)
+    assert vocab == sorted(set(vocab))
+    tok = data.build_word_tokenizer(vocab)
+    assert len(tok) == len(vocab) + 4
+    for ex in splits["validation"]:
+        for text in (ex.source, ex.target):
+            ids = tok(text, add_special_tokens=False).input_ids
+            assert tok.unk_token_id not in ids
+            assert tok.decode(ids) == text
+    words = {w for split in splits.values() for ex in split for t in (ex.source, ex.target)
+             for w in t.split()}
+    assert words <= set(vocab)
+
+
+def test_tokenizer_specials_and_prompt_words():
+    tok = data.build_word_tokenizer(["zeta", "alpha", "alpha", "use,", "With light:"])
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ["<pad>", "</s>", "<unk>", "<s>"]}
+    assert ids == {"<pad>": 0, "</s>": 1, "<unk>": 2, "<s>": 3}
+    assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id, tok.bos_token_id) == (0, 1, 2, 3)
+    assert tok.convert_ids_to_tokens(list(range(4, len(tok)))) == sorted(
+        [",", ":", "With", "alpha", "light", "use", "zeta"]
+    )
+    prompt = "With light use, zeta:"
+    ids = tok(prompt).input_ids
+    assert tok.convert_ids_to_tokens(ids) == ["With", "light", "use", ",", "zeta", ":"]
+    assert tok.decode(ids) == "With light use , zeta :"
+    assert tok("alpha omega").input_ids == [tok.convert_tokens_to_ids("alpha"), 2]
+
+
+def test_tokenizer_adds_no_specials():
+    tok = data.build_word_tokenizer(["a", "b"])
+    for ids in (tok("a b").input_ids, tok(["b a"]).input_ids[0], tok.encode("a b")):
+        assert not set(ids) & {0, 1, 2, 3}
+        assert len(ids) == 2
+
+
+def test_tokenizer_save_load_round_trip(tmp_path):
+    vocab = data.task_vocabulary("toy_summarisation", n_entities=50)
+    tok = data.build_word_tokenizer(vocab + ["summarise:"])
+    tok.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    text = "summarise: " + " ".join(vocab[::7])
+    assert loaded(text).input_ids == tok(text).input_ids
+    assert loaded.get_vocab() == tok.get_vocab()
+    assert loaded.decode(loaded(text).input_ids) == tok.decode(tok(text).input_ids)
+    assert (loaded.pad_token_id, loaded.eos_token_id, loaded.unk_token_id, loaded.bos_token_id) == (
+        0, 1, 2, 3
+    )
+
+
+# ----------------------------------------------------------------------------- datasets sources
+
+ROWS = [{"de": f"quelle {i}", "en": f"target {i}", "id": i} for i in range(5)]
+COLS = dict(source_column="de", target_column="en")
+
+
+def write_json(path, rows, lines=True):
+    with open(path, "w") as f:
+        if lines:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        else:
+            json.dump(rows, f)
+    return path
+
+
+def write_csv(path, rows):
+    with open(path, "w") as f:
+        f.write("de,en,id\n")
+        f.writelines(f"{r['de']},{r['en']},{r['id']}\n" for r in rows)
+    return path
+
+
+def write_parquet(path, rows):
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def expected(rows):
+    return [Example(r["de"], r["en"]) for r in rows]
+
+
+@pytest.mark.parametrize(
+    "name, writer",
+    [("d.jsonl", write_json), ("d.json", lambda p, r: write_json(p, r, lines=False)),
+     ("d.csv", write_csv), ("d.parquet", write_parquet)],
+)
+def test_single_local_file_loads_as_train(tmp_path, name, writer):
+    path = writer(tmp_path / name, ROWS)
+    out = data.load_dataset_source(str(path), splits={"train": "train"}, **COLS)
+    assert out == {"train": expected(ROWS)}
+
+
+def test_data_files_map_splits_and_max_examples(tmp_path):
+    write_csv(tmp_path / "tr.csv", ROWS)
+    write_csv(tmp_path / "va.csv", ROWS[:2])
+    out = data.load_dataset_source(
+        str(tmp_path),
+        data_files={"train": "tr.csv", "dev": "va.csv"},
+        splits={"train": "train", "validation": "dev"},
+        max_examples=3,
+        **COLS,
+    )
+    assert out == {"train": expected(ROWS[:3]), "validation": expected(ROWS[:2])}
+
+
+def test_local_folder_with_split_files(tmp_path):
+    write_parquet(tmp_path / "train.parquet", ROWS)
+    write_parquet(tmp_path / "test.parquet", ROWS[3:])
+    out = data.load_task(
+        "datasets", path_or_name=str(tmp_path), splits={"train": "train", "test": "test"}, **COLS
+    )
+    assert out == {"train": expected(ROWS), "test": expected(ROWS[3:])}
+
+
+def test_missing_column_names_it_and_the_config_key(tmp_path):
+    path = write_json(tmp_path / "d.jsonl", ROWS)
+    with pytest.raises(DataError) as e:
+        data.load_dataset_source(
+            str(path), source_column="src", target_column="en", splits={"train": "train"}
+        )
+    msg = str(e.value)
+    assert "'src'" in msg and "task.source_column" in msg and "'de'" in msg
+    with pytest.raises(DataError, match="task.target_column"):
+        data.load_dataset_source(
+            str(path), source_column="de", target_column="tgt", splits={"train": "train"}
+        )
+
+
+def test_missing_split_lists_available_ones(tmp_path):
+    path = write_json(tmp_path / "d.jsonl", ROWS)
+    with pytest.raises(DataError, match=r"'validation'.*\['train'\].*task.splits"):
+        data.load_dataset_source(str(path), splits={"validation": "validation"}, **COLS)
+
+
+def test_empty_split(tmp_path, monkeypatch):
+    from datasets import Dataset
+
+    # `datasets` cannot load an empty local split, but a hub dataset can have one.
+    empty = Dataset.from_dict({"de": [], "en": []})
+    monkeypatch.setattr(data, "_load_raw", lambda *a: {"train": empty})
+    with pytest.raises(DataError, match="split 'train' .* is empty"):
+        data.load_dataset_source("owner/name", splits={"train": "train"}, **COLS)
+
+
+def test_empty_local_files(tmp_path):
+    # `datasets` fails on these with cryptic errors; ours say what is wrong.
+    write_csv(tmp_path / "tr.csv", ROWS)
+    write_csv(tmp_path / "va.csv", [])
+    (tmp_path / "zero.csv").touch()
+    splits = {"train": "train", "validation": "validation"}
+    for files in ({"train": "tr.csv", "validation": "va.csv"}, {"train": "zero.csv"}):
+        with pytest.raises(DataError, match="empty"):
+            data.load_dataset_source(str(tmp_path), data_files=files, splits=splits, **COLS)
+
+
+def test_saved_to_disk_folder(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    DatasetDict(train=Dataset.from_list(ROWS), test=Dataset.from_list(ROWS[:1])).save_to_disk(
+        str(tmp_path)
+    )
+    out = data.load_dataset_source(str(tmp_path), splits={"train": "train", "test": "test"}, **COLS)
+    assert out == {"train": expected(ROWS), "test": expected(ROWS[:1])}
+
+
+def test_non_string_value_names_the_row(tmp_path):
+    rows = [dict(r) for r in ROWS]
+    rows[2]["en"] = None
+    path = write_json(tmp_path / "d.jsonl", rows)
+    with pytest.raises(DataError, match=r"row 2 .*'en'"):
+        data.load_dataset_source(str(path), splits={"train": "train"}, **COLS)
+    with pytest.raises(DataError, match=r"row 0 .*'id'"):
+        data.load_dataset_source(
+            str(path), source_column="id", target_column="en", splits={"train": "train"}
+        )
+
+
+def test_nonexistent_paths(tmp_path):
+    for missing in (str(tmp_path / "nope.json"), "./nope/train.csv", "nope.parquet"):
+        with pytest.raises(DataError, match="does not exist"):
+            data.load_dataset_source(missing, splits={"train": "train"}, **COLS)
+    with pytest.raises(DataError, match="does not exist"):
+        data.load_dataset_source(
+            str(tmp_path), data_files={"train": "nope.csv"}, splits={"train": "train"}, **COLS
+        )
+
+
+def test_load_task_dispatch():
+    assert data.load_task("toy_translation", **SMALL) == data.toy_translation(**SMALL)
+    assert data.load_task("toy_summarisation", seed=2, **SMALL) == data.toy_summarisation(
+        seed=2, **SMALL
+    )
+    with pytest.raises(DataError, match="toy_translation.*toy_summarisation.*datasets"):
+        data.load_task("wmt")
+    with pytest.raises(DataError, match="n_entities"):
+        data.load_task("toy_translation", n_entities=5)
