@@ -13,8 +13,10 @@ A note on the math of PCL with ``<τ>`` (checked numerically in ``tests/test_tab
 writing a token is a deterministic transition, but ``<τ>`` is stochastic (the next state is
 ``s·x`` with ``x ~ p(· | s)``). At the soft optimum of the shaped objective the path residual
 ``C_t`` is exactly zero on every path without ``<τ>``, while on a path with a ``<τ>`` step it is
-zero only in expectation over the teacher's token: each ``<τ>`` step at ``j`` adds
-``γ^{j-t+1} (V(s_{j+1}) − E_{x~p} V(s_j·x))`` to ``C_t``. Path consistency (Nachum et al. 2017)
+zero only in expectation over the teacher's token: each ``<τ>`` step ``j`` inside the window adds
+``γ^{j-t+1} (V(s_{j+1}) − E_{x~p} V(s_j·x))`` to ``C_t`` (under ``tau_reward="teacher_logp"``
+also ``γ^{j-t}`` times the deviation of ``log p(x_j)`` from its mean), and
+``E[C_t | s_t, a_t] = 0`` under any behaviour policy. Path consistency (Nachum et al. 2017)
 is exact for deterministic dynamics only, so ``E[½ C²]`` over stochastic ``<τ>`` steps carries
 the usual double-sampling variance term, which pulls the values of sibling states together.
 """
@@ -85,7 +87,9 @@ def pcl_residuals(
             f"rewards, logp, values, mask must all be [B, T]; got {tuple(rewards.shape)}, "
             f"{tuple(logp.shape)}, {tuple(values.shape)}, {tuple(valid.shape)}"
         )
+    # At least float32: sums of many half-precision terms lose the residual.
     dtype = torch.promote_types(torch.promote_types(rewards.dtype, logp.dtype), values.dtype)
+    dtype = torch.promote_types(dtype, torch.float32)
     zero = torch.zeros((), dtype=dtype, device=rewards.device)
     # torch.where, not multiplication: padding may hold inf or nan.
     step = torch.where(valid, rewards.to(dtype) - alpha * logp.to(dtype), zero)  # [B, T]
@@ -179,7 +183,7 @@ def shaped_rewards(
         raise ValueError(f"tau_reward must be one of {TAU_REWARDS}, got {tau_reward!r}")
     valid = _valid(mask)
     tau = tau_mask.to(torch.bool)
-    dtype = teacher_logp.dtype if teacher_logp.is_floating_point() else torch.float32
+    dtype = torch.promote_types(teacher_logp.dtype, torch.float32)
     zero = torch.zeros((), dtype=dtype, device=teacher_logp.device)
 
     r = teacher_logp.to(dtype).clamp(min=clip_min)  # [B, T]

@@ -187,14 +187,26 @@ def test_critic_weight_scales_only_value_gradient(window):
     torch.testing.assert_close(gv3, 0.3 * gv1)
 
 
-def test_pcl_gradient_ignores_padding_positions():
+@pytest.mark.parametrize("critic_weight", [1.0, 0.5])
+def test_pcl_gradient_ignores_padding_positions(critic_weight):
     rewards, logp, values, mask = _random_batch(7)
-    values = values.clone().requires_grad_(True)
-    logp = logp.clone().requires_grad_(True)
-    loss, _ = pcl_loss(rewards, logp, values, mask)
+    garbage = torch.tensor(float("nan"), dtype=torch.float64)
+    values = torch.where(mask, values, garbage).requires_grad_(True)
+    logp = torch.where(mask, logp, float("-inf")).requires_grad_(True)
+    loss, _ = pcl_loss(rewards, logp, values, mask, window=2, critic_weight=critic_weight)
     loss.backward()
+    assert torch.isfinite(loss)
+    assert torch.isfinite(values.grad).all() and torch.isfinite(logp.grad).all()
     assert torch.all(values.grad[~mask] == 0)
     assert torch.all(logp.grad[~mask] == 0)
+
+
+def test_half_precision_inputs_computed_in_float32():
+    rewards, logp, values, mask = _random_batch(8)
+    got = pcl_residuals(rewards.bfloat16(), logp.bfloat16(), values.bfloat16(), mask)
+    assert got.dtype == torch.float32
+    want = pcl_residuals(rewards.bfloat16().double(), logp.bfloat16().double(), values.bfloat16().double(), mask)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
 # --- shaped_rewards ---------------------------------------------------------------------------

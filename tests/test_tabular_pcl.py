@@ -97,6 +97,16 @@ def _batch(paths):
     return sid, tokens, tau, mask
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Thousands of steps on tiny tensors: on a busy 2-core machine, log_softmax's parallel
+    region alone makes them ~10x slower with 2 threads. Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 TOKEN_PATHS = _paths(with_tau=False)  # 1 + 2 + 12 = 15
 JOINT_PATHS = _paths(with_tau=True)  # 2 + 8 + 96 = 106
 

@@ -1,0 +1,257 @@
+"""Budgeted and speculative decoding: parity with `transformers`, teacher accounting, strict."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import PROMPTS
+from kdtw.data import build_word_tokenizer
+from kdtw.decoding import forward_time_ratio, generate, speculative_generate
+from kdtw.models import LM, encode_outputs, init_model, make_student
+from kdtw.config import ModelConfig
+
+
+def _hf_greedy(lm: LM, prompts, max_new, suppress=()):
+    ids, mask = lm.encode_prompts(prompts)
+    rows = lm.model.get_output_embeddings().weight.shape[0]
+    out = lm.model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
+        pad_token_id=lm.pad_id, eos_token_id=lm.eos_id,
+        suppress_tokens=list(range(lm.vocab_size, rows)) + list(suppress),
+    )
+    new = out[:, 1:] if lm.is_encoder_decoder else out[:, ids.shape[1]:]
+    res = []
+    for row in new.tolist():
+        res.append(row[: row.index(lm.eos_id) + 1] if lm.eos_id in row else row)
+    return res
+
+
+def _no_eos(lm: LM) -> LM:
+    """A copy whose greedy decoding never ends early (EOS/pad logits pinned to 0)."""
+    lm = copy.deepcopy(lm)
+    with torch.no_grad():
+        w = lm.model.get_output_embeddings().weight
+        w[lm.eos_id] = 0
+        w[lm.pad_id] = 0
+        w[lm.vocab_size:] = 0
+        w[: lm.vocab_size] *= 4  # peaked: the max over the other rows is well above 0
+    return lm
+
+
+def test_extend_matches_teacher_forced_forward(pair):
+    teacher, student = pair
+    for lm in (teacher, student.lm):
+        p_ids, p_mask = lm.encode_prompts(PROMPTS)
+        outs, _ = encode_outputs(lm, ["w3 w4 w5 w6", "w1", "w7 w8"])
+        full = lm.forward(p_ids, p_mask, outs)  # [B, T, Vm]
+        state = lm.start(p_ids, p_mask)
+        rows = [lm.extend(state, outs[:, :2])]  # positions 0..2
+        rows.append(lm.extend(state, outs[:, 2:3])[:, 1:])  # position 3
+        rows.append(lm.extend(state, outs[:, 3:4])[:, 1:])  # position 4
+        inc = torch.cat(rows, dim=1)
+        assert torch.allclose(inc, full, atol=1e-4), (inc - full).abs().max()
+
+
+def test_teacher_mode_equals_transformers_greedy(pair):
+    teacher, _ = pair
+    out = generate(None, teacher, PROMPTS, mode="teacher", max_new_tokens=12)
+    assert out.tokens == _hf_greedy(teacher, PROMPTS, 12)
+    assert out.student_steps == [0, 0, 0]
+    assert out.teacher_forwards == [len(t) for t in out.tokens]
+    assert all(all(m) for m in out.call_mask)
+
+
+def test_student_mode_equals_transformers_greedy_with_tau_masked(pair):
+    _, student = pair
+    out = generate(student, None, PROMPTS, mode="student", max_new_tokens=12)
+    ref = _hf_greedy(student.lm, PROMPTS, 12, suppress=[student.tau_id])
+    assert out.tokens == ref
+    assert out.teacher_forwards == [0, 0, 0] and out.teacher_tokens == [0, 0, 0]
+    assert out.student_steps == [len(t) for t in out.tokens]
+
+
+def test_batched_equals_one_at_a_time(pair):
+    teacher, student = pair
+    batched = generate(student, teacher, PROMPTS, max_new_tokens=10, tau_bias=2.0)
+    single = [generate(student, teacher, [p], max_new_tokens=10, tau_bias=2.0) for p in PROMPTS]
+    assert batched.tokens == [s.tokens[0] for s in single]
+    assert batched.call_mask == [s.call_mask[0] for s in single]
+
+
+def test_always_calling_reproduces_the_teacher(pair):
+    teacher, student = pair
+    ref = generate(None, teacher, PROMPTS, mode="teacher", max_new_tokens=12)
+    out = generate(student, teacher, PROMPTS, mode="budgeted", max_new_tokens=12, tau_bias=1e4)
+    assert out.tokens == ref.tokens
+    assert all(all(m) for m in out.call_mask)
+    assert out.teacher_tokens == [len(t) for t in out.tokens]
+
+
+def test_64_token_output_each_token_once_in_the_teacher(llama_close):
+    teacher, student = llama_close
+    teacher = _no_eos(teacher)
+    student = make_student(copy.deepcopy(_no_eos(student.lm).model), copy.deepcopy(teacher.tokenizer))
+    fed = []
+
+    def count(module, args, kwargs):
+        fed.append(kwargs["input_ids"].shape[1])
+
+    h = teacher.model.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        prompt = PROMPTS[:1]
+        P = teacher.encode_prompts(prompt)[0].shape[1]
+        # every position a call: the teacher computes each of the 64 positions exactly once
+        out = generate(student, teacher, prompt, max_new_tokens=64, tau_bias=1e4)
+        assert len(out.tokens[0]) == 64 and sum(out.call_mask[0]) == 64
+        assert out.teacher_tokens == [64]
+        assert sum(fed) == P + 63  # prompt once, then each output token once (the last is never needed)
+        assert out.teacher_forwards == [64]
+        # calls at some positions only: still each token fed at most once, one forward per call step
+        fed.clear()
+        out = generate(student, teacher, prompt, max_new_tokens=64, tau_bias=0.5, do_sample=True,
+                       generator=torch.Generator().manual_seed(0))
+        calls = [i for i, c in enumerate(out.call_mask[0]) if c]
+        assert len(out.tokens[0]) == 64 and 0 < len(calls) < 64
+        assert sum(fed) == P + calls[-1]
+        assert out.teacher_tokens == [calls[-1] + 1]
+        assert out.teacher_forwards == [len(calls)] == [len(fed)]
+    finally:
+        h.remove()
+
+
+def test_strict_never_exceeds_the_budget(pair):
+    teacher, student = pair
+    budgets = [0.0, 0.25, 0.5]
+    out = generate(student, teacher, PROMPTS, budgets=budgets, strict=True, tau_bias=1e4, max_new_tokens=12)
+    for b, mask in zip(budgets, out.call_mask):
+        run = 0
+        for t, c in enumerate(mask):
+            run += c
+            assert run <= b * (t + 1) + 1e-9
+    loose = generate(student, teacher, PROMPTS, budgets=budgets, strict=False, tau_bias=1e4, max_new_tokens=12)
+    assert any(u > b for u, b in zip(loose.teacher_use(), budgets))
+
+
+def test_bad_inputs(pair):
+    teacher, student = pair
+    with pytest.raises(ValueError, match="empty input"):
+        generate(student, teacher, [], max_new_tokens=4)
+    with pytest.raises(ValueError, match="mode"):
+        generate(student, teacher, PROMPTS, mode="nope")
+    with pytest.raises(ValueError, match="budget"):
+        generate(student, teacher, PROMPTS, strict=True)
+    with pytest.raises(ValueError, match="empty input"):
+        speculative_generate(student, teacher, [], k=2)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 7])
+def test_speculative_greedy_equals_teacher_greedy(pair, llama_close, t5_close, k):
+    for teacher, student in (pair, llama_close, t5_close):
+        ref = generate(None, teacher, PROMPTS, mode="teacher", max_new_tokens=16)
+        spec = speculative_generate(student, teacher, PROMPTS, k=k, max_new_tokens=16)
+        assert spec.tokens == ref.tokens
+        for f, toks in zip(spec.teacher_forwards, spec.tokens):
+            assert f >= len(toks) / (k + 1)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+def test_speculative_matches_transformers_assisted_generation(llama_close, k):
+    teacher, student = llama_close
+    drafter = copy.deepcopy(student.lm.model)
+    rows = teacher.model.get_output_embeddings().weight.shape[0]
+    gc = drafter.generation_config
+    gc.num_assistant_tokens = k
+    gc.num_assistant_tokens_schedule = "constant"
+    gc.assistant_confidence_threshold = 0.0  # None would be filled with the 0.4 default: ends drafts early
+    gc.suppress_tokens = list(range(teacher.vocab_size, rows))  # the drafter's <τ> and spare rows
+    calls = {"n": 0}
+    h = teacher.model.register_forward_pre_hook(lambda m, a: calls.__setitem__("n", calls["n"] + 1))
+    accepted = 0.0
+    try:
+        for prompt in PROMPTS:
+            calls["n"] = 0
+            ours = speculative_generate(student, teacher, [prompt], k=k, max_new_tokens=20)
+            assert calls["n"] == ours.teacher_forwards[0]
+            ids, mask = teacher.encode_prompts([prompt])
+            calls["n"] = 0
+            hf = teacher.model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=False,
+                assistant_model=drafter, pad_token_id=teacher.pad_id, eos_token_id=teacher.eos_id,
+                suppress_tokens=list(range(teacher.vocab_size, rows)),
+            )
+            ref = hf[0, ids.shape[1]:].tolist()
+            assert ours.tokens[0] == ref
+            assert ours.teacher_forwards[0] == calls["n"]
+            accepted += ours.extra["acceptance_rate"]
+    finally:
+        h.remove()
+    assert accepted > 0  # the drafter agrees sometimes: the parity covers acceptance and rollback
+
+
+def _tiny_vocab_pair():
+    tok = build_word_tokenizer(["a", "b", "c", "d"])
+    spec = ModelConfig(arch="llama", hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, tie_embeddings=False)
+    tm, dm = init_model(spec, tok, seed=3), init_model(spec, tok, seed=4)
+    with torch.no_grad():
+        for m in (tm, dm):
+            m.lm_head.weight.mul_(6.0)
+    return LM(tm, tok), LM(dm, copy.deepcopy(tok))
+
+
+def _exact_marginals(teacher: LM, prompt: str, T: int) -> torch.Tensor:
+    """Exact per-position marginals [T, V] of the teacher's sampled output (EOS absorbing)."""
+    V = teacher.vocab_size
+    ids, mask = teacher.encode_prompts([prompt])
+    probs = {(): 1.0}
+    marg = torch.zeros(T, V + 1)  # last column: already ended
+    for t in range(T):
+        nxt = {}
+        for prefix, pr in probs.items():
+            if prefix and prefix[-1] == teacher.eos_id:
+                marg[t, V] += pr
+                nxt[prefix] = pr
+                continue
+            outs = torch.tensor([list(prefix) + [teacher.eos_id]], dtype=torch.long)
+            logits = teacher.forward(ids, mask, outs)[0, -1, :V] if prefix else teacher.forward(ids, mask, outs[:, :1])[0, 0, :V]
+            p = torch.softmax(logits.float(), -1)
+            for x in range(V):
+                if p[x] > 1e-6:
+                    marg[t, x] += pr * p[x]
+                    nxt[prefix + (x,)] = pr * float(p[x])
+        probs = nxt
+    return marg
+
+
+def test_speculative_sampling_matches_the_teacher_distribution():
+    torch.manual_seed(0)
+    teacher, drafter = _tiny_vocab_pair()
+    T, N = 3, 1500
+    with torch.no_grad():
+        exact = _exact_marginals(teacher, "a b", T)
+    g = torch.Generator().manual_seed(1234)
+    V = teacher.vocab_size
+
+    def empirical(fn):
+        counts = torch.zeros(T, V + 1)
+        for _ in range(N):
+            toks = fn()
+            for t in range(T):
+                counts[t, toks[t] if t < len(toks) else V] += 1
+        return counts / N
+
+    spec = empirical(lambda: speculative_generate(drafter, teacher, ["a b"], k=2, max_new_tokens=T, do_sample=True, generator=g).tokens[0])
+    draft = empirical(lambda: generate(None, drafter, ["a b"], mode="teacher", max_new_tokens=T, teacher_do_sample=True, generator=g).tokens[0])
+    tv_spec = 0.5 * (spec - exact).abs().sum(-1)  # [T]
+    tv_draft = 0.5 * (draft - exact).abs().sum(-1)
+    # sampling noise at N=1500 over <= 9 cells is ~0.03; the drafter's own law is far off
+    assert tv_spec.max() < 0.06, tv_spec
+    assert tv_draft.max() > 0.15, tv_draft
+
+
+def test_forward_time_ratio_is_positive(pair):
+    teacher, student = pair
+    c = forward_time_ratio(student, teacher, PROMPTS, steps=2, repeats=1)
+    assert c > 0
