@@ -1,6 +1,7 @@
 """The ``kdtw`` command line.
 
     kdtw pretrain [--config conf/default.yaml] [--force] [key=value ...]
+    kdtw train --local [--config conf/default.yaml] [key=value ...]
     kdtw report   [--config conf/default.yaml] [--split validation] [key=value ...]
     kdtw decode   --mode budgeted|student|teacher|speculative [--budget light] [--k 3] [--strict]
                   [--config ...] [--input FILE|-] [key=value ...]
@@ -80,6 +81,24 @@ def cmd_decode(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    cfg = _config(args)
+    if not args.local:
+        from .config import ConfigError
+
+        raise ConfigError(
+            "kdtw train runs the single-process loop with --local; the distributed loop is "
+            "jobs/train_pcl.py (ray job submit ... -- python jobs/train_pcl.py)"
+        )
+    from .local import run_local
+
+    report = run_local(cfg)
+    sel = report["selected"]
+    print(json.dumps({"run_dir": cfg.run_dir, "selected_dir": report["selected_dir"],
+                      "eligible": None if sel is None else sel["eligible"]}))
+    return 0
+
+
 def cmd_report(args) -> int:
     """Decode a split at every budget (and student/teacher alone); print a table."""
     from .decoding import generate
@@ -136,6 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--strict", action="store_true", help="mask <τ> once the budget is used")
     sp.add_argument("--input", default="-", help="file with one source per line, or - for stdin")
     sp.set_defaults(func=cmd_decode)
+
+    sp = sub.add_parser("train", help="train the student (Phase 1 + Phase 2); --local: one process")
+    common(sp)
+    sp.add_argument("--local", action="store_true", help="the single-process reference loop")
+    sp.set_defaults(func=cmd_train)
 
     sp = sub.add_parser("report", help="decode a split at every budget and print a table")
     common(sp)

@@ -147,6 +147,18 @@ class TrainConfig:
     eligibility_delta: float = 0.03
     # Disable <τ> entirely (plain distillation; the DistillSpec drafter).
     use_tau: bool = True
+    # ĉ_k from on-policy rollouts: "sampled" (the calls actually made, DESIGN.md §5) or
+    # "greedy" (states where the policy's argmax is <τ>: what greedy decoding would do).
+    use_estimate: str = "sampled"
+    # Sampling temperature of on-policy rollouts.
+    rollout_temperature: float = 1.0
+    # Validation examples decoded at each budget (null: the whole validation split).
+    val_examples: int | None = None
+    # Print progress every N steps.
+    log_every: int = 10
+    # Replay buffer capacity (output tokens) and staleness limit (policy versions).
+    buffer_tokens: int = 200000
+    max_staleness: int = 0
 
 
 @dataclass
@@ -260,6 +272,14 @@ class Config:
         need(0 <= t.demo_ratio <= 1, "train.demo_ratio must be in [0, 1]")
         need(0 <= t.use_ema < 1, "train.use_ema must be in [0, 1)")
         need(t.lambda_max >= 0, "train.lambda_max must be >= 0")
+        need(
+            t.use_estimate in ("sampled", "greedy"),
+            f"train.use_estimate={t.use_estimate!r}: use sampled | greedy",
+        )
+        need(t.rollout_temperature > 0, "train.rollout_temperature must be > 0")
+        need(t.batch_size >= 1, "train.batch_size must be >= 1")
+        need(t.validate_every >= 1, "train.validate_every must be >= 1")
+        need(t.max_staleness >= 0, "train.max_staleness must be >= 0")
         need(
             t.bc_targets in ("teacher", "reference"),
             f"train.bc_targets={t.bc_targets!r}: use teacher | reference",

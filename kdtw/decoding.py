@@ -34,6 +34,7 @@ class DecodeOutput:
     tokens: list[list[int]]  # resolved output tokens, EOS included when emitted
     call_mask: list[list[bool]]  # True where the teacher gave the token (<τ>, or SD's teacher token)
     behaviour_logp: list[list[float]]  # log-prob of the action taken under the sampling policy
+    greedy_tau: list[list[bool]]  # the policy's argmax was <τ> at that state (student modes)
     student_steps: list[int]  # student (or drafter) forwards spent on the sequence
     teacher_forwards: list[int]  # teacher forwards that served the sequence
     teacher_tokens: list[int]  # output positions the teacher computed (logit rows), recomputes counted
@@ -143,6 +144,7 @@ def generate(
         tokens=[t for p in parts for t in p.tokens],
         call_mask=[t for p in parts for t in p.call_mask],
         behaviour_logp=[t for p in parts for t in p.behaviour_logp],
+        greedy_tau=[t for p in parts for t in p.greedy_tau],
         student_steps=[t for p in parts for t in p.student_steps],
         teacher_forwards=[t for p in parts for t in p.teacher_forwards],
         teacher_tokens=[t for p in parts for t in p.teacher_tokens],
@@ -175,6 +177,7 @@ def _generate_batch(student, teacher, prompts, *, mode, budgets, max_new_tokens,
     out = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=dev)
     calls = torch.zeros((B, max_new_tokens), dtype=torch.bool, device=dev)
     blogp = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=dev)
+    gtau = torch.zeros((B, max_new_tokens), dtype=torch.bool, device=dev)
     length = torch.full((B,), max_new_tokens, dtype=torch.long, device=dev)  # final length
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     n_calls = torch.zeros(B, dtype=torch.long, device=dev)
@@ -200,6 +203,7 @@ def _generate_batch(student, teacher, prompts, *, mode, budgets, max_new_tokens,
                     allowed = (n_calls + 1).float() <= budget_t * (t + 1) + 1e-6
                     pol[:, V] = torch.where(allowed, pol[:, V], torch.full_like(pol[:, V], float("-inf")))
             a, act_logp = _pick(pol, do_sample, temperature, generator)
+            gtau[:, t] = (pol.argmax(-1) == V) & ~done
             want = (a == V) & ~done
             s_steps += (~done).long()
         tok = a if mode != "teacher" else torch.full((B,), pad, dtype=torch.long, device=dev)
@@ -228,17 +232,19 @@ def _generate_batch(student, teacher, prompts, *, mode, budgets, max_new_tokens,
     computed = teacher_seen + 1 if batch_fwd else 0
     t_tokens = torch.minimum(length, torch.full_like(length, computed))
     lengths = torch.minimum(length, torch.tensor(T, device=dev)).tolist()
-    toks, masks, lps = [], [], []
+    toks, masks, lps, gts = [], [], [], []
     for i in range(B):
         L = lengths[i]
         toks.append(out[i, :L].tolist())
         masks.append(calls[i, :L].tolist())
         lps.append(blogp[i, :L].tolist())
+        gts.append(gtau[i, :L].tolist())
     return DecodeOutput(
         texts=[ref.decode(x) for x in toks],
         tokens=toks,
         call_mask=masks,
         behaviour_logp=lps,
+        greedy_tau=gts,
         student_steps=s_steps.tolist(),
         teacher_forwards=t_forwards.tolist(),
         teacher_tokens=t_tokens.tolist(),
@@ -279,7 +285,7 @@ def speculative_generate(
         raise ValueError("no prompts to decode (empty input)")
     d_lm = drafter.lm if isinstance(drafter, Student) else drafter
     t0 = time.perf_counter()
-    res = DecodeOutput([], [], [], [], [], [], [], 0.0, 0, mode=f"speculative_k{k}")
+    res = DecodeOutput([], [], [], [], [], [], [], [], 0.0, 0, mode=f"speculative_k{k}")
     accepted_total = drafted_total = 0
     for prompt in prompts:
         d_state = d_lm.start(*d_lm.encode_prompts([prompt]))
@@ -369,6 +375,7 @@ def speculative_generate(
         res.tokens.append(out)
         res.call_mask.append(mask)
         res.behaviour_logp.append([0.0] * len(out))
+        res.greedy_tau.append([False] * len(out))
         res.student_steps.append(steps)
         res.teacher_forwards.append(fwd)
         res.teacher_tokens.append(t_rows)

@@ -1,0 +1,106 @@
+"""Rollouts: on-policy student paths with teacher calls, teacher demonstrations, and teacher
+scoring of finished paths. Produces `Trajectory` records (DESIGN.md §8)."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from .budgets import BudgetTable
+from .data import Example
+from .decoding import DecodeOutput, generate
+from .models import LM, Student
+from .trajectory import Trajectory
+
+
+@torch.no_grad()
+def score_paths(teacher: LM, prompts: list[str], paths: list[list[int]], *, batch_size: int = 64) -> list[list[float]]:
+    """Teacher log p(x_t | s_t) of every token of each finished path (one teacher-forced
+    forward per batch)."""
+    out: list[list[float]] = []
+    for s in range(0, len(paths), batch_size):
+        chunk = paths[s : s + batch_size]
+        p_ids, p_mask = teacher.encode_prompts(prompts[s : s + batch_size])
+        T = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), T), teacher.pad_id, dtype=torch.long, device=teacher.device)
+        for i, p in enumerate(chunk):
+            ids[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+        logp = torch.log_softmax(teacher.forward(p_ids, p_mask, ids)[..., : teacher.vocab_size].float(), -1)
+        tok_logp = logp.gather(-1, ids[..., None]).squeeze(-1)  # [B, T]
+        out.extend(tok_logp[i, : len(p)].tolist() for i, p in enumerate(chunk))
+    return out
+
+
+def prompt_ids(lm: LM, prompts: list[str]) -> list[list[int]]:
+    ids, mask = lm.encode_prompts(prompts)
+    return [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+
+
+def sample_tasks(examples: list[Example], table: BudgetTable, n: int, rng: random.Random,
+                 instruction: str) -> tuple[list[str], list[int], list[Example]]:
+    """``n`` prompts: random sources, each with a random budget (and the examples drawn)."""
+    picks = [rng.choice(examples) for _ in range(n)]
+    budget_ids = [rng.randrange(len(table)) for _ in range(n)]
+    prompts = [table.prompt(table[b].phrase, instruction, ex.source) for ex, b in zip(picks, budget_ids)]
+    return prompts, budget_ids, picks
+
+
+def student_rollouts(
+    student: Student,
+    teacher: LM,
+    prompts: list[str],
+    budget_ids: list[int],
+    *,
+    max_new_tokens: int,
+    use_tau: bool = True,
+    temperature: float = 1.0,
+    batch_size: int = 64,
+    generator: torch.Generator | None = None,
+    version: int = 0,
+    worker_id: int = 0,
+) -> tuple[list[Trajectory], DecodeOutput]:
+    """Sampled on-policy paths (teacher tokens sampled at <τ>), scored by the teacher."""
+    out = generate(
+        student, teacher, prompts, mode="budgeted" if use_tau else "student",
+        max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
+        teacher_do_sample=True, batch_size=batch_size, generator=generator,
+    )
+    t_logp = score_paths(teacher, prompts, out.tokens, batch_size=batch_size)
+    src = prompt_ids(student.lm, prompts)
+    trajs = [
+        Trajectory(
+            source_ids=src[i], budget_id=budget_ids[i], tokens=out.tokens[i],
+            actions_tau=out.call_mask[i], behaviour_logp=out.behaviour_logp[i],
+            teacher_logp=t_logp[i], origin="student", policy_version=version,
+            worker_id=worker_id, greedy_tau=out.greedy_tau[i],
+        )
+        for i in range(len(prompts))
+    ]
+    return trajs, out
+
+
+def teacher_demos(
+    teacher: LM,
+    prompts: list[str],
+    budget_ids: list[int],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 64,
+    generator: torch.Generator | None = None,
+    version: int = 0,
+    worker_id: int = 0,
+) -> list[Trajectory]:
+    """Teacher-sampled paths x ~ p(· | Y): actions are their tokens, c_t = 0 (DESIGN.md §3)."""
+    out = generate(None, teacher, prompts, mode="teacher", max_new_tokens=max_new_tokens,
+                   teacher_do_sample=True, batch_size=batch_size, generator=generator)
+    t_logp = score_paths(teacher, prompts, out.tokens, batch_size=batch_size)
+    src = prompt_ids(teacher, prompts)
+    return [
+        Trajectory(
+            source_ids=src[i], budget_id=budget_ids[i], tokens=out.tokens[i],
+            actions_tau=[False] * len(out.tokens[i]), behaviour_logp=t_logp[i],
+            teacher_logp=t_logp[i], origin="teacher_demo", policy_version=version, worker_id=worker_id,
+        )
+        for i in range(len(prompts))
+    ]
