@@ -3,6 +3,7 @@
     kdtw pretrain [--config conf/default.yaml] [--force] [key=value ...]
     kdtw train --local [--config conf/default.yaml] [key=value ...]
     kdtw report   [--config conf/default.yaml] [--split validation] [key=value ...]
+    kdtw eval     --student PATH [--drafter PATH] --out DIR [--config ...] (jobs/evaluate.py)
     kdtw decode   --mode budgeted|student|teacher|speculative [--budget light] [--k 3] [--strict]
                   [--config ...] [--input FILE|-] [key=value ...]
 
@@ -171,16 +172,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input: printed as one line, exit status 2."""
     from .budgets import BudgetError
     from .config import ConfigError
     from .data import DataError
     from .models import ModelError
 
+    return (ConfigError, BudgetError, DataError, ModelError, FileNotFoundError, ValueError, FloatingPointError)
+
+
+def _run_job(script: str, argv: list[str], prog: str) -> int:
+    """Run a job script of the repository checkout (they hold the MLflow/Ray code kdtw/ keeps out)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs", script)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{prog} needs the kdtw repository checkout ({path} is missing)")
+    spec = importlib.util.spec_from_file_location(f"kdtw_job_{script[:-3]}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.main(argv, prog=prog)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "eval":
+        return _run_job("evaluate.py", argv[1:], "kdtw eval")
+    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, BudgetError, DataError, ModelError, FileNotFoundError, ValueError, FloatingPointError) as e:
+    except errors() as e:
         msg = " ".join(str(e).split("\n"))
         print(f"kdtw: error: {msg}", file=sys.stderr)
         return 2

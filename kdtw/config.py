@@ -136,6 +136,9 @@ class TrainConfig:
     # Lagrangian: λ_k ← clip(λ_k + lr_lambda (ĉ_k − b_k), 0, lambda_max).
     lr_lambda: float = 0.5
     lambda_max: float = 20.0
+    # Lower clip of λ_k. DESIGN.md: 0 (budgets as upper bounds). Negative values make each
+    # budget an equality target (λ < 0 pays for calls where use is below target): a deviation.
+    lambda_min: float = 0.0
     # Moving-average weight of the teacher-use estimate ĉ_k.
     use_ema: float = 0.9
     # Fraction of each batch drawn from teacher demonstrations.
@@ -145,6 +148,10 @@ class TrainConfig:
     # Validation every N Phase-2 steps; eligibility tolerance δ of DESIGN.md §5.
     validate_every: int = 250
     eligibility_delta: float = 0.03
+    # Learning rate of the scalar <τ>-logit offset (one parameter: it may move fast).
+    tau_offset_lr: float = 0.01
+    # Before the first Phase-1 step, set the offset so the mean π(<τ>) equals the mean budget.
+    calibrate_tau: bool = True
     # Disable <τ> entirely (plain distillation; the DistillSpec drafter).
     use_tau: bool = True
     # ĉ_k from on-policy rollouts: "sampled" (the calls actually made, DESIGN.md §5) or
@@ -272,6 +279,7 @@ class Config:
         need(0 <= t.demo_ratio <= 1, "train.demo_ratio must be in [0, 1]")
         need(0 <= t.use_ema < 1, "train.use_ema must be in [0, 1)")
         need(t.lambda_max >= 0, "train.lambda_max must be >= 0")
+        need(t.lambda_min <= t.lambda_max, "train.lambda_min must be <= train.lambda_max")
         need(
             t.use_estimate in ("sampled", "greedy"),
             f"train.use_estimate={t.use_estimate!r}: use sampled | greedy",

@@ -76,11 +76,24 @@ def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, generator) 
     """Action and its log-prob under the sampling distribution. logits [B, A] -> [B], [B]."""
     if do_sample:
         logp = torch.log_softmax(logits / temperature, dim=-1)
-        a = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+        a = _multinomial(logp.exp(), generator).squeeze(-1)
     else:
         logp = torch.log_softmax(logits, dim=-1)
         a = logits.argmax(-1)
     return a, logp.gather(-1, a[:, None]).squeeze(-1)
+
+
+def _multinomial(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """``torch.multinomial(probs, 1)`` drawn on the generator's device (a CPU generator can
+    seed decoding on an accelerator); the result is on ``probs``' device."""
+    if generator is None or generator.device == probs.device:
+        return torch.multinomial(probs, 1, generator=generator)
+    return torch.multinomial(probs.to(generator.device), 1, generator=generator).to(probs.device)
+
+
+def _uniform(generator: torch.Generator | None) -> float:
+    dev = generator.device if generator is not None else "cpu"
+    return float(torch.rand((), generator=generator, device=dev))
 
 
 @torch.no_grad()
@@ -309,7 +322,7 @@ def speculative_generate(
                 q_logits = _draft_logits(d_lm, logits)[0]
                 if do_sample:
                     q = torch.softmax(q_logits, -1)
-                    x = int(torch.multinomial(q, 1, generator=generator))
+                    x = int(_multinomial(q, generator))
                 else:
                     q = None
                     x = int(q_logits.argmax())
@@ -332,14 +345,13 @@ def speculative_generate(
                 if do_sample:
                     p = torch.softmax(t_logits[i], -1)
                     q = q_rows[i]
-                    u = torch.rand((), generator=generator)
-                    if float(u) < min(1.0, float(p[x] / q[x])):
+                    if _uniform(generator) < min(1.0, float(p[x] / q[x])):
                         n_acc += 1
                         new.append(x)
                         continue
                     resid = (p - q).clamp(min=0)
                     resid = resid / resid.sum() if float(resid.sum()) > 0 else p
-                    new.append(int(torch.multinomial(resid, 1, generator=generator)))
+                    new.append(int(_multinomial(resid, generator)))
                     break
                 if int(t_logits[i].argmax()) == x:
                     n_acc += 1
@@ -350,7 +362,7 @@ def speculative_generate(
             else:
                 row = t_logits[len(drafts)]
                 if do_sample:
-                    new.append(int(torch.multinomial(torch.softmax(row, -1), 1, generator=generator)))
+                    new.append(int(_multinomial(torch.softmax(row, -1), generator)))
                 else:
                     new.append(int(row.argmax()))
             accepted_total += n_acc

@@ -77,7 +77,12 @@ class Learner:
         self.step = 0
         self.version = 0
         self.reward_std = RunningStd()
-        self.opt = torch.optim.AdamW(student.parameters(), lr=train_cfg.lr, weight_decay=0.0)
+        body = [p for n, p in student.named_parameters() if n != "tau_offset"]
+        self.opt = torch.optim.AdamW(
+            [{"params": body, "lr": train_cfg.lr},
+             {"params": [student.tau_offset], "lr": train_cfg.tau_offset_lr}],
+            weight_decay=0.0,
+        )
 
     # -- Phase 1
 
@@ -89,6 +94,10 @@ class Learner:
         with torch.no_grad():
             t_logits = teacher.forward(b.prompt_ids, b.prompt_mask, b.tokens)[..., : teacher.vocab_size].float()
         logits = s.lm.forward(b.prompt_ids, b.prompt_mask, b.tokens)
+        if self.step == 0 and self.cfg.calibrate_tau:
+            # start π(<τ>) at the mean budget rather than at a random spare row's ~e^-11
+            s.calibrate_tau(logits.detach(), b.mask, max(float(self.targets.mean()), 1e-3))
+            logits = s.lm.forward(b.prompt_ids, b.prompt_mask, b.tokens)
         pol = s.policy_logits(logits).float()  # [B, T, V+1]
         kl = oracle_kl(pol.detach(), t_logits)  # [B, T]
         targets = teacher_call_targets(kl, b.mask, self.targets[b.budget_ids.cpu()].to(kl.device))
@@ -160,7 +169,8 @@ class Learner:
         ema = self.cfg.use_ema
         self.use_hat[seen] = torch.where(torch.isnan(prev), obs, ema * prev + (1 - ema) * obs)
         new_lam = lagrange_update(self.lam, torch.nan_to_num(self.use_hat, nan=0.0), self.targets,
-                                  lr=self.cfg.lr_lambda, lam_max=self.cfg.lambda_max)
+                                  lr=self.cfg.lr_lambda, lam_max=self.cfg.lambda_max,
+                                  lam_min=self.cfg.lambda_min)
         self.lam = torch.where(seen, new_lam, self.lam)
         return {f"lambda/{k}": float(self.lam[k]) for k in range(K)} | {
             f"use_hat/{k}": float(self.use_hat[k]) for k in range(K)

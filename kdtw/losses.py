@@ -306,10 +306,15 @@ def lagrange_update(
     *,
     lr: float,
     lam_max: float,
+    lam_min: float = 0.0,
 ) -> Tensor:
     """Dual ascent on the budget multipliers (DESIGN.md §5).
 
-        λ_k ← clip(λ_k + η_λ (ĉ_k − b_k), 0, λ_max)
+        λ_k ← clip(λ_k + η_λ (ĉ_k − b_k), λ_min, λ_max)
+
+    DESIGN.md fixes λ_min = 0 (the budget as an upper bound). A negative ``lam_min`` treats the
+    budget as an equality constraint (the multiplier of an equality has no sign): λ < 0 then
+    rewards calls where use is below target, which λ ≥ 0 cannot do (kdtw deviation, opt-in).
 
     Args:
         lam: ``[K]`` current multipliers.
@@ -323,11 +328,13 @@ def lagrange_update(
     """
     if lam_max < 0:
         raise ValueError(f"lam_max must be >= 0, got {lam_max}")
+    if lam_min > lam_max:
+        raise ValueError(f"lam_min={lam_min} must be <= lam_max={lam_max}")
     lam = torch.as_tensor(lam)
     dtype = lam.dtype if lam.is_floating_point() else torch.float32
     observed = torch.as_tensor(observed, dtype=dtype, device=lam.device)
     target = torch.as_tensor(target, dtype=dtype, device=lam.device)
-    return (lam.to(dtype) + lr * (observed - target)).clamp(min=0.0, max=lam_max)
+    return (lam.to(dtype) + lr * (observed - target)).clamp(min=lam_min, max=lam_max)
 
 
 __all__ = [

@@ -285,6 +285,10 @@ class Student(nn.Module):
             nn.init.zeros_(value_head.weight)
             nn.init.zeros_(value_head.bias)
         self.value_head = value_head.to(lm.device)
+        # A learned offset on the <τ> logit (kept beside the value head): the spare row starts
+        # random, so without it -log π(<τ>) starts near 11 nats and Phase 1 spends its first
+        # hundreds of steps bending the shared hidden states; `calibrate_tau` sets it instead.
+        self.tau_offset = nn.Parameter(torch.zeros((), device=lm.device))
         idx = list(range(self.vocab_size)) + [self.tau_id]
         self._contiguous = self.tau_id == self.vocab_size
         self.register_buffer("_policy_index", torch.tensor(idx, dtype=torch.long), persistent=False)
@@ -292,8 +296,27 @@ class Student(nn.Module):
     def policy_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """[..., Vm] model logits -> [..., V+1] policy logits, <τ> last (index V)."""
         if self._contiguous:
-            return logits[..., : self.vocab_size + 1]
-        return logits.index_select(-1, self._policy_index.to(logits.device))
+            pol = logits[..., : self.vocab_size + 1]
+        else:
+            pol = logits.index_select(-1, self._policy_index.to(logits.device))
+        shift = torch.zeros(self.vocab_size + 1, dtype=pol.dtype, device=pol.device)
+        shift[-1] = 1.0
+        return pol + shift * self.tau_offset.to(pol.dtype)
+
+    @torch.no_grad()
+    def calibrate_tau(self, logits: torch.Tensor, mask: torch.Tensor, target: float) -> float:
+        """Set ``tau_offset`` so that the mean π(<τ>) over valid positions of ``logits``
+        [B, T, Vm] is ``target`` (bisection); returns the offset."""
+        valid = mask.bool()
+        self.tau_offset.zero_()
+        pol = self.policy_logits(logits.float())[valid]  # [N, V+1]
+        lo, hi = -50.0, 50.0
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            p = torch.softmax(torch.cat([pol[:, :-1], pol[:, -1:] + mid], -1), -1)[:, -1].mean()
+            lo, hi = (mid, hi) if p < target else (lo, mid)
+        self.tau_offset.fill_((lo + hi) / 2)
+        return float(self.tau_offset)
 
     def values(self, hidden: torch.Tensor) -> torch.Tensor:
         """[B, T, H] last hidden states -> [B, T] values V_φ(s_t)."""
@@ -311,10 +334,9 @@ class Student(nn.Module):
         try:
             self.lm.model.save_pretrained(tmp)
             self.lm.tokenizer.save_pretrained(tmp)
-            save_file(
-                {k: v.detach().contiguous().cpu() for k, v in self.value_head.state_dict().items()},
-                os.path.join(tmp, VALUE_HEAD_FILE),
-            )
+            heads = {k: v.detach().contiguous().cpu() for k, v in self.value_head.state_dict().items()}
+            heads["tau_offset"] = self.tau_offset.detach().reshape(1).cpu()
+            save_file(heads, os.path.join(tmp, VALUE_HEAD_FILE))
             with open(os.path.join(tmp, STUDENT_META), "w") as f:
                 json.dump({"tau_token": TAU_TOKEN, "tau_id": self.tau_id, "vocab_size": self.vocab_size}, f)
             _replace_dir(tmp, folder)
@@ -338,8 +360,13 @@ class Student(nn.Module):
         from safetensors.torch import load_file
 
         head = nn.Linear(_hidden_size(model.config), 1)
-        head.load_state_dict(load_file(os.path.join(folder, VALUE_HEAD_FILE)))
-        return cls(lm, meta["tau_id"], head)
+        heads = load_file(os.path.join(folder, VALUE_HEAD_FILE))
+        offset = heads.pop("tau_offset", torch.zeros(1))
+        head.load_state_dict(heads)
+        student = cls(lm, meta["tau_id"], head)
+        with torch.no_grad():
+            student.tau_offset.fill_(float(offset[0]))
+        return student
 
 
 def make_student(model: nn.Module, tokenizer: Any) -> Student:
@@ -399,6 +426,12 @@ def _from_pretrained(name_or_path: str, *, dtype: str = "float32", device: str =
         model = model.to(device)
     tok = AutoTokenizer.from_pretrained(name_or_path, **kw)
     return model.eval(), tok
+
+
+def load_lm(name_or_path: str, *, dtype: str = "float32", device: str = "cpu") -> LM:
+    """A plain model (teacher, drafter) from a hub name or a local folder."""
+    model, tok = _from_pretrained(name_or_path, dtype=dtype, device=device)
+    return LM(model, tok)
 
 
 def init_model(spec: Any, tokenizer: Any, *, seed: int = 0) -> nn.Module:

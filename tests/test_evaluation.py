@@ -1,0 +1,211 @@
+"""The evaluation job end to end on conf/tiny.yaml (subprocess + MLflow), its bad-input errors,
+and the verdict and Pareto helpers on hand-made numbers."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kdtw.config import load_config
+from kdtw.data import build_word_tokenizer
+from kdtw.evaluation import evaluate_frontier, frontier_verdict, pareto_front
+from kdtw.factory import load_student, load_teacher, task_tokenizer
+from kdtw.models import LM, ModelError, init_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+JOB = os.path.join(ROOT, "jobs", "evaluate.py")
+TINY = os.path.join(ROOT, "conf", "tiny.yaml")
+KS = (1, 2, 3, 5, 7)
+COLUMNS = {
+    "method", "setting", "target", "k", "do_sample", "bleu", "chrf", "teacher_forwards_per_token",
+    "teacher_use", "adherence", "cost_latency_per_token", "wall_s_per_seq", "wall_s_per_seq_b1",
+}
+
+
+def _overrides(tmp) -> list[str]:
+    return ["task.n_validation=6", "decoding.max_new_tokens=8", f"run_dir={tmp}/run",
+            f"models_dir={tmp}/models"]
+
+
+def _job():
+    spec = importlib.util.spec_from_file_location("evaluate_job", JOB)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Config, teacher, τ-student; the student saved as a kdtw folder and a plain drafter folder."""
+    tmp = tmp_path_factory.mktemp("eval")
+    cfg = load_config(TINY, _overrides(tmp))
+    teacher = load_teacher(cfg)
+    student = load_student(cfg, teacher)
+    student.save(tmp / "student")
+    tok = task_tokenizer(cfg)
+    drafter = init_model(cfg.student, tok, seed=7)
+    drafter.save_pretrained(tmp / "drafter")
+    tok.save_pretrained(tmp / "drafter")
+    return tmp, cfg, teacher, student
+
+
+@pytest.fixture(scope="module")
+def job_run(setup):
+    tmp, cfg, _, _ = setup
+    out = tmp / "out"
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, JOB, "--config", TINY, "--student", str(tmp / "student"),
+           "--drafter", str(tmp / "drafter"), "--out", str(out), "--ks", ",".join(map(str, KS)),
+           *_overrides(tmp)]
+    proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    return out, uri, rows, proc, cfg
+
+
+def test_job_writes_a_row_per_method_and_setting(job_run):
+    out, _, rows, proc, cfg = job_run
+    phrases = list(cfg.budgets)
+    want = {("teacher", ""), ("student", "")}
+    want |= {(m, p) for m in ("budgeted", "budgeted_strict") for p in phrases}
+    want |= {(m, f"k{k}") for m in ("sd_greedy", "sd_sampling") for k in KS}
+    got = [(r["method"], r["setting"]) for r in rows]
+    assert sorted(got) == sorted(want)
+    assert COLUMNS <= set(rows[0])
+    for name in ("results.json", "verdict.txt", "command.txt"):
+        assert (out / name).stat().st_size > 0
+    assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "command.txt").read_text().startswith("python jobs/evaluate.py --config ")
+    assert "budgeted" in proc.stdout and "sd_greedy" in proc.stdout  # progress lines
+
+
+def test_job_numbers_obey_the_definitions(job_run):
+    _, _, rows, _, _ = job_run
+    f = lambda r, k: float(r[k])  # noqa: E731
+    teacher = next(r for r in rows if r["method"] == "teacher")
+    for r in rows:
+        for key in ("teacher_forwards_per_token", "cost_latency_per_token", "wall_s_per_seq", "wall_s_per_seq_b1"):
+            assert f(r, key) >= 0
+        if r["method"].startswith("sd_"):
+            k = int(r["k"])
+            # every teacher forward yields at most K + 1 tokens
+            assert f(r, "teacher_forwards_per_token") >= 1 / (k + 1) - 1e-12
+        if r["method"] == "sd_greedy":
+            # greedy speculative decoding is the teacher's greedy output, token for token
+            assert f(r, "bleu") == f(teacher, "bleu") and f(r, "chrf") == f(teacher, "chrf")
+            assert f(r, "same_as_teacher") == 1.0
+        if r["method"].startswith("budgeted"):
+            assert f(r, "adherence") == pytest.approx(abs(f(r, "teacher_use") - f(r, "target")))
+        if r["method"] == "budgeted_strict":
+            assert f(r, "teacher_use") <= f(r, "target") + 1e-9  # strict is a guarantee
+    assert f(teacher, "teacher_use") == 1.0 and f(teacher, "teacher_forwards_per_token") == 1.0
+    student = next(r for r in rows if r["method"] == "student")
+    assert f(student, "teacher_use") == 0.0 and f(student, "teacher_forwards_per_token") == 0.0
+
+
+def test_job_logs_an_mlflow_run(job_run):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    out, uri, rows, _, cfg = job_run
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=[cfg.name])
+    assert len(runs) == 1
+    run = runs.iloc[0]
+    light = next(r for r in rows if r["method"] == "budgeted" and r["setting"] == "light")
+    assert run["metrics.budgeted/light/bleu"] == pytest.approx(float(light["bleu"]))
+    assert "metrics.sd_greedy/k7/teacher_forwards_per_token" in runs.columns
+    assert "metrics.student/cost_latency_per_token" in runs.columns
+    assert run["params.decoding.max_new_tokens"] == "8"
+    assert run["params.budgets.light"] == "0.1"
+    arts = {a.path for a in MlflowClient(uri).list_artifacts(run["run_id"])}
+    assert {"results.csv", "results.json", "frontier.png", "verdict.txt"} <= arts
+
+
+def test_default_tracking_uri_is_sqlite_under_run_dir(setup, monkeypatch):
+    _, cfg, _, _ = setup
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = _job().tracking_uri(cfg)
+    assert uri == "sqlite:///" + os.path.abspath(os.path.join(cfg.run_dir, "mlflow.db"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://example:5000")
+    assert _job().tracking_uri(cfg) == "http://example:5000"
+
+
+def test_student_without_tau_is_rejected(setup):
+    _, cfg, teacher, student = setup
+    with pytest.raises(ValueError, match="no <τ> action"):
+        evaluate_frontier(cfg, teacher, student.lm, None, log=lambda s: None)
+    for bad_id in (None, 5):  # missing, or a real vocabulary token
+        bad = copy.copy(student)
+        bad.tau_id = bad_id
+        with pytest.raises(ValueError, match="<τ> id"):
+            evaluate_frontier(cfg, teacher, bad, None, log=lambda s: None)
+
+
+def test_drafter_with_another_tokenizer_is_rejected(setup):
+    _, cfg, teacher, student = setup
+    tok = build_word_tokenizer(["alpha", "beta", "gamma"])
+    drafter = LM(init_model(cfg.student, tok, seed=3), tok)
+    with pytest.raises(ModelError, match="drafter's tokenizer differs"):
+        evaluate_frontier(cfg, teacher, student, drafter, log=lambda s: None)
+
+
+def test_empty_split_is_one_error_line_and_status_2(setup, capsys):
+    tmp, *_ = setup
+    rc = _job().main(["--config", TINY, "--out", str(tmp / "empty"), *_overrides(tmp), "task.n_validation=0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert err[-1].startswith("kdtw: error: split 'validation' is empty")
+
+
+def test_evaluation_imports_neither_ray_nor_mlflow():
+    code = "import sys, kdtw.evaluation; assert not {'ray', 'mlflow'} & set(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# ----------------------------------------------------------------------------- verdict
+
+
+def _row(method, setting="", *, q, lat, fwd=0.0, use=0.0, k=None):
+    return {"method": method, "setting": setting, "k": k, "bleu": q, "cost_latency_per_token": lat,
+            "teacher_forwards_per_token": fwd, "teacher_use": use}
+
+
+def test_pareto_front_keeps_undominated_points():
+    pts = [(1.0, 5.0), (0.5, 3.0), (0.5, 4.0), (2.0, 4.5), (3.0, 6.0)]
+    assert pareto_front(pts) == [(0.5, 4.0), (1.0, 5.0), (3.0, 6.0)]
+
+
+def test_verdict_is_computed_from_the_numbers():
+    rows = [
+        _row("student", q=10.0, lat=0.5),
+        _row("teacher", q=30.0, lat=1.0, fwd=1.0, use=1.0),
+        _row("budgeted", "light", q=20.0, lat=0.6, fwd=0.08, use=0.08),
+        _row("budgeted_strict", "heavy", q=28.0, lat=0.8, fwd=0.3, use=0.3),
+        _row("sd_greedy", "k1", q=30.0, lat=0.9, fwd=0.6, use=0.6, k=1),
+        _row("sd_greedy", "k3", q=30.0, lat=0.7, fwd=0.3, use=0.3, k=3),
+        _row("sd_greedy", "k7", q=30.0, lat=0.55, fwd=0.2, use=0.2, k=7),
+    ]
+    v = frontier_verdict(rows, primary="bleu", c=0.5)
+    assert "SD K=1 (0.900, 30.00): best budgeted point at latency <= 0.900 is strict budget 'heavy' " \
+           "(0.800, 28.00), 2.00 below" in v
+    assert "SD K=3 (0.700, 30.00): best budgeted point at latency <= 0.700 is budget 'light'" in v
+    assert "SD K=7 (0.550, 30.00): no budgeted point is as fast" in v
+    assert "exists for 0 of 3 SD block sizes" in v
+    assert "1/(7+1) = 0.125" in v and "best budgeted point is budget 'light' with bleu 20.00" in v
+    assert "closes 50% of the student-to-teacher gap" in v
+
+    rows[3]["bleu"] = 31.0  # now strict heavy beats SD K=1 and K=3 at lower latency
+    v = frontier_verdict(rows, primary="bleu")
+    assert "(0.800, 31.00), 1.00 above" in v and "exists for 1 of 3" in v
+
+    rows[0]["bleu"] = 40.0  # the student beats the teacher: no gap
+    assert "no student-to-teacher gap to close" in frontier_verdict(rows, primary="bleu")
