@@ -1,6 +1,6 @@
 """English→Spanish Bible verse pairs from two public-domain SWORD modules, built offline.
 
-    python -m kdtw.bible build --out data/bible_en_es     # ~10 s; needs apt-get and dpkg-deb
+    python -m kdtw.bible build --out data/bible_en_es     # ~20 s; needs apt-get and dpkg-deb
     python -m kdtw.bible check --out data/bible_en_es     # sha256 and row counts of the files
 
 English is the World English Bible (Debian package ``sword-text-web``, module engWEB2015eb,
@@ -20,8 +20,11 @@ The verse number of a position is its distance from the last chapter heading, an
 right before the heading of a new book's first chapter is that book's heading, not a verse. So
 the text needs no versification table. English and Spanish verses are joined on
 ``(book, chapter, verse)`` over the 66 books both have (the deuterocanon is dropped). The two
-versifications agree on almost every verse. Where they don't, a pair is dropped by the length-ratio filter,
-or, where a verse exists in one module only, by the join.
+numberings agree on almost every verse, but the RV1909 follows the Hebrew one in a few
+chapters (Num 13, Num 30, 1 Sam 24, Job 39-40, Hos 12, Jonah 2, ...) and merges a verse in a few
+others, and a verse pair there holds different text. A length-based alignment of each book
+(Gale & Church, :func:`monotone_matches`) finds those runs and their pairs are dropped
+("shifted"); then pairs whose Spanish/English length ratio is an outlier are dropped ("ratio").
 
 Splits depend only on a verse's reference (a hash), so a verse never changes split when the
 filter changes: about 3.2% validation, 3.2% test, the rest train. Each split is a Parquet file
@@ -35,14 +38,17 @@ import argparse
 import hashlib
 import html
 import json
+import math
 import os
 import re
 import shutil
+import statistics
 import struct
 import subprocess
 import sys
 import tempfile
 import zlib
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,6 +174,10 @@ _DROP = re.compile(  # footnotes, cross references, speaker labels: not part of 
 _TITLE = re.compile(r"<title\b([^>]*)>(.*?)</title>", re.S)
 _INLINE = re.compile(r"</?(w|transChange|seg|name|q|rdg|hi|foreign|divineName)\b[^>]*>")
 _TAG = re.compile(r"<[^>]+>")
+# Two word elements with nothing between them ("<transChange>y</transChange><w>Jesús</w>")
+# are two words, unless the second is an enclitic pronoun ("sáca" + "lo").
+_ADJACENT = re.compile(r"</(?:w|transChange)>(?=<(?:w|transChange)\b[^>]*>([^\W\d_]*))")
+_ENCLITICS = frozenset("lo la le los las les me te se nos os".split())
 _SPACE_BEFORE = re.compile(r"\s+([,.;:!?)\]’”»])")
 _SPACE_AFTER = re.compile(r"([(\[“‘«¿¡])\s+")
 
@@ -176,6 +186,7 @@ def clean_osis(raw: str) -> str:
     """Plain verse text: notes, speaker labels and editorial headings dropped; a canonical
     title (a psalm's superscription, which the Spanish has as plain text) kept."""
     text = _DROP.sub(" ", raw)
+    text = _ADJACENT.sub(lambda m: m.group(0) + ("" if m.group(1).lower() in _ENCLITICS else " "), text)
     text = _TITLE.sub(lambda m: m.group(2) if 'canonical="true"' in m.group(1) else " ", text)
     text = _INLINE.sub("", text)  # inline markup: no word boundary of its own
     text = _TAG.sub(" ", text)  # block markup (lines, paragraphs, milestones): a space
@@ -185,20 +196,49 @@ def clean_osis(raw: str) -> str:
     return _SPACE_AFTER.sub(r"\1", text)
 
 
-_CAPS_WORD = re.compile(r"^(\W*(?:\w+\s+)?)([^\W\d_]{2,})\b")
+_LETTERS = re.compile(r"[^\W\d_]+")
 
 
-def uncap_chapter_start(text: str) -> str:
-    """The RV1909 prints the first word of a chapter in capitals ("Y FUERON acabados",
-    "EN el principio"); give it ordinary case ("Y Fueron", "En el")."""
-    m = _CAPS_WORD.match(text)
-    if m and m.group(2).isupper():
-        word = m.group(2)
-        return text[: m.start(2)] + word[0] + word[1:].lower() + text[m.end(2) :]
+def case_table(texts: Iterable[str]) -> dict[str, str]:
+    """Lower-case word -> its usual written form (lower case, or capitalised for names), by
+    majority over every word of ``texts`` that is not all capitals."""
+    counts: Counter[str] = Counter()
+    for text in texts:
+        counts.update(w for w in _LETTERS.findall(text) if not (len(w) > 1 and w.isupper()))
+    table = {}
+    for word in {w.lower() for w in counts}:
+        cap = word[:1].upper() + word[1:]
+        table[word] = cap if counts[cap] > counts[word] else word
+    return table
+
+
+def uncap_chapter_start(text: str, table: dict[str, str]) -> str:
+    """The RV1909 prints the first word of a chapter in capitals ("EN el principio", "Y
+    FUERON acabados", "¡OH Jehová" after a psalm's title). Give the first all-capitals word its
+    usual form from ``table``, capitalised where it starts a sentence: "En el principio",
+    "Y fueron acabados", "¡Oh Jehová"."""
+    for m in _LETTERS.finditer(text):
+        word = m.group()
+        if len(word) < 2 or not word.isupper():
+            continue
+        before = text[: m.start()].rstrip()
+        usual = table.get(word.lower(), word.lower())
+        if not before or before[-1] in ".!?¡¿":
+            usual = usual[:1].upper() + usual[1:]
+        return text[: m.start()] + usual + text[m.end() :]
     return text
 
 
-def module_verses(folder: str | os.PathLike, *, uncap_first: bool = False) -> list[Verse]:
+def fix_chapter_caps(verses: list[Verse]) -> list[Verse]:
+    """:func:`uncap_chapter_start` on the first verse of every chapter."""
+    table = case_table(v.text for v in verses)
+    return [
+        Verse(v.book, v.chapter, v.verse, uncap_chapter_start(v.text, table)) if v.verse == 1 else v
+        for v in verses
+    ]
+
+
+def module_verses(folder: str | os.PathLike) -> list[Verse]:
     """Every non-empty verse of a zText module folder (both testaments), cleaned."""
     out: list[Verse] = []
     for testament in ("ot", "nt"):
@@ -206,12 +246,10 @@ def module_verses(folder: str | os.PathLike, *, uncap_first: bool = False) -> li
             continue
         for book, chapter, verse, raw in raw_verses(read_ztext(folder, testament)):
             text = clean_osis(raw)
-            if uncap_first and verse == 1:
-                text = uncap_chapter_start(text)
             if text:
                 out.append(Verse(book, chapter, verse, text))
     if not out:
-        raise BibleError(f"no verses found in {folder}")
+        raise BibleError(f"no verses found in {folder}: not a zText Bible module?")
     return out
 
 
@@ -234,17 +272,131 @@ def length_ratio(pair: Pair) -> float:
     return len(pair.target) / max(1, len(pair.source))
 
 
+def log_ratio_stats(pairs: Iterable[Pair]) -> tuple[float, float]:
+    """Robust mean and spread of log(Spanish / English length): median and 1.4826 * MAD."""
+    logs = sorted(math.log(max(1e-3, length_ratio(p))) for p in pairs)
+    if not logs:
+        raise BibleError("no aligned verse pairs: the two modules share no (book, chapter, verse)")
+    mu = statistics.median(logs)
+    return mu, max(1e-3, 1.4826 * statistics.median(abs(x - mu) for x in logs))
+
+
+def monotone_matches(
+    src_lens: list[int],
+    tgt_lens: list[int],
+    *,
+    mu: float,
+    sigma: float,
+    skip: float = 5.0,
+    merge: float = 3.0,
+    cap: float = 6.0,
+    band: int = 12,
+    src_keys: list | None = None,
+    tgt_keys: list | None = None,
+    off_key: float = 1.0,
+) -> list[tuple[int, int]]:
+    """The 1-1 matches ``(i, j)`` of the cheapest monotone alignment of two sequences of text
+    lengths, length-based as Gale & Church (1993): moves 1-1, 1-0, 0-1, 2-1 and 1-2, a match
+    costs ``min(z**2 / 2, cap)`` with ``z = (log(tgt / src) - mu) / sigma`` (merges add
+    ``merge``), a skip costs ``skip``. The cap keeps one odd verse from pulling its neighbours
+    out of line; a shifted run of verses still costs more in line than the two skips that
+    shift it. With keys (verse references), a match of different keys costs ``off_key`` more:
+    the numbering is trusted unless the lengths say otherwise over several verses. Only cells
+    within ``band`` of the diagonal are searched."""
+    n, m = len(src_lens), len(tgt_lens)
+
+    def cost(s: int, t: int) -> float:
+        z = (math.log(max(t, 1) / max(s, 1)) - mu) / sigma
+        return min(0.5 * z * z, cap)
+
+    def in_band(i: int, j: int) -> bool:
+        return abs(j - (i * m) // max(n, 1)) <= band + abs(n - m)
+
+    best: dict[tuple[int, int], tuple[float, tuple[int, int], bool]] = {(0, 0): (0.0, (0, 0), False)}
+    for i in range(n + 1):
+        for j in range(m + 1):
+            if (i, j) not in best:
+                continue
+            base = best[(i, j)][0]
+            moves = []
+            if i < n and j < m:
+                c = cost(src_lens[i], tgt_lens[j])
+                if src_keys is not None and tgt_keys is not None and src_keys[i] != tgt_keys[j]:
+                    c += off_key
+                moves.append((i + 1, j + 1, c, True))
+            if i < n:
+                moves.append((i + 1, j, skip, False))
+            if j < m:
+                moves.append((i, j + 1, skip, False))
+            if i + 1 < n and j < m:
+                moves.append((i + 2, j + 1, merge + cost(src_lens[i] + src_lens[i + 1], tgt_lens[j]), False))
+            if i < n and j + 1 < m:
+                moves.append((i + 1, j + 2, merge + cost(src_lens[i], tgt_lens[j] + tgt_lens[j + 1]), False))
+            for a, b, c, one_to_one in moves:
+                if not in_band(a, b) and (a, b) != (n, m):
+                    continue
+                total = base + c
+                if (a, b) not in best or total < best[(a, b)][0]:
+                    best[(a, b)] = (total, (i, j), one_to_one)
+    if (n, m) not in best:  # cannot happen: skips alone always reach the end
+        raise BibleError("alignment failed: widen the band")
+    matches, cell = [], (n, m)
+    while cell != (0, 0):
+        _, prev, one_to_one = best[cell]
+        if one_to_one:
+            matches.append(prev)
+        cell = prev
+    return matches[::-1]
+
+
+def consistent_refs(
+    english: Iterable[Verse], spanish: Iterable[Verse], *, mu: float, sigma: float
+) -> set[str]:
+    """References whose English and Spanish verses the length-based alignment of their book
+    (:func:`monotone_matches`) pairs with each other. A verse shifted by a versification
+    difference (the RV1909 follows the Hebrew numbering in Num 13, 1 Sam 24, Job 39-41, Jonah
+    2, ...) or by a merged verse is paired with its neighbour there, so its reference is left
+    out."""
+    books: dict[str, tuple[list[Verse], list[Verse]]] = {}
+    for side, verses in enumerate((english, spanish)):
+        for v in verses:
+            if v.book in BOOK_INDEX:
+                books.setdefault(v.book, ([], []))[side].append(v)
+    refs: set[str] = set()
+    for en, es in books.values():
+        en.sort(key=lambda v: (v.chapter, v.verse))
+        es.sort(key=lambda v: (v.chapter, v.verse))
+        matches = monotone_matches(
+            [len(v.text) for v in en],
+            [len(v.text) for v in es],
+            mu=mu,
+            sigma=sigma,
+            src_keys=[v.ref for v in en],
+            tgt_keys=[v.ref for v in es],
+        )
+        refs.update(en[i].ref for i, j in matches if en[i].ref == es[j].ref)
+    return refs
+
+
 def filter_pairs(
-    pairs: Iterable[Pair], *, min_ratio: float = 0.6, max_ratio: float = 1.8, min_chars: int = 2
+    pairs: Iterable[Pair],
+    *,
+    keep_refs: set[str] | None = None,
+    min_ratio: float = 0.6,
+    max_ratio: float = 1.8,
+    min_chars: int = 2,
 ) -> tuple[list[Pair], dict[str, int]]:
-    """Drop pairs whose length ratio (Spanish / English, characters) is outside
-    ``[min_ratio, max_ratio]``, where verse boundaries differ, or with a side under
-    ``min_chars``. Returns the kept pairs and counts of why the others went."""
+    """Drop pairs with a side under ``min_chars`` characters, pairs whose reference is not in
+    ``keep_refs`` (when given: see :func:`consistent_refs`) and pairs whose length ratio
+    (Spanish / English, characters) is outside ``[min_ratio, max_ratio]``. Returns the kept
+    pairs and counts of why the others went."""
     kept: list[Pair] = []
-    dropped = {"short": 0, "ratio": 0}
+    dropped = {"short": 0, "shifted": 0, "ratio": 0}
     for p in pairs:
         if min(len(p.source), len(p.target)) < min_chars:
             dropped["short"] += 1
+        elif keep_refs is not None and p.ref not in keep_refs:
+            dropped["shifted"] += 1
         elif not min_ratio <= length_ratio(p) <= max_ratio:
             dropped["ratio"] += 1
         else:
@@ -357,7 +509,9 @@ def build(
             _run(["dpkg-deb", "-x", str(deb), str(root)], cwd=work)
             version = _run(["dpkg-deb", "-f", str(deb), "Version"], cwd=work).strip()
             folder = root / "usr/share/sword/modules/texts/ztext" / mod.module
-            verses[mod.lang] = module_verses(folder, uncap_first=mod is SPANISH)
+            verses[mod.lang] = module_verses(folder)
+            if mod is SPANISH:
+                verses[mod.lang] = fix_chapter_caps(verses[mod.lang])
             sources[mod.lang] = {
                 "package": mod.package,
                 "version": version,
@@ -367,7 +521,9 @@ def build(
             }
             log(f"[bible] {mod.package} {version}: {len(verses[mod.lang])} verses")
     pairs = align(verses["en"], verses["es"])
-    kept, dropped = filter_pairs(pairs, min_ratio=min_ratio, max_ratio=max_ratio)
+    mu, sigma = log_ratio_stats(pairs)
+    refs = consistent_refs(verses["en"], verses["es"], mu=mu, sigma=sigma)
+    kept, dropped = filter_pairs(pairs, keep_refs=refs, min_ratio=min_ratio, max_ratio=max_ratio)
     log(f"[bible] {len(pairs)} aligned pairs, {len(kept)} kept (dropped {dropped})")
     by_split: dict[str, list[Pair]] = {s: [] for s in SPLITS}
     for p in kept:
@@ -388,6 +544,7 @@ def build(
             "files": files,
         }
         (tmp / CHECKSUMS).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

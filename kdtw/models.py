@@ -331,6 +331,7 @@ class Student(nn.Module):
         parent = os.path.dirname(os.path.abspath(folder))
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".tmp-student-", dir=parent)
+        _quiet()
         try:
             self.lm.model.save_pretrained(tmp)
             self.lm.tokenizer.save_pretrained(tmp)
@@ -385,6 +386,13 @@ def make_student(model: nn.Module, tokenizer: Any) -> Student:
     return Student(LM(model, tokenizer, vocab_size=vocab), tau_id)
 
 
+def _quiet() -> None:
+    """No per-shard progress bars: kdtw prints its own progress."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def _hidden_size(config: Any) -> int:
     for name in ("hidden_size", "d_model", "n_embd"):
         if getattr(config, name, None):
@@ -410,6 +418,7 @@ def _from_pretrained(name_or_path: str, *, dtype: str = "float32", device: str =
     """``from_pretrained`` on a hub name or a local folder, picking the right auto class."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
+    _quiet()
     try:
         config = AutoConfig.from_pretrained(name_or_path, **kw)
     except (OSError, ValueError) as e:

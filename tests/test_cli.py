@@ -1,0 +1,81 @@
+"""The kdtw command line end to end on conf/tiny.yaml (subprocesses, as a user runs it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+TINY = os.path.join(ROOT, "conf", "tiny.yaml")
+
+
+def kdtw(*args, stdin: str | None = None, timeout: int = 300):
+    return subprocess.run([sys.executable, "-m", "kdtw.cli", *args], input=stdin, capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cli"))
+
+
+@pytest.mark.parametrize("mode", ["budgeted", "student", "teacher", "speculative"])
+def test_decode_writes_json_lines(mode, run_dir):
+    out = kdtw("decode", "--config", TINY, "--mode", mode, "--budget", "light", "--k", "2",
+               f"run_dir={run_dir}", stdin="the dog\nsee a cat\n")
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert len(rows) == 2
+    for r in rows:
+        assert {"text", "tokens", "teacher_calls", "student_steps", "teacher_forwards"} <= set(r)
+        assert r["budget"] == "light" and r["mode"] == mode
+
+
+@pytest.mark.parametrize(
+    "args,stdin,message",
+    [
+        (["decode", "--budget", "lots"], "a b\n", "unknown budget phrase 'lots'"),
+        (["decode", "decoding.max_new_tokenz=3"], "a b\n", "unknown config key"),
+        (["decode"], "\n  \n", "no input"),
+        (["decode", "--input", "/no/such/file"], None, "does not exist"),
+    ],
+)
+def test_bad_input_is_one_clear_line(args, stdin, message, run_dir):
+    out = kdtw(*args[:1], "--config", TINY, *args[1:], f"run_dir={run_dir}", stdin=stdin)
+    assert out.returncode == 2
+    lines = [ln for ln in out.stderr.splitlines() if ln.startswith("kdtw: error:")]
+    assert len(lines) == 1 and message in lines[0], out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+
+
+def test_missing_column_is_one_clear_line(tmp_path, run_dir):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"en": "a b", "xx": "c d"}\n')
+    out = kdtw("report", "--config", TINY, "task.kind=datasets", f"task.dataset={tmp_path}",
+               "task.data_files={train: d.jsonl, validation: d.jsonl}", "teacher.tokenizer=x",
+               "student.tokenizer=x", f"run_dir={run_dir}")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "'source'" in out.stderr and "task.source_column" in out.stderr, out.stderr[-2000:]
+
+
+def test_pretrain_caches_and_report_prints_a_table(tmp_path):
+    models = str(tmp_path / "models")
+    common = ["--config", TINY, f"models_dir={models}", "teacher.source=pretrain", "student.source=pretrain",
+              "pretrain.teacher_steps=3", "pretrain.student_steps=3"]
+    out = kdtw("pretrain", *common)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert os.path.exists(os.path.join(models, "teacher", "pretrain_report.json"))
+    assert "[pretrain teacher] step 3/3" in out.stdout
+    again = kdtw("pretrain", *common)
+    assert "cached" in again.stdout
+    rep = kdtw("report", *common, "--n", "4")
+    assert rep.returncode == 0, rep.stderr[-2000:]
+    for label in ("student", "teacher", "budget no", "budget full"):
+        assert label in rep.stdout
+    missing = kdtw("report", "--config", TINY, f"models_dir={tmp_path / 'none'}", "teacher.source=pretrain")
+    assert missing.returncode == 2 and "run `kdtw pretrain" in missing.stderr
