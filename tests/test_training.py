@@ -1,0 +1,144 @@
+"""Trajectory records, the replay buffer, the learner and the single-process loop."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import PROMPTS, ROOT
+from kdtw.buffer import BufferError, ReplayBuffer
+from kdtw.config import TrainConfig
+from kdtw.learner import Learner, collate
+from kdtw.models import Student
+from kdtw.rollout import prompt_ids, score_paths, student_rollouts, teacher_demos
+from kdtw.trajectory import Trajectory, TrajectoryError
+
+
+def traj(n=3, *, origin="student", version=0, budget=0, tau=None):
+    tau = tau if tau is not None else [False] * n
+    return Trajectory(source_ids=[3, 4, 1], budget_id=budget, tokens=list(range(5, 5 + n)), actions_tau=tau,
+                      behaviour_logp=[-0.5] * n, teacher_logp=[-1.0] * n, origin=origin, policy_version=version)
+
+
+def test_trajectory_is_validated():
+    with pytest.raises(TrajectoryError, match="actions_tau has 2 entries for 3 tokens"):
+        Trajectory([3], 0, [5, 6, 7], [False, False], [-1.0] * 3, [-1.0] * 3)
+    with pytest.raises(TrajectoryError, match="origin"):
+        traj(origin="robot")
+    with pytest.raises(TrajectoryError, match="no <τ>"):
+        traj(origin="teacher_demo", tau=[True, False, False])
+    with pytest.raises(TrajectoryError, match="finite"):
+        Trajectory([3], 0, [5], [False], [float("nan")], [-1.0])
+    with pytest.raises(TrajectoryError, match="at least one"):
+        Trajectory([3], 0, [], [], [], [])
+    assert traj(4, tau=[True, False, True, False]).teacher_use == 0.5
+
+
+def test_buffer_mixes_evicts_drops_stale_and_roundtrips(tmp_path):
+    buf = ReplayBuffer(capacity_tokens=30, demo_ratio=0.25, max_staleness=1, batch_size=4, seed=0)
+    buf.add([traj(3, version=v) for v in range(6)] + [traj(3, origin="teacher_demo") for _ in range(2)])
+    assert buf.tokens == 24 and buf.counts() == {"student": 6, "teacher_demo": 2}
+    buf.add([traj(3, version=6) for _ in range(3)])  # 33 tokens > 30: oldest student path goes
+    assert buf.tokens <= 30 and buf.counts()["student"] == 8
+    batch = buf.sample(4, current_version=6)
+    assert sum(t.origin == "teacher_demo" for t in batch) == 1
+    assert all(6 - t.policy_version <= 1 for t in batch if t.origin == "student")
+    assert buf.counts()["student"] == 4  # versions 5 and 6 only
+    path = str(tmp_path / "buffer.parquet")
+    buf.save(path)
+    other = ReplayBuffer(capacity_tokens=30, demo_ratio=0.25, max_staleness=1, batch_size=4)
+    other.load(path)
+    key = lambda t: (t.origin, t.policy_version, t.tokens)  # noqa: E731
+    assert sorted(map(key, other._items["student"])) == sorted(map(key, buf._items["student"]))
+    assert other.tokens == buf.tokens
+    with pytest.raises(BufferError, match="a batch of 40 needs"):
+        buf.sample(40)
+    with pytest.raises(BufferError, match="does not fit"):
+        ReplayBuffer(capacity_tokens=2, demo_ratio=0.0, max_staleness=0, batch_size=1).add([traj(3)])
+    assert 0 < buf.nbytes()
+
+
+def _learner(student, **kw):
+    cfg = TrainConfig(lr=1e-3, **kw)
+    return Learner(student, targets=[0.0, 0.2, 0.5], train_cfg=cfg)
+
+
+def test_rollouts_scores_and_collate(pair):
+    teacher, student = pair
+    g = torch.Generator().manual_seed(0)
+    trajs, out = student_rollouts(student, teacher, PROMPTS, [0, 1, 2], max_new_tokens=6, generator=g)
+    demos = teacher_demos(teacher, PROMPTS, [0, 1, 2], max_new_tokens=6, generator=g)
+    assert [t.origin for t in trajs + demos] == ["student"] * 3 + ["teacher_demo"] * 3
+    for t in trajs:
+        assert t.source_ids == prompt_ids(teacher, [PROMPTS[trajs.index(t)]])[0]
+    # teacher log-probs equal a fresh teacher-forced pass, token by token
+    again = score_paths(teacher, PROMPTS, [t.tokens for t in trajs], batch_size=1)
+    for a, t in zip(again, trajs):
+        assert torch.allclose(torch.tensor(a), torch.tensor(t.teacher_logp), atol=1e-5)
+    b = collate(student.lm, trajs + demos)
+    assert b.tokens.shape == b.mask.shape == b.tau_mask.shape and b.mask.sum() == sum(len(t) for t in trajs + demos)
+
+
+def test_learner_steps_lower_the_loss_and_refuse_nan(pair):
+    teacher, student = pair
+    student = copy.deepcopy(student)
+    g = torch.Generator().manual_seed(1)
+    trajs, _ = student_rollouts(student, teacher, PROMPTS, [0, 1, 2], max_new_tokens=6, generator=g)
+    learner = _learner(student)
+    first = learner.pcl_step(trajs)["pcl/loss"]
+    for _ in range(15):
+        last = learner.pcl_step(trajs)["pcl/loss"]
+    assert last < first
+    before = [p.detach().clone() for p in student.parameters()]
+    bad = copy.deepcopy(trajs)
+    bad[0].teacher_logp[0] = float("nan")  # bypasses validation on purpose
+    with pytest.raises(FloatingPointError, match="no update was applied"):
+        learner.pcl_step(bad)
+    assert all(torch.equal(a, b) for a, b in zip(before, student.parameters()))
+    m = learner.bc_step(teacher, teacher_demos(teacher, PROMPTS, [0, 1, 2], max_new_tokens=6, generator=g))
+    assert m["bc/loss"] > 0
+
+
+def test_lambda_moves_toward_each_budget_and_state_roundtrips(pair):
+    _, student = pair
+    learner = _learner(copy.deepcopy(student), lr_lambda=1.0, lambda_max=5.0, use_ema=0.0)
+    over = [traj(4, budget=0, tau=[True, True, False, False])]  # use 0.5 > target 0.0
+    under = [traj(4, budget=2, tau=[False] * 4)]  # use 0 < target 0.5
+    learner.observe_use(over + under + [traj(4, origin="teacher_demo", budget=1)])
+    assert learner.lam[0] == pytest.approx(0.5) and learner.lam[2] == 0.0 and learner.lam[1] == 0.0
+    for _ in range(20):
+        learner.observe_use(over)
+    assert learner.lam[0] == 5.0  # clipped at λ_max
+    neg = _learner(copy.deepcopy(student), lr_lambda=1.0, lambda_min=-2.0, use_ema=0.0)
+    neg.observe_use(under)
+    assert neg.lam[2] == pytest.approx(-0.5)  # opt-in equality constraint
+    state = learner.state_dict()
+    fresh = _learner(copy.deepcopy(student))
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.lam, learner.lam) and fresh.step == learner.step
+
+
+def test_local_training_run_end_to_end(tmp_path):
+    run_dir = tmp_path / "run"
+    out = subprocess.run(
+        [sys.executable, "-m", "kdtw.cli", "train", "--local", "--config", os.path.join(ROOT, "conf", "tiny.yaml"),
+         f"run_dir={run_dir}", "train.phase1_steps=3", "train.phase2_steps=4", "train.validate_every=2",
+         "train.log_every=2", "train.val_examples=4", "train.lambda_min=-1"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "[phase 1] step 3/3" in out.stdout and "[phase 2] step 4/4" in out.stdout
+    report = json.loads((run_dir / "report.json").read_text())
+    assert len(report["lambda_trace"]) == 4 and len(report["lambda_trace"][0]["lam"]) == 6
+    assert {v["step"] for v in report["validations"] if v["phase"] == 2} == {2, 4}
+    assert report["selected"] is not None and os.path.exists(run_dir / "lambda_trace.png")
+    student = Student.load(run_dir / "student")
+    assert student.tau_id == student.vocab_size
+    assert not os.path.exists(run_dir / "candidate")
