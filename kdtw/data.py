@@ -684,6 +684,22 @@ def _load_raw(path_or_name: str, config_name: str | None, data_files: Any) -> Ma
     return loaded
 
 
+def _column(ds: Any, column: str) -> list[Any]:
+    """A column's values; a dotted path selects a field of a mapping column."""
+    head, *rest = column.split(".")
+    values = list(ds[head])
+    for i, v in enumerate(values):
+        for field_name in rest:
+            if not isinstance(v, Mapping) or field_name not in v:
+                raise DataError(
+                    f"row {i}: column {head!r} has no field {field_name!r} (path {column!r}); "
+                    f"fields there: {sorted(v) if isinstance(v, Mapping) else type(v).__name__}"
+                )
+            v = v[field_name]
+        values[i] = v
+    return values
+
+
 def load_dataset_source(
     path_or_name: str,
     *,
@@ -722,7 +738,8 @@ def load_dataset_source(
         ds = raw[theirs]
         for key, column in (("task.source_column", source_column),
                             ("task.target_column", target_column)):
-            if column not in ds.column_names:
+            # "translation.en": field "en" of the mapping column "translation" (WMT's layout)
+            if column.split(".")[0] not in ds.column_names:
                 raise DataError(
                     f"column {column!r} not found in split {theirs!r} of {path_or_name!r}; "
                     f"available columns: {ds.column_names}; set {key} to one of them"
@@ -734,7 +751,7 @@ def load_dataset_source(
             )
         if max_examples is not None:
             ds = ds.select(range(min(max_examples, len(ds))))
-        sources, targets = ds[source_column], ds[target_column]
+        sources, targets = _column(ds, source_column), _column(ds, target_column)
         for i, (s, t) in enumerate(zip(sources, targets)):
             for column, value in ((source_column, s), (target_column, t)):
                 if not isinstance(value, str):

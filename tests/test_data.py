@@ -351,3 +351,16 @@ def test_load_task_dispatch():
         data.load_task("wmt")
     with pytest.raises(DataError, match="n_entities"):
         data.load_task("toy_translation", n_entities=5)
+
+
+def test_dotted_column_paths_select_a_field_of_a_mapping_column(tmp_path):
+    import json
+
+    f = tmp_path / "wmt.jsonl"
+    f.write_text("\n".join(json.dumps({"translation": {"en": f"hi {i}", "de": f"hallo {i}"}}) for i in range(3)))
+    splits = data.load_dataset_source(str(f), source_column="translation.en", target_column="translation.de",
+                                 splits={"train": "train"})
+    assert splits["train"][1] == Example("hi 1", "hallo 1")
+    with pytest.raises(DataError, match="no field 'fr'"):
+        data.load_dataset_source(str(f), source_column="translation.fr", target_column="translation.de",
+                            splits={"train": "train"})
