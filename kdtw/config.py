@@ -121,6 +121,8 @@ class TrainConfig:
     phase2_steps: int = 5000
     batch_size: int = 32
     lr: float = 1e-4
+    # Learning rate from the first Phase-2 step on (null: keep train.lr).
+    phase2_lr: float | None = None
     # Entropy weight α and discount γ of DESIGN.md §2 (1, 1 = exact reverse KL).
     alpha: float = 1.0
     gamma: float = 1.0
@@ -143,6 +145,9 @@ class TrainConfig:
     use_ema: float = 0.9
     # Fraction of each batch drawn from teacher demonstrations.
     demo_ratio: float = 0.25
+    # Phase 1: also fit the student's own token (KL over V, <τ> removed) at oracle call
+    # positions, not only −log π(<τ>) (a kdtw option; DESIGN.md §4 has it off).
+    bc_token_kl_at_calls: bool = False
     # Phase-1 targets: "teacher" (a teacher-sampled path) or "reference" (the dataset target).
     bc_targets: str = "teacher"
     # Validation every N Phase-2 steps; eligibility tolerance δ of DESIGN.md §5.
@@ -166,6 +171,52 @@ class TrainConfig:
     # Replay buffer capacity (output tokens) and staleness limit (policy versions).
     buffer_tokens: int = 200000
     max_staleness: int = 0
+
+
+@dataclass
+class RayConfig:
+    """The Ray system (jobs/train_pcl.py, jobs/train_bc.py; DESIGN.md §7). Resources are Ray's
+    logical units: fractions let several roles share a core (the defaults fit a 2-core machine)."""
+
+    # Ray to join: null = start a local Ray in the job (or join the cluster of `ray job submit`);
+    # "auto" = the running local cluster; "host:port" = a head's GCS address.
+    address: str | None = None
+    # Logical CPUs of a local Ray the job starts itself (null: every core).
+    num_cpus: int | None = None
+    # Rollout workers (student copies decoding with teacher calls) and teacher replicas.
+    num_rollout_workers: int = 2
+    num_teacher_replicas: int = 1
+    # Resources per role. A teacher replica with more than one GPU loads the teacher across
+    # them (accelerate device_map, bfloat16).
+    rollout_worker_cpus: float = 0.25
+    rollout_worker_gpus: float = 0.0
+    teacher_cpus: float = 0.25
+    teacher_gpus: float = 0.0
+    learner_cpus: float = 0.25
+    learner_gpus: float = 0.0
+    # Phase-1 data-parallel ranks (Ray Train TorchTrainer: gloo on CPU, nccl on GPU).
+    learner_ranks: int = 1
+    # Teacher-pool dynamic batching: most sequences per teacher forward, and how long the first
+    # request of a batch waits for others (a batch also leaves once every worker has a request in).
+    teacher_max_batch: int = 256
+    teacher_max_wait_ms: float = 5.0
+    # Benchmark knob: a teacher replica sleeps this long before answering each batch.
+    teacher_latency_ms: float = 0.0
+    # Teacher demonstrations decoded on a replica in one call (its own seeded sampler), instead of
+    # token by token through the pool by the worker (the worker's sampler: the local loop's stream).
+    teacher_side_demos: bool = False
+    # The learner publishes its weights every N steps (one ray.put per version); needs
+    # train.max_staleness >= N - 1.
+    publish_every: int = 1
+    # Learner steps per rollout batch collected (1: the local loop's ratio; > 1 replays).
+    steps_per_batch: float = 1.0
+    # Atomic checkpoint every N Phase-2 learner steps (0: only at the end), and how many to keep.
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    # Restarts of a crashed rollout worker or teacher replica before the driver replaces it.
+    max_restarts: int = 3
+    # torch threads in each actor (Ray sets one core per actor; more oversubscribes small hosts).
+    torch_threads: int = 1
 
 
 @dataclass
@@ -198,6 +249,7 @@ class Config:
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
 
     # ------------------------------------------------------------------ validation
 
@@ -292,6 +344,40 @@ class Config:
             t.bc_targets in ("teacher", "reference"),
             f"train.bc_targets={t.bc_targets!r}: use teacher | reference",
         )
+        need(
+            t.buffer_tokens >= t.batch_size * d.max_new_tokens,
+            f"train.buffer_tokens={t.buffer_tokens} is smaller than one batch (train.batch_size × "
+            f"decoding.max_new_tokens = {t.batch_size * d.max_new_tokens} tokens): raise "
+            f"train.buffer_tokens to at least {t.batch_size * d.max_new_tokens}",
+        )
+        r = self.ray
+        need(
+            r.num_rollout_workers >= 1,
+            f"ray.num_rollout_workers={r.num_rollout_workers}: the Ray loop needs at least one "
+            "rollout worker (for one process use `kdtw train --local`)",
+        )
+        need(r.num_teacher_replicas >= 1, "ray.num_teacher_replicas must be >= 1")
+        need(r.learner_ranks >= 1, "ray.learner_ranks must be >= 1")
+        for role in ("rollout_worker", "teacher", "learner"):
+            need(getattr(r, f"{role}_cpus") >= 0 and getattr(r, f"{role}_gpus") >= 0,
+                 f"ray.{role}_cpus and ray.{role}_gpus must be >= 0")
+        need(r.teacher_max_batch >= 1, "ray.teacher_max_batch must be >= 1")
+        need(r.teacher_max_wait_ms >= 0 and r.teacher_latency_ms >= 0,
+             "ray.teacher_max_wait_ms and ray.teacher_latency_ms must be >= 0")
+        need(r.publish_every >= 1, "ray.publish_every must be >= 1")
+        need(
+            t.max_staleness >= r.publish_every - 1,
+            f"ray.publish_every={r.publish_every} with train.max_staleness={t.max_staleness}: "
+            "paths would be stale before the next weights arrive; set train.max_staleness >= "
+            f"{r.publish_every - 1} or lower ray.publish_every",
+        )
+        need(r.steps_per_batch > 0, "ray.steps_per_batch must be > 0")
+        need(r.checkpoint_every >= 0 and r.keep_checkpoints >= 1,
+             "ray.checkpoint_every must be >= 0 and ray.keep_checkpoints >= 1")
+        need(r.max_restarts >= 0 and r.torch_threads >= 1,
+             "ray.max_restarts must be >= 0 and ray.torch_threads >= 1")
+        if r.num_cpus is not None:
+            need(r.num_cpus >= 1, "ray.num_cpus must be >= 1 or null (every core)")
         p = self.pretrain
         need(p.batch_size >= 1 and p.lr > 0, "pretrain.batch_size must be >= 1 and pretrain.lr > 0")
         if errs:

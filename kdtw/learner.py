@@ -101,7 +101,8 @@ class Learner:
         pol = s.policy_logits(logits).float()  # [B, T, V+1]
         kl = oracle_kl(pol.detach(), t_logits)  # [B, T]
         targets = teacher_call_targets(kl, b.mask, self.targets[b.budget_ids.cpu()].to(kl.device))
-        loss, metrics = bc_loss(pol, torch.log_softmax(t_logits, -1), targets, b.mask)
+        loss, metrics = bc_loss(pol, torch.log_softmax(t_logits, -1), targets, b.mask,
+                                token_kl_at_calls=self.cfg.bc_token_kl_at_calls)
         self._apply(loss, "bc")
         metrics["bc/oracle_kl_mean"] = float((kl * b.mask).sum() / b.mask.sum())
         return metrics
@@ -147,6 +148,10 @@ class Learner:
             torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.grad_clip)
         self.opt.step()
         self.step += 1
+
+    def set_lr(self, lr: float) -> None:
+        """Change the body's learning rate (the <τ> offset keeps its own)."""
+        self.opt.param_groups[0]["lr"] = lr
 
     # -- λ
 

@@ -188,6 +188,8 @@ class LocalLoop:
             self._consider(v, step=0, phase=1)
 
         t2 = time.perf_counter()
+        if tc.phase2_lr is not None:
+            self.learner.set_lr(tc.phase2_lr)
         for step in range(tc.phase2_steps):
             trajs, demos = self.collect()
             m = self.learn(trajs, demos)
@@ -275,7 +277,7 @@ def plot_trace(report: dict, path: str) -> None:
         a2.axhline(report["targets"][k], color=color, ls=":", lw=1)
         a2.plot([v["step"] for v in vals], [v["budgets"][phrase]["use"] for v in vals], "o", ms=4, color=color)
     a1.set(title="λ per budget", xlabel="phase-2 step", ylabel="λ")
-    a2.set(title="teacher use: rollout ĉ (lines), greedy validation (dots), targets (dotted)",
+    a2.set(title="teacher use: ĉ (lines), validation (dots), target (dotted)",
            xlabel="phase-2 step", ylabel="fraction")
     a1.legend(fontsize=8)
     fig.tight_layout()

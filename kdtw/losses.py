@@ -235,6 +235,8 @@ def bc_loss(
     teacher_logp_full: Tensor,
     call_targets: Tensor,
     mask: Tensor,
+    *,
+    token_kl_at_calls: bool = False,
 ) -> tuple[Tensor, dict[str, float]]:
     """Behaviour cloning with the KL oracle's call targets (DESIGN.md §4).
 
@@ -249,6 +251,10 @@ def bc_loss(
         teacher_logp_full: ``[B, T, V]`` teacher log-probs over ``V`` (may hold -inf).
         call_targets: ``[B, T]`` bool, the oracle's ``M`` (see ``kdtw.oracle``).
         mask: ``[B, T]`` float or bool, valid positions.
+        token_kl_at_calls: also add ``KL(p ‖ π̃)`` at call targets, ``π̃`` the student over ``V``
+            with ``<τ>`` removed and renormalised (a kdtw option, off in DESIGN.md): the student
+            keeps learning its own token where it learns to call, which it needs under the
+            budgets that call less.
 
     Returns:
         ``(loss, metrics)``: scalar loss, the mean over all valid positions of the batch;
@@ -277,6 +283,10 @@ def bc_loss(
 
     zero = torch.zeros((), dtype=logpi.dtype, device=logpi.device)
     per_pos = torch.where(call, call_nll, torch.where(no_call, kl, zero))  # [B, T]
+    if token_kl_at_calls:
+        log_tilde = torch.log_softmax(student_logits[..., :V].to(dtype), dim=-1)  # [B, T, V]
+        kl_tilde = torch.where(p > 0, p * (teacher_logp_full - log_tilde), torch.zeros_like(p)).sum(-1)
+        per_pos = per_pos + torch.where(call, kl_tilde, zero)
     n_valid = valid.sum()
     loss = per_pos.sum() / n_valid.clamp(min=1)
 

@@ -416,3 +416,22 @@ def test_lagrange_update_direction_and_values():
     torch.testing.assert_close(new, torch.tensor([1.1, 0.9, 0.0, 5.0]))
     torch.testing.assert_close(lam, torch.tensor([1.0, 1.0, 0.05, 4.9]))  # not modified
     assert not math.isnan(float(new.sum()))
+
+
+def test_bc_token_kl_at_calls_adds_the_renormalised_kl_at_call_positions():
+    torch.manual_seed(0)
+    B, T, V = 2, 5, 6
+    logits = torch.randn(B, T, V + 1)
+    t_logp = torch.log_softmax(torch.randn(B, T, V), -1)
+    calls = torch.zeros(B, T, dtype=torch.bool)
+    calls[0, 1] = calls[1, 3] = True
+    mask = torch.ones(B, T)
+    plain, _ = bc_loss(logits, t_logp, calls, mask)
+    extra, _ = bc_loss(logits, t_logp, calls, mask, token_kl_at_calls=True)
+    tilde = torch.log_softmax(logits[..., :V], -1)
+    kl = (t_logp.exp() * (t_logp - tilde)).sum(-1)
+    assert torch.allclose(extra, plain + kl[calls].sum() / mask.sum())
+    # no calls: identical to the DESIGN.md loss
+    none = torch.zeros(B, T, dtype=torch.bool)
+    assert torch.allclose(bc_loss(logits, t_logp, none, mask)[0],
+                          bc_loss(logits, t_logp, none, mask, token_kl_at_calls=True)[0])
