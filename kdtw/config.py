@@ -148,6 +148,10 @@ class TrainConfig:
     # Phase 1: also fit the student's own token (KL over V, <τ> removed) at oracle call
     # positions, not only −log π(<τ>) (a kdtw option; DESIGN.md §4 has it off).
     bc_token_kl_at_calls: bool = False
+    # Phase 2: add this weight × the mean −log π̃(x_t) of the teacher demonstrations' tokens (π̃:
+    # the student over V, <τ> removed) to the PCL loss, an anchor for the student's own quality
+    # (a kdtw option; 0 = DESIGN.md).
+    demo_nll_weight: float = 0.0
     # Phase-1 targets: "teacher" (a teacher-sampled path) or "reference" (the dataset target).
     bc_targets: str = "teacher"
     # Validation every N Phase-2 steps; eligibility tolerance δ of DESIGN.md §5.
@@ -197,14 +201,16 @@ class RayConfig:
     # Phase-1 data-parallel ranks (Ray Train TorchTrainer: gloo on CPU, nccl on GPU).
     learner_ranks: int = 1
     # Teacher-pool dynamic batching: most sequences per teacher forward, and how long the first
-    # request of a batch waits for others (a batch also leaves once every worker has a request in).
+    # request of a batch waits for others (a batch also leaves once the clients of the previous
+    # batch, or every worker, have a request in).
     teacher_max_batch: int = 256
     teacher_max_wait_ms: float = 5.0
     # Benchmark knob: a teacher replica sleeps this long before answering each batch.
     teacher_latency_ms: float = 0.0
-    # Teacher demonstrations decoded on a replica in one call (its own seeded sampler), instead of
-    # token by token through the pool by the worker (the worker's sampler: the local loop's stream).
-    teacher_side_demos: bool = False
+    # Teacher demonstrations decoded on a replica in one call (KV cache; the worker's sampler
+    # state travels with the request, so the random stream is the local loop's either way), or
+    # token by token through the pool (false).
+    teacher_side_demos: bool = True
     # The learner publishes its weights every N steps (one ray.put per version); needs
     # train.max_staleness >= N - 1.
     publish_every: int = 1
@@ -329,6 +335,7 @@ class Config:
             f"train.tau_reward={t.tau_reward!r}: use joint | teacher_logp",
         )
         need(0 <= t.demo_ratio <= 1, "train.demo_ratio must be in [0, 1]")
+        need(t.demo_nll_weight >= 0, "train.demo_nll_weight must be >= 0")
         need(0 <= t.use_ema < 1, "train.use_ema must be in [0, 1)")
         need(t.lambda_max >= 0, "train.lambda_max must be >= 0")
         need(t.lambda_min <= t.lambda_max, "train.lambda_min must be <= train.lambda_max")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .losses import bc_loss, lagrange_update, pcl_loss, shaped_rewards, student_action_logp
+from .losses import bc_loss, demo_token_nll, lagrange_update, pcl_loss, shaped_rewards, student_action_logp
 from .models import LM, Student
 from .oracle import oracle_kl, teacher_call_targets
 from .trajectory import Trajectory
@@ -29,6 +29,7 @@ class PathBatch:
     mask: torch.Tensor  # [B, T] float
     teacher_logp: torch.Tensor  # [B, T]
     budget_ids: torch.Tensor  # [B]
+    demo: torch.Tensor  # [B] bool: teacher demonstrations
 
 
 def collate(lm: LM, trajs: list[Trajectory]) -> PathBatch:
@@ -46,7 +47,9 @@ def collate(lm: LM, trajs: list[Trajectory]) -> PathBatch:
         mask[i, :L] = 1.0
         tlp[i, :L] = torch.tensor(t.teacher_logp)
     bids = torch.tensor([t.budget_id for t in trajs], dtype=torch.long)
-    return PathBatch(p_ids, p_mask, tokens.to(dev), tau.to(dev), mask.to(dev), tlp.to(dev), bids.to(dev))
+    demo = torch.tensor([t.origin == "teacher_demo" for t in trajs], dtype=torch.bool)
+    return PathBatch(p_ids, p_mask, tokens.to(dev), tau.to(dev), mask.to(dev), tlp.to(dev), bids.to(dev),
+                     demo.to(dev))
 
 
 class RunningStd:
@@ -94,13 +97,16 @@ class Learner:
         with torch.no_grad():
             t_logits = teacher.forward(b.prompt_ids, b.prompt_mask, b.tokens)[..., : teacher.vocab_size].float()
         logits = s.lm.forward(b.prompt_ids, b.prompt_mask, b.tokens)
-        if self.step == 0 and self.cfg.calibrate_tau:
+        if self.step == 0 and self.cfg.calibrate_tau and self.cfg.use_tau:
             # start π(<τ>) at the mean budget rather than at a random spare row's ~e^-11
             s.calibrate_tau(logits.detach(), b.mask, max(float(self.targets.mean()), 1e-3))
             logits = s.lm.forward(b.prompt_ids, b.prompt_mask, b.tokens)
-        pol = s.policy_logits(logits).float()  # [B, T, V+1]
+        pol = self._policy(logits)  # [B, T, V+1]
         kl = oracle_kl(pol.detach(), t_logits)  # [B, T]
-        targets = teacher_call_targets(kl, b.mask, self.targets[b.budget_ids.cpu()].to(kl.device))
+        if self.cfg.use_tau:
+            targets = teacher_call_targets(kl, b.mask, self.targets[b.budget_ids.cpu()].to(kl.device))
+        else:  # plain distillation (the DistillSpec drafter): the token KL everywhere
+            targets = torch.zeros_like(b.mask, dtype=torch.bool)
         loss, metrics = bc_loss(pol, torch.log_softmax(t_logits, -1), targets, b.mask,
                                 token_kl_at_calls=self.cfg.bc_token_kl_at_calls)
         self._apply(loss, "bc")
@@ -114,7 +120,7 @@ class Learner:
         c, s = self.cfg, self.student
         b = collate(s.lm, trajs)
         logits, hidden = s.lm.forward(b.prompt_ids, b.prompt_mask, b.tokens, hidden=True)
-        pol = s.policy_logits(logits).float()  # [B, T, V+1]
+        pol = self._policy(logits)  # [B, T, V+1]
         logp = student_action_logp(pol, b.tokens, b.tau_mask, mask=b.mask)  # [B, T]
         values = s.values(hidden).float()  # [B, T]
         bid = b.budget_ids.cpu()
@@ -130,11 +136,27 @@ class Learner:
             rewards, logp, values, b.mask, alpha=c.alpha, gamma=c.gamma,
             window=c.pcl_window, critic_weight=c.critic_weight,
         )
+        if c.demo_nll_weight > 0 and bool(b.demo.any()):
+            # kdtw option (off in DESIGN.md): keep the student's own token distribution (over V,
+            # <τ> removed, so call decisions are untouched) close to the teacher's samples.
+            nll = demo_token_nll(pol, b.tokens, b.mask * b.demo.unsqueeze(1).to(b.mask.dtype))
+            loss = loss + c.demo_nll_weight * nll
+            metrics["pcl/demo_nll"] = float(nll.detach())
         self._apply(loss, "pcl")
         n = b.mask.sum()
         metrics["pcl/reward_mean"] = float((rewards * b.mask).sum() / n)
         metrics["pcl/logp_mean"] = float((logp.detach() * b.mask).sum() / n)
         return metrics
+
+    def _policy(self, logits: torch.Tensor) -> torch.Tensor:
+        """Policy logits ``[B, T, V+1]`` in float32; with ``train.use_tau=false`` the ``<τ>``
+        column is -inf, so the policy is the student over ``V`` (what student-mode decoding and
+        speculative drafting sample from)."""
+        pol = self.student.policy_logits(logits).float()
+        if not self.cfg.use_tau:
+            pol = pol.clone()
+            pol[..., -1] = float("-inf")
+        return pol
 
     def _apply(self, loss: torch.Tensor, phase: str) -> None:
         if not torch.isfinite(loss):
@@ -167,8 +189,8 @@ class Learner:
             sums[t.budget_id] += t.greedy_use if est == "greedy" else t.teacher_use
             counts[t.budget_id] += 1
         seen = counts > 0
-        if not seen.any():
-            return {}
+        if not seen.any() or not self.cfg.use_tau:
+            return {}  # without <τ> there is no budget to hold: λ stays 0
         obs = sums[seen] / counts[seen]
         prev = self.use_hat[seen]
         ema = self.cfg.use_ema

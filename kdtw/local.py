@@ -44,7 +44,10 @@ def validate(cfg: Config, student: Student, teacher: LM, examples: list[Example]
     refs = [ex.target for ex in examples]
     key = primary_metric(cfg.task.metric)
     per = {}
-    for b in table:
+    # Without <τ> (the DistillSpec drafter) every budget decodes the same way: the zero budget's
+    # prompt once, and every checkpoint is eligible (there is no budget to hold).
+    budgets = list(table) if cfg.train.use_tau else [min(table, key=lambda b: b.target)]
+    for b in budgets:
         prompts = [table.prompt(b.phrase, cfg.task.instruction, ex.source) for ex in examples]
         out = generate(student, teacher, prompts, mode="budgeted" if cfg.train.use_tau else "student",
                        budgets=b.target, strict=strict, max_new_tokens=cfg.decoding.max_new_tokens,

@@ -230,6 +230,27 @@ def student_action_logp(
     return logp
 
 
+def demo_token_nll(student_logits: Tensor, tokens: Tensor, mask: Tensor) -> Tensor:
+    """Mean ``−log π̃(x_t | s_t)`` over the valid positions of ``mask``, where ``π̃`` is the
+    student's distribution over ``V`` with ``<τ>`` removed and renormalised (DESIGN.md §4's
+    ``π̃``). A kdtw option for Phase 2 (``train.demo_nll_weight``), not in DESIGN.md.
+
+    Args:
+        student_logits: ``[B, T, V+1]``.
+        tokens: ``[B, T]`` long; padding positions may hold any id.
+        mask: ``[B, T]`` positions to count (e.g. the valid positions of demonstration rows).
+
+    Returns:
+        scalar; 0 when ``mask`` is empty.
+    """
+    valid = _valid(mask)
+    logp = torch.log_softmax(student_logits[..., :-1], dim=-1)
+    ids = torch.where(valid, tokens, torch.zeros_like(tokens))
+    nll = -logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    nll = torch.where(valid, nll, torch.zeros_like(nll))
+    return nll.sum() / valid.sum().clamp(min=1)
+
+
 def bc_loss(
     student_logits: Tensor,
     teacher_logp_full: Tensor,

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from kdtw.losses import (
     bc_loss,
+    demo_token_nll,
     lagrange_update,
     pcl_loss,
     pcl_residuals,
@@ -435,3 +436,24 @@ def test_bc_token_kl_at_calls_adds_the_renormalised_kl_at_call_positions():
     none = torch.zeros(B, T, dtype=torch.bool)
     assert torch.allclose(bc_loss(logits, t_logp, none, mask)[0],
                           bc_loss(logits, t_logp, none, mask, token_kl_at_calls=True)[0])
+
+
+def test_demo_token_nll_is_renormalised_nll_over_masked_positions_and_ignores_tau():
+    torch.manual_seed(1)
+    B, T, V = 3, 4, 5
+    logits = torch.randn(B, T, V + 1, requires_grad=True)
+    tokens = torch.randint(0, V, (B, T))
+    tokens[2, 3] = -100  # padding id, masked out
+    mask = torch.tensor([[1, 1, 1, 0], [0, 0, 0, 0], [1, 1, 1, 0]], dtype=torch.float)
+    got = demo_token_nll(logits, tokens, mask)
+    want, n = 0.0, 0
+    for i in range(B):
+        for t in range(T):
+            if mask[i, t]:
+                want -= torch.log_softmax(logits[i, t, :V], -1)[tokens[i, t]].item()
+                n += 1
+    assert got.item() == pytest.approx(want / n, rel=1e-6)
+    got.backward()
+    assert torch.all(logits.grad[..., V] == 0)  # the <τ> column gets no gradient
+    assert torch.all(logits.grad[1] == 0) and torch.all(logits.grad[:, 3] == 0)
+    assert demo_token_nll(logits, tokens, torch.zeros(B, T)).item() == 0.0

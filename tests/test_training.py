@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import json
 import os
 import subprocess
@@ -104,6 +105,41 @@ def test_learner_steps_lower_the_loss_and_refuse_nan(pair):
     assert all(torch.equal(a, b) for a, b in zip(before, student.parameters()))
     m = learner.bc_step(teacher, teacher_demos(teacher, PROMPTS, [0, 1, 2], max_new_tokens=6, generator=g))
     assert m["bc/loss"] > 0
+
+
+def test_demo_nll_anchor_raises_the_student_likelihood_of_demonstrations(pair):
+    teacher, student = pair
+    g = torch.Generator().manual_seed(2)
+    trajs, _ = student_rollouts(student, teacher, PROMPTS, [0, 1, 2], max_new_tokens=6, generator=g)
+    demos = teacher_demos(teacher, PROMPTS, [0, 1, 2], max_new_tokens=6, generator=g)
+    off = _learner(copy.deepcopy(student)).pcl_step(trajs + demos)
+    assert "pcl/demo_nll" not in off
+    s = copy.deepcopy(student)
+    learner = _learner(s, demo_nll_weight=1.0)
+    assert "pcl/demo_nll" not in learner.pcl_step(trajs)  # no demonstration in the batch: no term
+    first = learner.pcl_step(trajs + demos)["pcl/demo_nll"]
+    for _ in range(10):
+        last = learner.pcl_step(trajs + demos)["pcl/demo_nll"]
+    assert last < first
+
+
+def test_without_tau_the_learner_is_plain_distillation(pair):
+    """train.use_tau=false (the DistillSpec drafter): BC fits the token everywhere, PCL never
+    puts mass on <τ>, λ stays 0 whatever the teacher use."""
+    teacher, student = pair
+    g = torch.Generator().manual_seed(3)
+    demos = teacher_demos(teacher, PROMPTS, [0, 1, 2], max_new_tokens=6, generator=g)
+    s = copy.deepcopy(student)
+    offset = float(s.tau_offset.detach())
+    learner = _learner(s, use_tau=False)
+    m = learner.bc_step(teacher, demos)
+    assert m["bc/call_frac"] == 0.0 and m["bc/tau_prob_nocall"] == 0.0
+    assert float(s.tau_offset.detach()) == offset  # no calibration of a <τ> that is never used
+    trajs, out = student_rollouts(s, teacher, PROMPTS, [0, 1, 2], max_new_tokens=6, use_tau=False, generator=g)
+    assert not any(any(t.actions_tau) for t in trajs)
+    m = learner.pcl_step(trajs + demos)
+    assert math.isfinite(m["pcl/loss"])
+    assert learner.observe_use(trajs + [traj(4, budget=2)]) == {} and torch.all(learner.lam == 0)
 
 
 def test_lambda_moves_toward_each_budget_and_state_roundtrips(pair):

@@ -1,0 +1,64 @@
+"""ReplayBuffer actor around `kdtw.buffer.ReplayBuffer` (compact columns, Parquet save).
+
+Workers push trajectories; the learner takes a batch together with the teacher-use
+observations of the student paths that arrived since its last step (what
+`Learner.observe_use` reads). Save/restore move Parquet bytes, so the checkpoint is written by the
+driver wherever the buffer runs.
+"""
+
+from __future__ import annotations
+
+import io
+
+import pyarrow.parquet as pq
+import ray
+
+from kdtw.buffer import SCHEMA, ReplayBuffer, from_table, to_table
+from kdtw.teacher_service import UseObservation
+
+
+@ray.remote(num_cpus=0)
+class ReplayBufferActor:
+    def __init__(self, cfg) -> None:
+        tc = cfg.train
+        self.buf = ReplayBuffer(capacity_tokens=tc.buffer_tokens, demo_ratio=tc.demo_ratio,
+                                max_staleness=tc.max_staleness, batch_size=tc.batch_size, seed=cfg.seed)
+        self.uses: list[UseObservation] = []
+        self.added = 0
+
+    def add(self, trajs: list) -> dict:
+        evicted = self.buf.add(trajs)
+        self.uses.extend(UseObservation.of(t) for t in trajs if t.origin == "student")
+        self.added += len(trajs)
+        return {"evicted": evicted, "fill": self.buf.fill}
+
+    def sample_step(self, n: int, version: int, take_newest: bool):
+        """(batch, use observations) for a learner at ``version``, or None when the buffer
+        cannot fill a batch of fresh enough paths yet."""
+        self.buf.drop_stale(version)
+        if not self.buf.ready(n):
+            return None
+        batch = self.buf.sample(n, current_version=version, take_newest=take_newest)
+        uses, self.uses = self.uses, []
+        return batch, uses
+
+    def stats(self) -> dict:
+        c = self.buf.counts()
+        return {"fill": self.buf.fill, "tokens": self.buf.tokens, "student": c["student"],
+                "teacher_demo": c["teacher_demo"], "bytes": self.buf.nbytes(), "added": self.added}
+
+    def save(self) -> tuple[bytes, dict]:
+        """The contents as Parquet bytes, and the sampler state and pending observations."""
+        trajs = self.buf.all()
+        sink = io.BytesIO()
+        pq.write_table(to_table(trajs) if trajs else SCHEMA.empty_table(), sink, compression="zstd")
+        return sink.getvalue(), {"rng": self.buf.rng.getstate(), "uses": self.uses, "added": self.added}
+
+    def load(self, data: bytes, state: dict) -> None:
+        self.buf._clear()
+        self.buf.add(from_table(pq.read_table(io.BytesIO(data))))
+        self.buf.rng.setstate(state["rng"])
+        self.uses, self.added = list(state["uses"]), state["added"]
+
+    def contents(self) -> list:
+        return self.buf.all()

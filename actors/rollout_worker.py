@@ -1,0 +1,78 @@
+"""RolloutWorker: a student copy at a known weight version that decodes rollout batches with
+teacher calls through the pool and pushes the trajectories to the replay buffer.
+
+Weights arrive as ``(version, [ref])`` from the learner's publication (one ``ray.put`` per
+version); the worker fetches them only when the version is new. Worker ``i`` seeds its task
+sampler and decoding generator with ``seed + 1000·i`` (worker 0: exactly `LocalLoop`'s streams);
+the driver replaces a worker that dies (``incarnation`` > 0 reseeds it, so that it does not replay
+its predecessor's draws).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+import ray
+import torch
+
+from actors.common import on_device, setup_threads, unpack_weights
+from actors.teacher_pool import PoolClient
+from kdtw.factory import budget_table, load_splits, load_student
+from kdtw.teacher_service import RemoteTeacher, collect_batch, use_by_budget
+
+
+@ray.remote
+class RolloutWorker:
+    def __init__(self, cfg, worker_id: int, pool, buffer, incarnation: int = 0) -> None:
+        setup_threads(cfg)
+        cfg = on_device(cfg, "rollout_worker", "student")
+        self.cfg, self.worker_id, self.pool, self.buffer = cfg, worker_id, pool, buffer
+        self.student = load_student(cfg)
+        self.version = -1
+        spec = ray.get(pool.spec.remote())
+        self.teacher = RemoteTeacher(PoolClient(pool, worker_id), self.student.lm.tokenizer, spec)
+        seed = cfg.seed + 1000 * worker_id + 7919 * incarnation
+        self.rng = random.Random(seed)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.train_set = load_splits(cfg)["train"]
+        self.table = budget_table(cfg)
+
+    def _demos_on_teacher(self, prompts, budget_ids, gen):
+        """Start the demonstrations on a replica; the returned function waits for them."""
+        d = self.cfg.decoding
+        ref = self.pool.demos.remote(prompts, budget_ids, max_new_tokens=d.max_new_tokens, batch_size=d.batch_size,
+                                     gen_state=gen.get_state(), version=self.version, worker_id=self.worker_id)
+
+        def wait():
+            trajs, state = ray.get(ref)
+            gen.set_state(state)
+            return trajs
+
+        return wait
+
+    def collect(self, version: int, weights: list) -> dict:
+        """One rollout batch at weight ``version`` (fetched from ``weights[0]`` if new), pushed
+        to the buffer; returns counts, timing and teacher use per budget."""
+        t0 = time.perf_counter()
+        if version != self.version:
+            unpack_weights(self.student, ray.get(weights[0]))
+            self.version = version
+        t1 = time.perf_counter()
+        trajs, demos = collect_batch(
+            self.cfg, self.student, self.teacher, self.train_set, self.table, rng=self.rng, gen=self.gen,
+            version=self.version, worker_id=self.worker_id,
+            teacher_side_demos=self._demos_on_teacher if self.cfg.ray.teacher_side_demos else None,
+        )
+        t2 = time.perf_counter()
+        ray.get(self.buffer.add.remote(trajs + demos))
+        return {"worker_id": self.worker_id, "version": self.version, "paths": len(trajs) + len(demos),
+                "tokens": sum(len(t) for t in trajs + demos), "use": use_by_budget(trajs, len(self.table)),
+                "seconds": {"sync": t1 - t0, "rollout": t2 - t1, "push": time.perf_counter() - t2}}
+
+    def rng_state(self) -> dict:
+        return {"rng": self.rng.getstate(), "gen": self.gen.get_state()}
+
+    def set_rng_state(self, state: dict) -> None:
+        self.rng.setstate(state["rng"])
+        self.gen.set_state(state["gen"])

@@ -1,0 +1,43 @@
+"""TeacherActor: one teacher replica (a `kdtw.teacher_service.TeacherService`).
+
+A replica given more than one GPU loads the teacher across them (accelerate ``device_map``,
+bfloat16); one GPU puts it on ``cuda``; none keeps the config's device. ``ray.teacher_latency_ms``
+makes it sleep before answering each batch (the remote-latency benchmark knob).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import ray
+
+from actors.common import setup_threads
+from kdtw.factory import load_teacher
+from kdtw.teacher_service import TeacherService
+
+
+@ray.remote
+class TeacherActor:
+    def __init__(self, cfg, replica_id: int) -> None:
+        setup_threads(cfg)
+        gpus = cfg.ray.teacher_gpus
+        if gpus > 0:
+            cfg = copy.deepcopy(cfg)
+            cfg.teacher.device = "auto" if gpus > 1 else "cuda"
+            if gpus > 1:
+                cfg.teacher.dtype = "bfloat16"
+        self.replica_id = replica_id
+        self.service = TeacherService(load_teacher(cfg), max_batch=cfg.ray.teacher_max_batch,
+                                      latency_s=cfg.ray.teacher_latency_ms / 1000.0, seed=cfg.seed + 101 * (replica_id + 1))
+
+    def spec(self) -> dict:
+        return self.service.spec()
+
+    def run(self, items: list) -> list:
+        return self.service.run_mixed(items)
+
+    def demos(self, prompts, budget_ids, **kw):
+        return self.service.demos(prompts, budget_ids, **kw)
+
+    def forwards(self) -> int:
+        return self.service.forwards

@@ -1,0 +1,166 @@
+"""Rollout throughput of the Ray loop against the single-process loop, side by side in one run.
+
+    python benchmarks/throughput.py [--config conf/default.yaml] [--scaling-config conf/tiny.yaml] \
+        [--steps 40] [--workers 1,2,4,8] [--latency-ms 50] [key=value ...]
+
+Prints four figures (goals from issue 4 in brackets):
+
+1. trajectories/s of the asynchronous Ray loop (``--ray-workers`` rollout workers and
+   ``--ray-replicas`` teacher replicas, no added latency) and of the single-process loop
+   (`LocalLoop.collect` + `learn`, 1 and 2 torch threads, the faster counts), on ``--config``
+   (the embedded default with its pretrained models when they exist) [≥ 1.6×];
+2. scaling: trajectories/s with N = 1, 2, 4, 8 rollout workers against one teacher replica that
+   sleeps ``--latency-ms`` before answering each batch (``ray.teacher_latency_ms``), on
+   ``--scaling-config``, relative to N = 1 [≥ 0.8·N]; teacher demonstrations go token by token
+   through the pool there (``ray.teacher_side_demos=false``: every rollout waits on the remote
+   teacher ~20 times);
+3. mean teacher batch (worker requests per teacher forward) / concurrent workers, same runs [≥ 0.7];
+4. replay-buffer bytes per stored output token: the buffer's own count and the memory Python
+   allocates for it (tracemalloc), filled with the single-process run's trajectories [≤ 16].
+
+Every Ray run is a real `jobs/train_pcl.py` Phase-2 loop (learner steps, λ, weight publication,
+``train.phase1_steps=0``); its throughput counts trajectories pushed to the buffer per second of
+loop time after every worker has delivered once (start-up excluded, as the local loop's first
+step is). Ray starts once, with as many logical CPUs as the largest run has actors (they share
+the machine's real cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import tracemalloc
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for p in (ROOT, os.path.join(ROOT, "jobs")):
+    sys.path.insert(0, p)
+
+from kdtw.buffer import ReplayBuffer  # noqa: E402
+from kdtw.config import load_config  # noqa: E402
+from kdtw.local import LocalLoop  # noqa: E402
+
+
+def local_throughput(cfg, steps: int, threads: int) -> tuple[float, list]:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        loop = LocalLoop(cfg, log=lambda _: None)
+        loop.learn(*loop.collect())  # warm-up
+        t0 = time.perf_counter()
+        batches = []
+        for _ in range(steps):
+            trajs, demos = loop.collect()
+            loop.learn(trajs, demos)
+            batches.append(trajs + demos)
+        return sum(map(len, batches)) / (time.perf_counter() - t0), batches
+    finally:
+        torch.set_num_threads(before)
+
+
+def buffer_bytes(cfg, batches: list) -> tuple[float, float, int]:
+    """(columns bytes / token, traced allocation bytes / token, tokens) for these batches."""
+    tc = cfg.train
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    buf = ReplayBuffer(capacity_tokens=10**9, demo_ratio=tc.demo_ratio, max_staleness=10**6, batch_size=tc.batch_size)
+    for b in batches:
+        buf.add(b)
+    traced = tracemalloc.get_traced_memory()[0] - base
+    tracemalloc.stop()
+    return buf.nbytes() / buf.tokens, traced / buf.tokens, buf.tokens
+
+
+def ray_run(cfg) -> dict:
+    import train_pcl
+
+    report, _ = train_pcl.train(cfg, log=lambda _: None, track=False)
+    r = report["ray"]
+    warm_s, warm_n = r.get("warm_seconds", 0.0), r.get("warm_trajectories", 0)
+    nb = max(r["teacher_batches"], 1)
+    return {"traj_per_s": (r["trajectories"] - warm_n) / max(r["seconds"] - warm_s, 1e-9),
+            "requests_per_batch": r["teacher_requests"] / nb, "rows_per_batch": r["teacher_rows"] / nb}
+
+
+def main(argv: list[str] | None = None) -> int:
+    default = os.path.join(ROOT, "conf", "default.yaml")
+    tiny = os.path.join(ROOT, "conf", "tiny.yaml")
+    have_default = os.path.exists(os.path.join(ROOT, "models", "default", "teacher", "config.json"))
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default=default if have_default else tiny, help="profile of comparison 1 and 4")
+    ap.add_argument("--scaling-config", default=tiny, help="profile of the latency runs (2-3)")
+    ap.add_argument("--steps", type=int, default=40, help="learner steps per run (scaling runs: max(steps, 6N))")
+    ap.add_argument("--workers", default="1,2,4,8")
+    ap.add_argument("--ray-workers", type=int, default=2, help="rollout workers of comparison 1")
+    ap.add_argument("--ray-replicas", type=int, default=2, help="teacher replicas of comparison 1")
+    ap.add_argument("--latency-ms", type=float, default=50.0)
+    ap.add_argument("--max-wait-ms", type=float, default=None,
+                    help="ray.teacher_max_wait_ms of the latency runs (default: half the latency)")
+    ap.add_argument("--skip-compare", action="store_true", help="only the latency runs (2-3)")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides for every run")
+    args = ap.parse_args(argv)
+    ns = [int(x) for x in args.workers.split(",")]
+    run_dir = os.path.join(ROOT, "runs", "bench_throughput")
+    base = [f"run_dir={run_dir}", "train.phase1_steps=0", "train.val_examples=2", "train.log_every=100000",
+            "ray.checkpoint_every=0", "ray.rollout_worker_cpus=0.1", "ray.teacher_cpus=0.1", "ray.learner_cpus=0.1",
+            "train.max_staleness=8", *args.overrides]
+
+    def cfg(path, *extra):
+        return load_config(path, [*base, *extra])
+
+    # 1 (local) and 4 first, before Ray's processes exist
+    local_by_threads, batches = {}, None
+    for t in [] if args.skip_compare else sorted({1, min(2, os.cpu_count() or 1)}):
+        local_by_threads[t], got = local_throughput(cfg(args.config), args.steps, t)
+        batches = batches or got
+    if not args.skip_compare:
+        local = max(local_by_threads.values())
+        cols, traced, n_tokens = buffer_bytes(cfg(args.config), batches)
+
+    import ray
+
+    ray.init(num_cpus=max(ns) + 6, include_dashboard=False, logging_level="warning",
+             runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
+    try:
+        fast = None if args.skip_compare else ray_run(cfg(args.config, f"train.phase2_steps={args.steps}", f"train.validate_every={args.steps}",
+                           f"ray.num_rollout_workers={args.ray_workers}",
+                           f"ray.num_teacher_replicas={args.ray_replicas}"))
+        wait = args.latency_ms / 2 if args.max_wait_ms is None else args.max_wait_ms
+        scaling = {}
+        for n in ns:
+            steps = max(args.steps, 6 * n)
+            scaling[n] = ray_run(cfg(args.scaling_config, f"train.phase2_steps={steps}", f"train.validate_every={steps}",
+                                     f"ray.num_rollout_workers={n}", f"train.max_staleness={max(8, 2 * n)}",
+                                     f"ray.teacher_latency_ms={args.latency_ms}", f"ray.teacher_max_wait_ms={wait}",
+                                     "ray.teacher_side_demos=false"))
+    finally:
+        ray.shutdown()
+
+    rel = lambda p: os.path.relpath(p, ROOT)  # noqa: E731
+    print(f"\n{os.cpu_count()} CPU cores; {args.steps} learner steps per run (start-up excluded)")
+    if fast is not None:
+        print(f"\n1. rollout throughput, {rel(args.config)}, no added latency       traj/s   ratio   goal")
+        for t, v in local_by_threads.items():
+            print(f"   single-process loop (kdtw/local.py), {t} torch thread(s)  {v:>8.1f}")
+        print(f"   async Ray loop, {args.ray_workers} workers, {args.ray_replicas} teacher replicas        "
+              f"{fast['traj_per_s']:>8.1f}  {fast['traj_per_s'] / local:>5.2f}x  >= 1.6x")
+    one = scaling[ns[0]]["traj_per_s"] / ns[0]
+    print(f"\n2-3. {rel(args.scaling_config)}, teacher latency {args.latency_ms:.0f} ms per batch, one replica, "
+          f"ray.teacher_max_wait_ms={wait:g}")
+    print("   workers    traj/s   speed-up   /N (goal >= 0.8)   teacher batch / workers (goal >= 0.7)")
+    for n, r in scaling.items():
+        up = r["traj_per_s"] / one
+        print(f"   {n:>7} {r['traj_per_s']:>9.1f} {up:>9.2f}x {up / n:>10.2f}         "
+              f"{r['requests_per_batch']:>5.2f} / {n} = {r['requests_per_batch'] / n:.2f}"
+              f"   ({r['rows_per_batch']:.1f} sequences per forward)")
+    if fast is not None:
+        print(f"\n4. replay buffer, {rel(args.config)} trajectories ({n_tokens} output tokens): "
+              f"{cols:.2f} bytes/token in its columns, {traced:.2f} bytes/token allocated (goal <= 16)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,537 @@
+"""The teacher as a service: what the Ray teacher pool and replicas run, without Ray.
+
+- :class:`TeacherService` answers merged batches of requests on one teacher `LM`: next-token
+  logits of output prefixes (the <τ> calls), per-position log p of finished paths (scoring),
+  greedy/sampled next tokens, and teacher demonstrations.
+- :class:`DynamicBatcher` (asyncio) merges requests from many callers into one batch: at most
+  ``max_batch`` sequences, leaving when full, when every expected caller has a request in, or
+  ``max_wait`` after its first request; while every replica is busy, requests keep collecting.
+- :class:`Router`: least-loaded choice among replicas, and a failed replica's batch retried on
+  another.
+- :class:`RemoteTeacher`: an `LM` stand-in for `kdtw.decoding.generate` whose forwards run
+  elsewhere (any client with ``next_logits``/``score``, e.g. the Ray pool).
+- :func:`collect_batch`: one rollout batch exactly as `LocalLoop.collect` makes it (same random
+  streams in the same order), with the teacher behind a client.
+
+A remote teacher keeps no KV cache per request: each ``extend`` sends the whole output prefix and
+the replica recomputes it in one teacher-forced forward (correct for any batch mix and any
+replica, stateless so a retry anywhere is safe; it costs O(T²) teacher work per sequence instead
+of O(T), which is small next to the round trip at the output lengths kdtw trains on).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Protocol
+
+import numpy as np
+import torch
+
+from .budgets import BudgetTable
+from .data import Example
+from .decoding import generate
+from .models import LM, DecodeState, Student
+from .rollout import prompt_ids, sample_tasks, teacher_demos
+from .trajectory import Trajectory
+
+KINDS = ("next", "score", "topk", "token")
+
+
+# ----------------------------------------------------------------------------- the service
+
+
+@torch.no_grad()
+def next_logits(teacher: LM, prompt_rows: list[list[int]], prefixes: list[list[int]]) -> torch.Tensor:
+    """Logits [B, V] predicting output position len(prefix_i) of each row, from one
+    teacher-forced forward over prompt + prefix (rows may have different prefix lengths)."""
+    p_ids, p_mask = teacher.pad_left(prompt_rows)
+    lens = torch.tensor([len(p) for p in prefixes], dtype=torch.long)
+    T = int(lens.max()) + 1
+    ids = torch.full((len(prefixes), T), teacher.pad_id, dtype=torch.long)
+    for i, p in enumerate(prefixes):
+        if p:
+            ids[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+    logits = teacher.forward(p_ids, p_mask, ids.to(teacher.device))[..., : teacher.vocab_size]  # [B, T, V]
+    return logits[torch.arange(len(prefixes)), lens.to(logits.device)].float().cpu()
+
+
+@torch.no_grad()
+def score_rows(teacher: LM, prompt_rows: list[list[int]], paths: list[list[int]], *, batch_size: int,
+               top_k: int = 0) -> list:
+    """Teacher log p(x_t | s_t) of every token of each path: `kdtw.rollout.score_paths` with
+    prompts given as token ids (``pad_left(rows)`` is what ``encode_prompts`` builds). With
+    ``top_k`` each path's entry is ``(logp, topk_ids, topk_logp)``, the last two [T][k]."""
+    out: list = []
+    for s in range(0, len(paths), batch_size):
+        chunk = paths[s : s + batch_size]
+        p_ids, p_mask = teacher.pad_left(prompt_rows[s : s + batch_size])
+        T = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), T), teacher.pad_id, dtype=torch.long, device=teacher.device)
+        for i, p in enumerate(chunk):
+            ids[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+        logp = torch.log_softmax(teacher.forward(p_ids, p_mask, ids)[..., : teacher.vocab_size].float(), -1)
+        tok_logp = logp.gather(-1, ids[..., None]).squeeze(-1)  # [B, T]
+        if top_k:
+            top_lp, top_ids = logp.topk(min(top_k, logp.shape[-1]), dim=-1)  # [B, T, k]
+            out.extend((tok_logp[i, : len(p)].tolist(), top_ids[i, : len(p)].tolist(), top_lp[i, : len(p)].tolist())
+                       for i, p in enumerate(chunk))
+        else:
+            out.extend(tok_logp[i, : len(p)].tolist() for i, p in enumerate(chunk))
+    return out
+
+
+class TeacherService:
+    """One teacher answering merged request batches. ``latency_s`` (a benchmark knob) is slept
+    before each batch is answered, as a remote teacher's network and queueing would add."""
+
+    def __init__(self, teacher: LM, *, max_batch: int = 256, latency_s: float = 0.0, seed: int = 0):
+        self.teacher = teacher
+        self.max_batch = max_batch
+        self.latency_s = latency_s
+        self.gen = torch.Generator().manual_seed(seed)
+        self.forwards = 0
+
+    def spec(self) -> dict:
+        t = self.teacher
+        return {"vocab_size": t.vocab_size, "eos_id": t.eos_id, "pad_id": t.pad_id, "bos_id": t.bos_id,
+                "is_encoder_decoder": t.is_encoder_decoder}
+
+    def run_batch(self, kind: str, requests: list[tuple]) -> list[Any]:
+        """Answer ``requests`` (payloads of one kind) with one merged computation; returns one
+        result per request, in order.
+
+        - ``next``: (prompt_rows, prefixes) -> float32 array [b, V] of next-token logits
+        - ``score``: (prompt_rows, paths) -> list of per-token log p lists
+        - ``topk``: (prompt_rows, paths, k) -> list of (log p, top-k ids, top-k log p) per path
+        - ``token``: (prompt_rows, prefixes, do_sample) -> list of token ids (greedy or sampled)
+        """
+        if self.latency_s:
+            time.sleep(self.latency_s)
+        self.forwards += 1
+        return self._compute(kind, requests)
+
+    def run_mixed(self, items: list[tuple[str, tuple]]) -> list[Any]:
+        """Answer ``(kind, payload)`` requests of several kinds as one batch (one latency
+        wait; one merged computation per kind); results in request order."""
+        unknown = [k for k, _ in items if k not in KINDS]
+        if unknown:
+            raise ValueError(f"unknown teacher request kind {unknown[0]!r}: use one of {KINDS}")
+        if self.latency_s:
+            time.sleep(self.latency_s)
+        self.forwards += 1
+        out: list[Any] = [None] * len(items)
+        for kind in KINDS:
+            idx = [i for i, (k, _) in enumerate(items) if k == kind]
+            if idx:
+                for i, r in zip(idx, self._compute(kind, [items[i][1] for i in idx])):
+                    out[i] = r
+        return out
+
+    def _compute(self, kind: str, requests: list[tuple]) -> list[Any]:
+        if kind not in KINDS:
+            raise ValueError(f"unknown teacher request kind {kind!r}: use one of {KINDS}")
+        sizes = [len(r[0]) for r in requests]
+        rows = [row for r in requests for row in r[0]]
+        if kind == "score":
+            flat = score_rows(self.teacher, rows, [p for r in requests for p in r[1]], batch_size=self.max_batch)
+            return _split(flat, sizes)
+        if kind == "topk":
+            k = max(r[2] for r in requests)
+            flat = score_rows(self.teacher, rows, [p for r in requests for p in r[1]], batch_size=self.max_batch, top_k=k)
+            # one forward for all at the largest k; each request gets its own k back
+            return [[(lp, [row[: r[2]] for row in ids], [row[: r[2]] for row in tl]) for lp, ids, tl in part]
+                    for part, r in zip(_split(flat, sizes), requests)]
+        prefixes = [p for r in requests for p in r[1]]
+        logits = torch.cat([next_logits(self.teacher, rows[s : s + self.max_batch], prefixes[s : s + self.max_batch])
+                            for s in range(0, len(rows), self.max_batch)])  # [B, V]
+        if kind == "next":
+            arr = logits.numpy()
+            return [arr[a:b] for a, b in _bounds(sizes)]
+        out = []
+        for (a, b), r in zip(_bounds(sizes), requests):
+            part = logits[a:b]
+            if r[2]:
+                out.append(torch.multinomial(torch.softmax(part, -1), 1, generator=self.gen).squeeze(-1).tolist())
+            else:
+                out.append(part.argmax(-1).tolist())
+        return out
+
+    def demos(self, prompts: list[str], budget_ids: list[int], *, max_new_tokens: int, batch_size: int,
+              gen_state: torch.Tensor, version: int = 0, worker_id: int = 0) -> tuple[list[Trajectory], torch.Tensor]:
+        """Teacher demonstrations (`kdtw.rollout.teacher_demos`) decoded here with KV caches: one
+        call instead of one round trip per token. Sampling uses a generator in the caller's state
+        ``gen_state`` and the state it ends in is returned, so the caller's random stream goes on
+        exactly as if it had decoded them itself (and a retry elsewhere gives the same paths)."""
+        if self.latency_s:
+            time.sleep(self.latency_s)
+        self.forwards += 1
+        g = torch.Generator()
+        g.set_state(gen_state)
+        trajs = teacher_demos(self.teacher, prompts, budget_ids, max_new_tokens=max_new_tokens,
+                              batch_size=batch_size, generator=g, version=version, worker_id=worker_id)
+        return trajs, g.get_state()
+
+
+def _bounds(sizes: list[int]) -> list[tuple[int, int]]:
+    out, a = [], 0
+    for n in sizes:
+        out.append((a, a + n))
+        a += n
+    return out
+
+
+def _split(flat: list, sizes: list[int]) -> list[list]:
+    return [flat[a:b] for a, b in _bounds(sizes)]
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+@dataclass
+class _Pending:
+    payload: Any
+    rows: int
+    client: Any
+    future: asyncio.Future
+    t: float
+
+
+@dataclass
+class BatchStats:
+    """Batches sent and the requests and sequences in them."""
+
+    batches: int = 0
+    requests: int = 0
+    rows: int = 0
+
+    def as_dict(self) -> dict[str, float]:
+        n = max(self.batches, 1)
+        return {"batches": self.batches, "requests": self.requests, "rows": self.rows,
+                "requests_per_batch": self.requests / n, "rows_per_batch": self.rows / n}
+
+
+class DynamicBatcher:
+    """Merges requests into batches for ``run(payloads) -> results`` (a coroutine).
+
+    A batch leaves when it holds ``max_batch`` sequences; when it holds a request from
+    ``expected`` distinct clients; when no client of the previous batch that is missing from it
+    is due back before the deadline (each client's usual gap between an answer and its next
+    request is tracked: callers in a run of teacher calls come back within milliseconds and are
+    waited for, a caller busy decoding its own tokens is not); or ``max_wait_s`` after its first
+    request or of a replica becoming free, whichever is later. It leaves only once a slot of
+    ``slots`` (one per replica) is free: requests that arrive meanwhile join it. A request is
+    never split; one larger than ``max_batch`` goes alone.
+    """
+
+    def __init__(self, run: Callable[[list[Any]], Awaitable[list[Any]]], *, max_batch: int, max_wait_s: float,
+                 slots: asyncio.Semaphore | int = 1, expected: int = 0) -> None:
+        self.run = run
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.expected = expected
+        self._slots = slots
+        self._queue: deque[_Pending] = deque()
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._prev: set = set()  # clients of the last batch sent
+        self._answered: dict = {}  # client -> when its last answer was delivered
+        self._gap: dict = {}  # client -> moving average of answer-to-next-request gaps (s)
+        self.stats = BatchStats()
+
+    async def submit(self, payload: Any, rows: int, client: Any = None) -> Any:
+        loop = asyncio.get_running_loop()
+        if self._task is None or self._task.done():
+            self._wake = asyncio.Event()
+            if isinstance(self._slots, int):
+                self._slots = asyncio.Semaphore(self._slots)
+            self._task = loop.create_task(self._loop())
+        fut = loop.create_future()
+        now = time.monotonic()
+        if client in self._answered:
+            gap = now - self._answered[client]
+            self._gap[client] = gap if client not in self._gap else 0.5 * self._gap[client] + 0.5 * gap
+        self._queue.append(_Pending(payload, rows, client, fut, now))
+        self._wake.set()
+        try:
+            return await fut
+        finally:
+            self._answered[client] = time.monotonic()
+
+    def _take(self, deadline: float) -> tuple[int, int, bool]:
+        """(requests, rows) of the queue prefix that fits one batch, and whether to send it now."""
+        n = rows = 0
+        clients = set()
+        for p in self._queue:
+            if n and rows + p.rows > self.max_batch:
+                return n, rows, True
+            n, rows = n + 1, rows + p.rows
+            clients.add(p.client)
+            if rows >= self.max_batch:
+                return n, rows, True
+        if self.expected and len(clients) >= self.expected:
+            return n, rows, True
+        due = [c for c in self._prev - clients  # a client not seen twice yet counts as due
+               if c not in self._gap or self._answered.get(c, 0.0) + self._gap[c] <= deadline]
+        return n, rows, not due
+
+    async def _loop(self) -> None:
+        while True:
+            while not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+            await self._slots.acquire()
+            # max_wait counts from when a replica is free (requests queued behind a busy replica
+            # have waited anyway; the ones about to come back may still join)
+            deadline = max(self._queue[0].t, time.monotonic()) + self.max_wait_s
+            while True:
+                n, rows, full = self._take(deadline)
+                left = deadline - time.monotonic()
+                if full or left <= 0:
+                    break
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), left)
+                except asyncio.TimeoutError:
+                    pass
+            items = [self._queue.popleft() for _ in range(n)]
+            self._prev = {p.client for p in items}
+            self.stats.batches += 1
+            self.stats.requests += len(items)
+            self.stats.rows += rows
+            asyncio.get_running_loop().create_task(self._serve(items))
+
+    async def _serve(self, items: list[_Pending]) -> None:
+        try:
+            results = await self.run([p.payload for p in items])
+            for p, r in zip(items, results):
+                if not p.future.done():
+                    p.future.set_result(r)
+        except BaseException as e:  # every waiting caller hears about the failure
+            for p in items:
+                if not p.future.done():
+                    p.future.set_exception(e)
+        finally:
+            self._slots.release()
+
+
+class Router:
+    """Least-loaded routing over ``n`` replicas; a failed call is retried on another replica
+    (all of them in turn, then again after ``backoff_s`` while a replica restarts)."""
+
+    def __init__(self, n: int, *, attempts: int = 8, backoff_s: float = 0.5, cooldown_s: float = 5.0) -> None:
+        self.load = [0] * n
+        self.down_until = [0.0] * n  # a replica that failed is avoided for a while (restarting)
+        self.attempts = attempts
+        self.backoff_s = backoff_s
+        self.cooldown_s = cooldown_s
+        self.failures = 0
+        self.retries = 0
+
+    def pick(self, exclude: set[int]) -> int:
+        now = time.monotonic()
+        free = [i for i in range(len(self.load)) if i not in exclude] or list(range(len(self.load)))
+        up = [i for i in free if self.down_until[i] <= now] or free
+        return min(up, key=lambda i: (self.load[i], self.down_until[i]))
+
+    async def call(self, fn: Callable[[int], Awaitable[Any]], rows: int, retry_on: tuple[type[BaseException], ...]) -> Any:
+        tried: set[int] = set()
+        for attempt in range(self.attempts):
+            if len(tried) == len(self.load):
+                tried.clear()
+                await asyncio.sleep(self.backoff_s)
+            i = self.pick(tried)
+            self.load[i] += rows
+            try:
+                return await fn(i)
+            except retry_on:
+                self.failures += 1
+                self.down_until[i] = time.monotonic() + self.cooldown_s
+                if attempt + 1 == self.attempts:
+                    raise
+                self.retries += 1
+                tried.add(i)
+            finally:
+                self.load[i] -= rows
+        raise RuntimeError("unreachable")
+
+
+# ----------------------------------------------------------------------------- remote teacher
+
+
+class TeacherClient(Protocol):
+    def next_logits(self, prompt_rows: list[list[int]], prefixes: list[list[int]]) -> np.ndarray: ...
+
+    def score(self, prompt_rows: list[list[int]], paths: list[list[int]]) -> list[list[float]]: ...
+
+
+class LocalClient:
+    """A :class:`TeacherService` in this process, as a client (tests, the single-machine path)."""
+
+    def __init__(self, service: TeacherService) -> None:
+        self.service = service
+
+    def next_logits(self, prompt_rows, prefixes):
+        return self.service.run_batch("next", [(prompt_rows, prefixes)])[0]
+
+    def score(self, prompt_rows, paths):
+        return self.service.run_batch("score", [(prompt_rows, paths)])[0]
+
+
+@dataclass
+class RemoteState(DecodeState):
+    rows: list[list[int]] = field(default_factory=list)  # unpadded prompt ids per sequence
+    fed: torch.Tensor | None = None  # [B, n_fed] output tokens sent so far
+
+
+class RemoteTeacher(LM):
+    """An `LM` whose forwards run behind ``client``: tokenizer work (prompts, decoding) happens
+    here, each ``extend`` sends the prompt and the whole output prefix and gets the next-token
+    logits back. ``extend`` returns only the last logit row ([B, 1, V]: what `generate` reads);
+    use :meth:`score_paths` for teacher-forced log-probs. No speculative decoding through it."""
+
+    def __init__(self, client: TeacherClient, tokenizer: Any, spec: dict) -> None:
+        # no model here: set what LM.__init__ would derive from one
+        self.client = client
+        self.model = None
+        self.tokenizer = tokenizer
+        self.is_encoder_decoder = bool(spec["is_encoder_decoder"])
+        self.vocab_size = int(spec["vocab_size"])
+        self.eos_id, self.pad_id, self.bos_id = spec["eos_id"], spec["pad_id"], spec["bos_id"]
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def num_parameters(self) -> int:
+        return 0
+
+    def start(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> RemoteState:
+        rows = [r[m.bool()].tolist() for r, m in zip(prompt_ids.cpu(), prompt_mask.cpu())]
+        fed = torch.zeros((len(rows), 0), dtype=torch.long)
+        return RemoteState(prompt_ids=prompt_ids, prompt_mask=prompt_mask, rows=rows, fed=fed)
+
+    def extend(self, state: RemoteState, tokens: torch.Tensor, *, hidden: bool = False):
+        if hidden:
+            raise NotImplementedError("a remote teacher returns no hidden states")
+        n = tokens.shape[1]
+        if n or not state.started:
+            state.fed = torch.cat([state.fed, tokens.cpu().long()], dim=1)
+            logits = np.array(self.client.next_logits(state.rows, state.fed.tolist()), dtype=np.float32)
+            state.last_logits = torch.from_numpy(logits)  # [B, V]
+        state.n_fed += n
+        return state.last_logits[:, None]
+
+    def rollback(self, state, n_keep, last_logits):
+        raise NotImplementedError("speculative decoding needs a local teacher")
+
+    def forward(self, prompt_ids, prompt_mask, outputs, *, hidden=False):
+        raise NotImplementedError("teacher-forced logits stay on the replica: use RemoteTeacher.score_paths")
+
+    def score_paths(self, prompts: list[str], paths: list[list[int]]) -> list[list[float]]:
+        return self.client.score(prompt_ids(self, prompts), paths)
+
+
+# ----------------------------------------------------------------------------- rollouts
+
+
+def remote_student_rollouts(student: Student, teacher: RemoteTeacher, prompts: list[str], budget_ids: list[int], *,
+                            max_new_tokens: int, use_tau: bool, temperature: float, batch_size: int,
+                            generator: torch.Generator, version: int, worker_id: int) -> list[Trajectory]:
+    """`kdtw.rollout.student_rollouts` with the teacher behind a client (same streams)."""
+    out = generate(student, teacher, prompts, mode="budgeted" if use_tau else "student",
+                   max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
+                   teacher_do_sample=True, batch_size=batch_size, generator=generator)
+    return _student_paths(student, teacher, prompts, budget_ids, out, version=version, worker_id=worker_id)
+
+
+def _student_paths(student: Student, teacher: RemoteTeacher, prompts: list[str], budget_ids: list[int], out, *,
+                   version: int, worker_id: int) -> list[Trajectory]:
+    """Decoded student paths, scored by the teacher, as trajectory records."""
+    t_logp = teacher.score_paths(prompts, out.tokens)
+    src = prompt_ids(student.lm, prompts)
+    return [
+        Trajectory(source_ids=src[i], budget_id=budget_ids[i], tokens=out.tokens[i], actions_tau=out.call_mask[i],
+                   behaviour_logp=out.behaviour_logp[i], teacher_logp=t_logp[i], origin="student",
+                   policy_version=version, worker_id=worker_id, greedy_tau=out.greedy_tau[i])
+        for i in range(len(prompts))
+    ]
+
+
+def remote_teacher_demos(teacher: RemoteTeacher, prompts: list[str], budget_ids: list[int], *, max_new_tokens: int,
+                         batch_size: int, generator: torch.Generator, version: int, worker_id: int) -> list[Trajectory]:
+    """`kdtw.rollout.teacher_demos` with the teacher behind a client (same streams)."""
+    out = generate(None, teacher, prompts, mode="teacher", max_new_tokens=max_new_tokens,
+                   teacher_do_sample=True, batch_size=batch_size, generator=generator)
+    t_logp = teacher.score_paths(prompts, out.tokens)
+    src = prompt_ids(teacher, prompts)
+    return [
+        Trajectory(source_ids=src[i], budget_id=budget_ids[i], tokens=out.tokens[i],
+                   actions_tau=[False] * len(out.tokens[i]), behaviour_logp=t_logp[i], teacher_logp=t_logp[i],
+                   origin="teacher_demo", policy_version=version, worker_id=worker_id)
+        for i in range(len(prompts))
+    ]
+
+
+DemoFn = Callable[[list[str], list[int], torch.Generator], Callable[[], list[Trajectory]]]
+
+
+def collect_batch(cfg, student: Student, teacher: RemoteTeacher, train_set: list[Example], table: BudgetTable, *,
+                  rng: random.Random, gen: torch.Generator, version: int, worker_id: int = 0,
+                  teacher_side_demos: DemoFn | None = None) -> tuple[list[Trajectory], list[Trajectory]]:
+    """One rollout batch: ``train.batch_size`` paths, ``round(batch_size·demo_ratio)`` of them
+    teacher demonstrations; the draws (tasks from ``rng``, actions and teacher tokens from
+    ``gen``) happen in `LocalLoop.collect`'s order, so worker 0 seeded like the local loop
+    produces the same paths. ``teacher_side_demos(prompts, budget_ids, gen)`` starts decoding
+    the demonstrations on a replica (`TeacherService.demos`, which continues ``gen``'s stream)
+    and returns a function that waits for them; the student paths are scored meanwhile. (The
+    demonstration tasks are drawn before scoring, which draws nothing, so the order of draws is
+    the local loop's.) Without it they are decoded token by token through ``teacher``."""
+    c, tc = cfg, cfg.train
+    n_demo = round(tc.batch_size * tc.demo_ratio)
+    n_on = tc.batch_size - n_demo
+    prompts, bids, _ = sample_tasks(train_set, table, n_on, rng, c.task.instruction)
+    out = generate(student, teacher, prompts, mode="budgeted" if tc.use_tau else "student",
+                   max_new_tokens=c.decoding.max_new_tokens, do_sample=True, temperature=tc.rollout_temperature,
+                   teacher_do_sample=True, batch_size=c.decoding.batch_size, generator=gen)
+    pending = None
+    if n_demo:
+        d_prompts, d_bids, _ = sample_tasks(train_set, table, n_demo, rng, c.task.instruction)
+        if teacher_side_demos is not None:
+            pending = teacher_side_demos(d_prompts, d_bids, gen)
+    trajs = _student_paths(student, teacher, prompts, bids, out, version=version, worker_id=worker_id)
+    demos: list[Trajectory] = []
+    if pending is not None:
+        demos = pending()
+    elif n_demo:
+        demos = remote_teacher_demos(teacher, d_prompts, d_bids, max_new_tokens=c.decoding.max_new_tokens,
+                                     batch_size=c.decoding.batch_size, generator=gen, version=version,
+                                     worker_id=worker_id)
+    return trajs, demos
+
+
+def use_by_budget(trajs: list[Trajectory], n_budgets: int) -> dict[str, list[float]]:
+    """Per-budget sums and counts of the sampled teacher-use fraction of student paths."""
+    sums, counts = [0.0] * n_budgets, [0] * n_budgets
+    for t in trajs:
+        if t.origin == "student":
+            sums[t.budget_id] += t.teacher_use
+            counts[t.budget_id] += 1
+    return {"sum": sums, "count": counts}
+
+
+@dataclass
+class UseObservation:
+    """What `Learner.observe_use` reads of a student path (sent instead of the whole record)."""
+
+    budget_id: int
+    teacher_use: float
+    greedy_use: float
+    origin: str = "student"
+
+    @classmethod
+    def of(cls, t: Trajectory) -> "UseObservation":
+        return cls(t.budget_id, t.teacher_use, t.greedy_use, t.origin)

@@ -1,0 +1,368 @@
+"""The Ray system's Ray-free parts (kdtw/teacher_service.py, kdtw/checkpoint.py, kdtw/phase1.py,
+the compact replay buffer): remote-teacher parity, dynamic batching, routing, checkpoints,
+data-parallel Phase 1, and the import rule (no ray/mlflow under kdtw/)."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from collections import deque
+
+import pytest
+import torch
+
+from conftest import PROMPTS, ROOT
+from conftest_ray import free_port, tiny
+from kdtw.buffer import ReplayBuffer
+from kdtw.checkpoint import CheckpointError, open_checkpoint, write_checkpoint
+from kdtw.decoding import generate
+from kdtw.local import LocalLoop
+from kdtw.rollout import score_paths
+from kdtw.teacher_service import (DynamicBatcher, LocalClient, RemoteTeacher, Router, TeacherService, collect_batch,
+                                  next_logits)
+from kdtw.trajectory import Trajectory
+
+
+def test_kdtw_imports_neither_ray_nor_mlflow():
+    code = ("import sys, kdtw.teacher_service, kdtw.checkpoint, kdtw.phase1, kdtw.buffer, kdtw.local, kdtw.cli; "
+            "bad = sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'mlflow'}); print(bad); sys.exit(bool(bad))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------- remote teacher
+
+
+def _proxy(teacher, student, **kw):
+    service = TeacherService(teacher, **kw)
+    return RemoteTeacher(LocalClient(service), student.lm.tokenizer, service.spec()), service
+
+
+def test_remote_teacher_decodes_and_scores_like_the_local_one(pair):
+    teacher, student = pair
+    proxy, service = _proxy(teacher, student, max_batch=2)  # max_batch 2: merged requests split in chunks
+    for kw in ({"mode": "budgeted", "tau_bias": 6.0}, {"mode": "teacher"}):
+        for sample in (False, True):
+            a = generate(student, teacher, PROMPTS, max_new_tokens=8, do_sample=sample, teacher_do_sample=sample,
+                         generator=torch.Generator().manual_seed(3), **kw)
+            b = generate(student, proxy, PROMPTS, max_new_tokens=8, do_sample=sample, teacher_do_sample=sample,
+                         generator=torch.Generator().manual_seed(3), **kw)
+            assert a.tokens == b.tokens and a.call_mask == b.call_mask
+            assert any(map(any, a.call_mask))
+    paths = a.tokens
+    local = score_paths(teacher, PROMPTS, paths)
+    remote = proxy.score_paths(PROMPTS, paths)
+    for x, y in zip(local, remote):
+        assert torch.allclose(torch.tensor(x), torch.tensor(y), atol=1e-6)
+    # rows with different prefix lengths in one forward = one forward per row
+    rows = [[3, 4, 5], [6], [7, 8]]
+    prefixes = [[9, 10], [], [11, 12, 13]]
+    merged = next_logits(teacher, rows, prefixes)
+    for i in range(3):
+        alone = next_logits(teacher, rows[i : i + 1], prefixes[i : i + 1])
+        assert torch.allclose(merged[i], alone[0], atol=1e-5)
+    tokens = service.run_batch("token", [(rows, prefixes, False)])[0]
+    assert tokens == merged.argmax(-1).tolist()
+    # top-k scoring: each request its own k, in one forward; the path's own log p unchanged
+    p_rows = [[3, 4], [5]]
+    two, three = service.run_mixed([("topk", (p_rows[:1], paths[:1], 2)), ("topk", (p_rows[1:], paths[1:2], 3))])
+    (lp, ids, tl), = two
+    assert len(ids) == len(paths[0]) and all(len(r) == 2 for r in ids) and all(len(r) == 3 for r in three[0][1])
+    alone = service.run_batch("score", [(p_rows[:1], paths[:1])])[0][0]
+    assert torch.allclose(torch.tensor(lp), torch.tensor(alone), atol=1e-5)
+    assert all(a >= b for r in tl for a, b in zip(r, r[1:])) and max(max(r) for r in tl) <= 0
+
+
+def test_collect_batch_is_the_local_loops_collect(tmp_path):
+    """Worker 0's rollout batch through a remote teacher equals LocalLoop.collect (same streams)."""
+    cfg = tiny(tmp_path, "train.phase1_steps=0")
+    loop = LocalLoop(cfg, log=lambda _: None)
+    student = copy.deepcopy(loop.student)
+    proxy, service = _proxy(loop.teacher, student)
+    d = cfg.decoding
+
+    def on_replica(prompts, bids, gen):  # what RolloutWorker does through the pool
+        trajs, state = service.demos(prompts, bids, max_new_tokens=d.max_new_tokens, batch_size=d.batch_size,
+                                     gen_state=gen.get_state())
+
+        def wait():
+            gen.set_state(state)
+            return trajs
+
+        return wait
+
+    streams = {fn: (random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed)) for fn in (None, on_replica)}
+    for _ in range(2):  # a second batch: the streams go on in step
+        l_trajs, l_demos = loop.collect()
+        for fn, (rng, gen) in streams.items():
+            trajs, demos = collect_batch(cfg, student, proxy, loop.train_set, loop.table, rng=rng, gen=gen,
+                                         version=0, teacher_side_demos=fn)
+            assert len(trajs) + len(demos) == cfg.train.batch_size and len(demos) == len(l_demos) > 0
+            for a, b in zip(trajs + demos, l_trajs + l_demos):
+                assert (a.source_ids, a.budget_id, a.tokens, a.actions_tau, a.origin) == \
+                       (b.source_ids, b.budget_id, b.tokens, b.actions_tau, b.origin)
+                assert torch.allclose(torch.tensor(a.teacher_logp), torch.tensor(b.teacher_logp), atol=1e-6)
+                assert torch.allclose(torch.tensor(a.behaviour_logp), torch.tensor(b.behaviour_logp), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- batching, routing
+
+
+def test_dynamic_batcher_merges_waits_and_fails_together():
+    calls: list[list] = []
+
+    async def run(payloads):
+        calls.append(payloads)
+        await asyncio.sleep(0.05)
+        if "boom" in payloads:
+            raise RuntimeError("replica down")
+        return [p * 10 for p in payloads]
+
+    async def scenario():
+        # four clients at once, four expected: one batch, long before max_wait
+        b = DynamicBatcher(run, max_batch=100, max_wait_s=2.0, expected=4)
+        t0 = time.monotonic()
+        out = await asyncio.gather(*(b.submit(i, 1, client=i) for i in range(4)))
+        assert out == [0, 10, 20, 30] and len(calls) == 1 and time.monotonic() - t0 < 1.0
+        # max_batch in sequences: 3-row requests pair up under max_batch=6
+        calls.clear()
+        b = DynamicBatcher(run, max_batch=6, max_wait_s=0.01)
+        await asyncio.gather(*(b.submit(i, 3) for i in range(4)))
+        assert [len(c) for c in calls] == [2, 2]
+        # one slot busy: requests arriving meanwhile leave together as soon as it frees
+        calls.clear()
+        b = DynamicBatcher(run, max_batch=100, max_wait_s=0.0, slots=1)
+        first = asyncio.ensure_future(b.submit(0, 1))
+        await asyncio.sleep(0.01)
+        rest = [asyncio.ensure_future(b.submit(i, 1)) for i in range(1, 6)]
+        await asyncio.gather(first, *rest)
+        assert [len(c) for c in calls] == [1, 5]
+        assert b.stats.as_dict()["requests_per_batch"] == 3.0
+        # the clients of the last batch are waited for; a client that stays away is not, twice
+        calls.clear()
+        b = DynamicBatcher(run, max_batch=100, max_wait_s=0.3)
+        await asyncio.gather(b.submit(0, 1, client="a"), b.submit(1, 1, client="b"))
+
+        async def late(x, client, delay):
+            await asyncio.sleep(delay)
+            return await b.submit(x, 1, client=client)
+
+        t0 = time.monotonic()
+        await asyncio.gather(late(0, "a", 0.0), late(1, "b", 0.06))
+        assert [len(c) for c in calls] == [2, 2] and time.monotonic() - t0 < 0.25
+        t0 = time.monotonic()
+        await b.submit(0, 1, client="a")  # "b" comes back fast as a rule: waited for, max_wait ...
+        assert time.monotonic() - t0 >= 0.3
+        t0 = time.monotonic()
+        await b.submit(0, 1, client="a")  # ... once: "b" was not in the last batch
+        assert time.monotonic() - t0 < 0.2 and [len(c) for c in calls] == [2, 2, 1, 1]
+        b._answered["c"], b._gap["c"], b._prev = time.monotonic(), 5.0, {"a", "c"}
+        t0 = time.monotonic()
+        await b.submit(0, 1, client="a")  # "c" usually takes 5 s to come back: not waited for
+        assert time.monotonic() - t0 < 0.2
+        # a failed batch fails every caller in it
+        b = DynamicBatcher(run, max_batch=100, max_wait_s=0.02)
+        res = await asyncio.gather(b.submit("boom", 1), b.submit("x", 1), return_exceptions=True)
+        assert all(isinstance(r, RuntimeError) for r in res)
+
+    asyncio.run(scenario())
+
+
+def test_router_retries_elsewhere_and_prefers_the_least_loaded():
+    r = Router(3, cooldown_s=60)
+    r.load = [2, 0, 1]
+    seen = []
+
+    async def fn(i):
+        seen.append(i)
+        if i == 1:
+            raise ConnectionError("dead replica")
+        return i
+
+    assert asyncio.run(r.call(fn, 1, (ConnectionError,))) == 2  # 1 (least loaded) fails, then 2
+    assert seen == [1, 2] and r.failures == 1 and r.retries == 1 and r.load == [2, 0, 1]
+    assert r.pick(set()) == 2  # replica 1 cools down after its failure
+
+
+# ----------------------------------------------------------------------------- replay buffer
+
+
+class ListBuffer:
+    """The original list-of-records buffer (reference semantics for the compact one)."""
+
+    def __init__(self, capacity, ratio, stale, seed):
+        self.cap, self.ratio, self.stale, self.rng = capacity, ratio, stale, random.Random(seed)
+        self.items = {"student": deque(), "teacher_demo": deque()}
+
+    def tokens(self):
+        return sum(len(t) for q in self.items.values() for t in q)
+
+    def add(self, trajs):
+        for t in trajs:
+            self.items[t.origin].append(t)
+        n = 0
+        while self.tokens() > self.cap:
+            self.items[max(self.items, key=lambda k: len(self.items[k]))].popleft()
+            n += 1
+        return n
+
+    def drop_stale(self, version):
+        self.items["student"] = deque(t for t in self.items["student"] if version - t.policy_version <= self.stale)
+
+    def sample(self, n, version, newest):
+        self.drop_stale(version)
+        nd = round(n * self.ratio)
+        s, d = list(self.items["student"]), list(self.items["teacher_demo"])
+        if newest:
+            return s[len(s) - (n - nd):] + (d[len(d) - nd:] if nd else [])
+        return self.rng.sample(s, n - nd) + self.rng.sample(d, nd)
+
+
+def _rand_traj(rng, version, *, big=False):
+    T = rng.randint(1, 14)
+    origin = "student" if rng.random() < 0.7 else "teacher_demo"
+    hi = 200_000 if big else 150
+    prompt = [rng.randrange(hi) for _ in range(rng.randint(1, 6))]
+    return Trajectory(source_ids=prompt, budget_id=rng.randrange(6), tokens=[rng.randrange(hi) for _ in range(T)],
+                      actions_tau=[origin == "student" and rng.random() < 0.3 for _ in range(T)],
+                      behaviour_logp=[float(torch.tensor(-rng.random() * 5).float()) for _ in range(T)],
+                      teacher_logp=[float(torch.tensor(-rng.random() * 9).float()) for _ in range(T)],
+                      origin=origin, policy_version=version, worker_id=rng.randrange(4),
+                      greedy_tau=[rng.random() < 0.2 for _ in range(T)] if origin == "student" and rng.random() < .8 else [])
+
+
+def _key(t):
+    return (t.source_ids, t.budget_id, t.tokens, t.actions_tau, t.behaviour_logp, t.teacher_logp, t.origin,
+            t.policy_version, t.worker_id, t.greedy_tau)
+
+
+@pytest.mark.parametrize("big", [False, True])
+def test_compact_buffer_behaves_like_the_list_buffer(big, tmp_path):
+    rng = random.Random(7)
+    new = ReplayBuffer(capacity_tokens=300, demo_ratio=0.25, max_staleness=2, batch_size=8, seed=1)
+    ref = ListBuffer(300, 0.25, 2, seed=1)
+    for version in range(60):
+        batch = [_rand_traj(rng, version, big=big) for _ in range(rng.randint(1, 9))]
+        assert new.add(batch) == ref.add(batch)
+        assert new.tokens == ref.tokens() and new.counts() == {k: len(v) for k, v in ref.items.items()}
+        new.drop_stale(version)
+        ref.drop_stale(version)
+        assert new.counts() == {k: len(v) for k, v in ref.items.items()}
+        if new.ready(8) and rng.random() < 0.7:
+            newest = rng.random() < 0.3
+            got = new.sample(8, current_version=version, take_newest=newest)
+            want = ref.sample(8, version, newest)
+            assert [_key(t) for t in got] == [_key(t) for t in want]
+    path = str(tmp_path / "b.parquet")
+    new.save(path)
+    again = ReplayBuffer(capacity_tokens=300, demo_ratio=0.25, max_staleness=2, batch_size=8)
+    again.load(path)
+    assert [_key(t) for t in again.all()] == [_key(t) for t in new.all()]
+
+
+def test_buffer_bytes_per_token_is_small():
+    rng = random.Random(0)
+    buf = ReplayBuffer(capacity_tokens=200_000, demo_ratio=0.25, max_staleness=10, batch_size=8)
+    # the tiny task's prompts: a head per budget (phrase + instruction) and a 1-8 word source
+    heads = [[1] + [rng.randrange(150) for _ in range(11)] for _ in range(6)]
+    for v in range(1500):
+        batch = []
+        for _ in range(8):
+            t = _rand_traj(rng, v)
+            t.source_ids = rng.choice(heads) + [rng.randrange(150) for _ in range(rng.randint(1, 8))] + [2]
+            batch.append(t)
+        buf.add(batch)
+    assert buf.nbytes() / buf.tokens <= 16, buf.nbytes() / buf.tokens
+    assert len(buf._heads.rows) < 100  # heads are shared, not one per prompt
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoints_are_atomic_verified_and_pruned(tmp_path):
+    def writer(text):
+        def write(folder):
+            os.makedirs(os.path.join(folder, "sub"))
+            with open(os.path.join(folder, "sub", "a.txt"), "w") as f:
+                f.write(text)
+            return {"mlflow_run_id": "abc"}
+        return write
+
+    for step in (3, 6, 9):
+        write_checkpoint(str(tmp_path), step, writer(f"s{step}"), keep=2)
+    names = sorted(os.listdir(tmp_path / "checkpoints"))
+    assert names == ["latest", "step_0000006", "step_0000009"]
+    ckpt, manifest = open_checkpoint(str(tmp_path))
+    assert ckpt.endswith("step_0000009") and manifest["step"] == 9 and manifest["mlflow_run_id"] == "abc"
+    assert open_checkpoint(os.path.join(tmp_path, "checkpoints", "step_0000006"))[1]["step"] == 6
+    with open(os.path.join(ckpt, "sub", "a.txt"), "a") as f:
+        f.write("!")
+    with pytest.raises(CheckpointError, match="corrupt: sub/a.txt does not match its checksum"):
+        open_checkpoint(str(tmp_path))
+    meta = os.path.join(tmp_path, "checkpoints", "step_0000006", "kdtw_checkpoint.json")
+    with open(meta, "w") as f:
+        f.write("{not json")
+    with pytest.raises(CheckpointError, match="corrupt: unreadable"):
+        open_checkpoint(os.path.dirname(meta))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        open_checkpoint(str(tmp_path / "nope"))
+    with pytest.raises(CheckpointError, match="not a kdtw checkpoint"):
+        open_checkpoint(str(tmp_path / "checkpoints"))
+
+
+# ----------------------------------------------------------------------------- data-parallel Phase 1
+
+RANK_SCRIPT = """
+import hashlib, json, sys, torch, torch.distributed as dist
+sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
+torch.set_num_threads(1)
+from conftest_ray import tiny
+from kdtw.phase1 import run_phase1
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+cfg = tiny({run!r}, "train.phase1_steps=3", "train.batch_size=8")
+losses = []
+loop = run_phase1(cfg, rank=rank, world=2, log=lambda _: None, on_metrics=lambda s, m: losses.append(m["bc/loss"]))
+h = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in loop.student.parameters())).hexdigest()
+print(json.dumps({{"rank": rank, "hash": h, "batch": loop.cfg.train.batch_size, "steps": loop.learner.step}}))
+dist.destroy_process_group()
+"""
+
+
+def test_data_parallel_phase1_keeps_ranks_identical(tmp_path):
+    script = RANK_SCRIPT.format(root=ROOT, tests=os.path.join(ROOT, "tests"), port=free_port(), run=str(tmp_path))
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(r)], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+        outs.append(json.loads(out.strip().splitlines()[-1]))
+    assert outs[0]["hash"] == outs[1]["hash"]  # the same weights on both ranks after 3 steps
+    assert outs[0]["batch"] == 4 and outs[0]["steps"] == 3  # each rank: half of the global batch
+
+
+def test_cluster_yaml_is_a_valid_launcher_file_with_loopback_dashboard_and_token_auth():
+    import importlib.util
+
+    import jsonschema
+    import yaml
+
+    ray_dir = os.path.dirname(importlib.util.find_spec("ray").origin)  # without importing ray here
+    with open(os.path.join(ray_dir, "autoscaler", "ray-schema.json")) as f:
+        schema = json.load(f)
+
+    with open(os.path.join(ROOT, "cluster.yaml")) as f:
+        text = f.read()
+    cluster = yaml.safe_load(text)
+    jsonschema.validate(cluster, schema)
+    head = " ".join(cluster["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head and "RAY_AUTH_MODE=token" in head
+    assert "RAY_AUTH_MODE=token" in " ".join(cluster["worker_start_ray_commands"])
+    assert any("gpu" in k for k in cluster["available_node_types"])

@@ -1,0 +1,50 @@
+"""`ray job submit` of jobs/train_pcl.py to a local head with token auth, dashboard on loopback;
+the MLflow run it leaves has the λ and teacher-use metrics."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+from conftest import ROOT
+from conftest_ray import VENV_BIN, free_port, ray_env
+
+
+def test_ray_job_submit_runs_train_pcl_and_logs_to_mlflow(tmp_path):
+    env = ray_env(dict(os.environ))
+    ray = os.path.join(VENV_BIN, "ray")
+    gcs, dash = free_port(), free_port()
+    run_dir = tmp_path / "run"  # absolute: the job runs in a copy of the working dir
+    start = subprocess.run([ray, "start", "--head", f"--port={gcs}", "--dashboard-host=127.0.0.1",
+                            f"--dashboard-port={dash}", "--num-cpus=2", "--include-dashboard=true",
+                            "--disable-usage-stats"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    try:
+        assert start.returncode == 0, start.stderr[-3000:]
+        job = subprocess.run(
+            [ray, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", ".", "--",
+             "python", "jobs/train_pcl.py", "--config", "conf/tiny.yaml", f"run_dir={run_dir}",
+             "train.phase1_steps=2", "train.phase2_steps=4", "train.validate_every=2", "train.val_examples=4",
+             "train.log_every=2", "train.max_staleness=1", "ray.num_rollout_workers=2"],
+            env=env, cwd=ROOT, capture_output=True, text=True, timeout=480)
+        log = job.stdout + job.stderr
+        assert job.returncode == 0 and "succeeded" in log, log[-4000:]
+        assert "[phase 1]" in log and "[phase 2] step 4/4" in log
+    finally:
+        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{run_dir}/mlflow.db")
+    runs = mlflow.search_runs(experiment_names=["tiny"], output_format="list")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    m = run.data.metrics
+    assert "lambda/light" in m and "use_hat/light" in m
+    assert any(k.startswith("teacher_use/") for k in m) and "loss" in m and "trajectories_per_s" in m
+    assert "bc/loss" in m and "val/light/use" in m and "buffer_fill" in m and "teacher_batch_requests" in m
+    assert run.data.params["ray.num_rollout_workers"] == "2"
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{run_dir}/mlflow.db")
+    arts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "report.json", "lambda_trace.png", "student"} <= arts
+    assert os.path.exists(run_dir / "student" / "kdtw_student.json")

@@ -1,0 +1,180 @@
+"""The Ray system (jobs/train_pcl.py, actors/): parity with the single-process loop, faults,
+driver death and resume, and bad inputs. One ``ray.init(num_cpus=2)`` for the module."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import torch
+
+from conftest import ROOT
+from conftest_ray import free_port, load_job, ray_env, ray_session, tiny  # noqa: F401
+from kdtw.buffer import from_table
+from kdtw.checkpoint import open_checkpoint, write_checkpoint
+from kdtw.local import LocalLoop
+from kdtw.models import Student
+
+TINY = os.path.join(ROOT, "conf", "tiny.yaml")
+# small and quick: few validation examples, no Phase 1 unless a test wants it
+QUICK = ["train.phase1_steps=0", "train.val_examples=4", "train.log_every=5"]
+
+
+def _fields(t):
+    return (t.source_ids, t.budget_id, t.tokens, t.actions_tau, t.behaviour_logp, t.teacher_logp, t.origin,
+            t.policy_version, t.worker_id, t.greedy_tau)
+
+
+def test_sync_parity_with_the_local_loop(ray_session, tmp_path):
+    """1 worker, 1 teacher, staleness 0: the Ray loop's first 20 losses are the local loop's."""
+    train_pcl = load_job("train_pcl")
+    over = [*QUICK, "train.phase2_steps=20", "train.validate_every=1000", "train.max_staleness=0",
+            "ray.num_rollout_workers=1", "ray.num_teacher_replicas=1", "ray.publish_every=1", "ray.checkpoint_every=0"]
+    local = LocalLoop(tiny(tmp_path / "local", *over), log=lambda _: None)
+    local_losses, local_lam = [], []
+    for _ in range(20):
+        m = local.learn(*local.collect())
+        local_losses.append(m["pcl/loss"])
+        local_lam.append(local.learner.lam.tolist())
+    report, system = train_pcl.train(tiny(tmp_path / "ray", *over), log=lambda _: None, track=False)
+    ray_losses = system.state.losses
+    assert len(ray_losses) == 20
+    diff = max(abs(a - b) for a, b in zip(local_losses, ray_losses))
+    print(f"sync parity: max |loss_ray - loss_local| over 20 steps = {diff:.2e}")
+    assert diff < 1e-5, (local_losses, ray_losses)
+    ray_lam = [r["lam"] for r in report["lambda_trace"]]
+    assert torch.allclose(torch.tensor(ray_lam), torch.tensor(local_lam), atol=1e-5)
+    assert report["ray"]["rollout_batches"] == 20 and report["ray"]["worker_failures"] == 0
+
+
+def test_killed_workers_and_teacher_replica_do_not_stop_the_run(ray_session, tmp_path):
+    """Rollout workers killed three times and a teacher replica once; the run completes."""
+    ray = ray_session
+    train_pcl = load_job("train_pcl")
+    cfg = tiny(tmp_path, *QUICK, "train.phase2_steps=12", "train.validate_every=12", "train.max_staleness=2",
+               "ray.num_rollout_workers=2", "ray.num_teacher_replicas=2", "ray.teacher_latency_ms=20",
+               "ray.checkpoint_every=0", "ray.teacher_side_demos=false")
+    killed = {"workers": 0, "teacher": 0}
+
+    def chaos(system, step):
+        if step in (2, 4, 6):
+            ray.kill(system.workers[(step // 2 + 1) % 2])  # w0, w1, then w0's replacement
+            killed["workers"] += 1
+        if step == 3:  # kill replica 0 while it serves a batch: its requests must move to replica 1
+            deadline = time.time() + 30
+            while ray.get(system.pool.stats.remote(reset=False))["router"]["load"][0] == 0 and time.time() < deadline:
+                time.sleep(0.002)
+            ray.kill(system.replicas[0], no_restart=False)  # Ray restarts it (max_restarts)
+            killed["teacher"] += 1
+
+    report, system = train_pcl.train(cfg, log=lambda _: None, hooks=[chaos], track=False)
+    assert killed == {"workers": 3, "teacher": 1}
+    assert system.step == 12 and len(system.state.losses) == 12
+    assert all(torch.isfinite(torch.tensor(system.state.losses)))
+    assert report["ray"]["worker_failures"] == 3
+    router = report["ray"]["teacher_pool"]["router"]
+    assert router["failures"] >= 1 and router["retries"] >= 1
+    assert report["selected"] is not None and os.path.exists(tmp_path / "student" / "kdtw_student.json")
+
+
+def test_killed_driver_resumes_exactly(ray_session, tmp_path):
+    """A driver killed mid-run (SIGKILL) resumes from its last checkpoint: step, every λ_k,
+    optimizer state, buffer contents and the MLflow run id restored exactly; training goes on."""
+    ray = ray_session
+    train_pcl = load_job("train_pcl")
+    from actors.tracking import Tracker
+
+    run_dir = tmp_path / "run"
+    gcs = ray.get_runtime_context().gcs_address
+    cmd = [sys.executable, os.path.join(ROOT, "jobs", "train_pcl.py"), "--config", TINY, f"run_dir={run_dir}", *QUICK,
+           "train.phase2_steps=400", "train.validate_every=1000", "train.max_staleness=1", "ray.checkpoint_every=3",
+           "ray.num_rollout_workers=1", f"ray.address={gcs}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ray_env(dict(os.environ)), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    latest = run_dir / "checkpoints" / "latest"
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None:
+            if latest.exists() and latest.read_text().strip() >= "step_0000006":
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert latest.exists(), "no checkpoint within 180 s"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    ckpt, manifest = open_checkpoint(str(run_dir))
+    step = manifest["step"]
+    assert step >= 6 and manifest["mlflow_run_id"]
+
+    cfg = train_pcl.load_config(os.path.join(ckpt, "config.yaml"), [f"train.phase2_steps={step + 4}"])
+    tracker = Tracker(cfg, run_name="train_pcl", run_id=manifest["mlflow_run_id"])
+    assert tracker.run_id == manifest["mlflow_run_id"]
+    system = train_pcl.Phase2(cfg, tracker=tracker, log=lambda _: None)
+    try:
+        system.restore(ckpt, manifest)
+        snap = system.snapshot()
+        saved = torch.load(os.path.join(ckpt, "learner.pt"), weights_only=False)
+        assert snap["step"] == step
+        assert snap["learner"]["step"] == saved["step"] and snap["learner"]["version"] == saved["version"]
+        assert torch.equal(snap["learner"]["lam"], saved["lam"])
+        assert torch.equal(torch.nan_to_num(snap["learner"]["use_hat"]), torch.nan_to_num(saved["use_hat"]))
+        assert snap["learner"]["reward_std"] == saved["reward_std"]
+        opt_now, opt_saved = snap["learner"]["optimizer"], saved["optimizer"]
+        assert opt_now["param_groups"] == opt_saved["param_groups"]
+        assert opt_now["state"].keys() == opt_saved["state"].keys() and opt_saved["state"]
+        for k, st in opt_saved["state"].items():
+            for name, v in st.items():
+                assert torch.equal(torch.as_tensor(opt_now["state"][k][name]), torch.as_tensor(v)), (k, name)
+        weights = Student.load(os.path.join(ckpt, "student")).state_dict()
+        for k, v in weights.items():
+            assert torch.equal(torch.tensor(snap["student"][k]), v), k
+        stored = from_table(pq.read_table(os.path.join(ckpt, "buffer.parquet")))
+        assert len(stored) > 0 and [_fields(t) for t in snap["buffer"]] == [_fields(t) for t in stored]
+        report = system.run()
+    finally:
+        system.close()
+    tracker.finish()
+    assert system.step == step + 4 and len(report["lambda_trace"]) == step + 4
+    hist = tracker.client.get_metric_history(tracker.run_id, "loss")
+    steps = sorted(m.step for m in hist)
+    assert steps[0] == 1 and steps[-1] == step + 4  # one MLflow run across the kill
+
+
+def _job(*args: str, env=None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "jobs", "train_pcl.py"), *args], cwd=ROOT,
+                            env=env or ray_env(dict(os.environ)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path):
+    fake = tmp_path / "fake"
+
+    def write(folder):
+        with open(os.path.join(folder, "learner.pt"), "w") as f:
+            f.write("state")
+        return {"mlflow_run_id": None}
+
+    ckpt = write_checkpoint(str(fake), 3, write)
+    with open(os.path.join(ckpt, "learner.pt"), "a") as f:
+        f.write("garbage")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    run = f"run_dir={tmp_path / 'run'}"
+    cases = {
+        "cannot reach a Ray cluster at 127.0.0.1": _job("--config", TINY, run, f"ray.address=127.0.0.1:{free_port()}"),
+        "is not a kdtw checkpoint": _job("--resume", str(empty)),
+        "is corrupt: learner.pt does not match its checksum": _job("--resume", str(fake)),
+        "is smaller than one batch": _job("--config", TINY, run, "train.buffer_tokens=10"),
+        "ray.num_rollout_workers=0: the Ray loop needs at least one rollout worker": _job(
+            "--config", TINY, run, "ray.num_rollout_workers=0"),
+    }
+    for expected, proc in cases.items():
+        out, err = proc.communicate(timeout=120)
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert proc.returncode == 2, (expected, err[-2000:])
+        assert len(lines) == 1 and lines[0].startswith("kdtw: error: ") and expected in lines[0], (expected, err)
