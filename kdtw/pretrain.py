@@ -4,6 +4,12 @@ Each model is trained with next-token cross-entropy on the task's train split (p
 random budget phrase, so both models read every instruction), then greedy-decoded on the
 validation split for BLEU/chrF or ROUGE. Results are cached under ``<models_dir>/<role>`` as
 ``save_pretrained`` folders (written atomically) with ``pretrain_report.json`` beside them.
+
+A role with ``source: init | pretrain`` is trained from a random init of its spec. A role with
+a derived source (``gguf_wheel``, ``cut``, ``narrow``; kdtw/factory.py) is fine-tuned from that
+source's folder when ``pretrain.<role>_steps > 0`` (the factory then loads the fine-tune) and
+left alone when it is 0; its report records the source (``base``), and a cached fine-tune of
+another source is redone. ``source: pretrained`` is never trained here.
 """
 
 from __future__ import annotations
@@ -22,9 +28,18 @@ import torch
 
 from .config import Config
 from .decoding import generate
-from .factory import _load_plain, load_splits, model_folder, prompts_for, random_phrases
+from .factory import (
+    DERIVED,
+    _load_plain,
+    load_splits,
+    model_folder,
+    prompts_for,
+    random_phrases,
+    source_folder,
+)
 from .metrics import task_metrics
-from .models import LM, encode_outputs
+from .models import LM, _from_pretrained, encode_outputs
+from .sources import SOURCE_META
 
 REPORT = "pretrain_report.json"
 
@@ -129,25 +144,49 @@ def pretrain(cfg: Config, *, roles: tuple[str, ...] = ("teacher", "student"), fo
     for role in roles:
         folder = model_folder(cfg, role)
         cached = os.path.join(folder, REPORT)
+        spec = getattr(cfg, role)
+        steps = getattr(cfg.pretrain, role + "_steps")
+        if spec.source in DERIVED and steps == 0:
+            log(f"[pretrain {role}] pretrain.{role}_steps=0: the {spec.source} model is used as is")
+            continue
+        # The source a derived role is fine-tuned from (built here on first use).
+        base = _base(cfg, role) if spec.source in DERIVED else None
         if os.path.exists(cached) and not force:
             with open(cached) as f:
-                reports[role] = json.load(f)
-            log(f"[pretrain {role}] cached at {folder} (use --force to retrain)")
-            continue
-        spec = getattr(cfg, role)
+                report = json.load(f)
+            if base is None or report.get("base") == base:
+                reports[role] = report
+                log(f"[pretrain {role}] cached at {folder} (use --force to retrain)")
+                continue
+            log(f"[pretrain {role}] {folder} was fine-tuned from another source: fine-tuning again")
         if spec.source == "pretrained":
             log(f"[pretrain {role}] {role}.source=pretrained: nothing to pretrain")
             continue
-        init_cfg = dataclasses.replace(cfg, **{role: dataclasses.replace(spec, source="init")})
-        model, tok = _load_plain(init_cfg, role, seed_offset=1 if role == "teacher" else 2)
+        if base is not None:
+            model, tok = _from_pretrained(base["folder"], dtype=spec.dtype, device=spec.device)
+            what = f"{spec.source} model (fine-tuning {base['folder']})"
+        else:
+            init_cfg = dataclasses.replace(cfg, **{role: dataclasses.replace(spec, source="init")})
+            model, tok = _load_plain(init_cfg, role, seed_offset=1 if role == "teacher" else 2)
+            what = spec.arch
         lm = LM(model, tok)
-        log(f"[pretrain {role}] {spec.arch} {lm.num_parameters() / 1e6:.2f}M parameters, "
-            f"{getattr(cfg.pretrain, role + '_steps')} steps")
-        stats = supervised_train(cfg, lm, steps=getattr(cfg.pretrain, role + "_steps"), log=log, name=role)
+        log(f"[pretrain {role}] {what} {lm.num_parameters() / 1e6:.2f}M parameters, {steps} steps")
+        stats = supervised_train(cfg, lm, steps=steps, log=log, name=role)
         metrics = evaluate_lm(cfg, lm, n=cfg.pretrain.eval_examples)
         log(f"[pretrain {role}] validation " + " ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
         report = {"role": role, "parameters": lm.num_parameters(), **stats, "validation": metrics}
+        if base is not None:
+            report["base"] = base
         _save_atomic(lm, folder, report)
         reports[role] = report
     return reports
+
+
+def _base(cfg: Config, role: str) -> dict:
+    """The folder of a derived source and its recipe (``kdtw_source.json``), as recorded in the
+    report of its fine-tune."""
+    folder = source_folder(cfg, role)
+    with open(os.path.join(folder, SOURCE_META)) as f:
+        recipe = json.load(f)
+    return {"source": getattr(cfg, role).source, "folder": os.path.abspath(folder), "recipe": recipe}
 

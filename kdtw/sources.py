@@ -91,6 +91,25 @@ def _save_atomic(model: Any, tokenizer: Any, folder: Path, meta: dict) -> str:
     return str(folder)
 
 
+def _weights_stamp(folder: str | os.PathLike) -> list[list]:
+    """Name, size and mtime of each safetensors file of a folder: a cut made from it is rebuilt
+    when the folder is rewritten in place (a teacher fine-tuned again)."""
+    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns]
+            for f in sorted(Path(folder).glob("*.safetensors"))]
+
+
+def num_layers(folder: str | os.PathLike) -> int:
+    """The number of decoder layers of a ``save_pretrained`` folder (reads config.json only)."""
+    try:
+        config = json.loads(Path(folder, "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{folder} is not a save_pretrained folder: {e}") from None
+    for key in ("num_hidden_layers", "num_layers", "n_layer"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    raise ModelError(f"cannot find the number of layers in {folder}/config.json")
+
+
 def _load_config_and_tokenizer(folder: str | os.PathLike) -> tuple[Any, Any]:
     from transformers import AutoConfig, AutoTokenizer
 
@@ -193,7 +212,8 @@ def cut_student(
     """A student made of some of the teacher's layers: ``layers`` lists teacher layer indices
     (increasing), or is a count of evenly spaced layers, first and last included (6 of 30:
     0 6 12 17 23 29). Embeddings, final norm, output head and tokenizer are the teacher's;
-    the teacher's dtype is kept. Returns ``out_folder``."""
+    the teacher's dtype is kept. The recipe records the teacher's weight files, so a teacher
+    rewritten in place (fine-tuned again) is cut again. Returns ``out_folder``."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -206,7 +226,8 @@ def cut_student(
             "or a number of layers"
         )
     out = Path(out_folder)
-    recipe = {"kind": "cut", "teacher": str(Path(teacher_folder).resolve()), "layers": picked}
+    recipe = {"kind": "cut", "teacher": str(Path(teacher_folder).resolve()), "layers": picked,
+              "teacher_weights": _weights_stamp(teacher_folder)}
     if not force and _read_meta(out) == recipe:
         return str(out)
 

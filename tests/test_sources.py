@@ -81,6 +81,26 @@ def test_cut_student_is_cached_and_rebuilt_for_another_recipe(tiny_teacher, tmp_
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temp folder left
 
 
+def test_cut_student_is_rebuilt_when_the_teacher_is_rewritten(tiny_teacher, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    teacher = tmp_path / "teacher"
+    model, tok = _from_pretrained(tiny_teacher)
+    model.save_pretrained(teacher)
+    tok.save_pretrained(teacher)
+    out = sources.cut_student(teacher, tmp_path / "cut", layers=2)
+    with torch.no_grad():  # a fine-tune written over the same folder
+        model.model.norm.weight.add_(1.0)
+    time.sleep(0.01)
+    model.save_pretrained(teacher)
+    sources.cut_student(teacher, out, layers=2)
+    student = LlamaForCausalLM.from_pretrained(out)
+    assert torch.equal(student.model.norm.weight, model.model.norm.weight)
+    assert sources.num_layers(teacher) == 4 and sources.num_layers(out) == 2
+    with pytest.raises(ModelError, match="not a save_pretrained folder"):
+        sources.num_layers(tmp_path / "nothing")
+
+
 @pytest.mark.parametrize("layers", [[2, 1], [0, 0], [4], [], 0, 5])
 def test_cut_student_rejects_bad_layers(tiny_teacher, tmp_path, layers):
     with pytest.raises(ModelError):
