@@ -45,7 +45,8 @@ def run_bc(cfg, *, tracker=None, log=print) -> str:
     t0 = time.perf_counter()
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg},
+        # the ranks run in Ray Train's own folders: relative paths must not reach them
+        train_loop_config={"cfg": cfg.with_absolute_paths()},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=r.learner_ranks, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=f"phase1-{int(time.time())}", storage_path=os.path.join(run_dir, "ray_train")),

@@ -70,7 +70,8 @@ def load(path: str | None, overrides: list[str]) -> Config:
         from kdtw.cli import DEFAULT_CONFIG
 
         path = DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None
-    return load_config(path, overrides)
+    # absolute paths: Ray Train workers run in their own folder, not this one
+    return load_config(path, overrides).with_absolute_paths()
 
 
 def _reachable(address: str) -> None:
@@ -613,7 +614,7 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
                 raise ValueError("--resume continues a run with its own config: drop --config/--phase1 "
                                  "(key=value overrides still apply)")
             ckpt, manifest = open_checkpoint(args.resume)
-            cfg = load_config(os.path.join(ckpt, "config.yaml"), args.overrides)
+            cfg = load_config(os.path.join(ckpt, "config.yaml"), args.overrides).with_absolute_paths()
             resume = (ckpt, manifest)
         else:
             cfg = load(args.config, args.overrides)

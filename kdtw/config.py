@@ -9,6 +9,7 @@ to change.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import os
@@ -455,6 +456,25 @@ class Config:
 
         walk("", self.to_dict())
         return out
+
+    def with_absolute_paths(self) -> "Config":
+        """A copy whose relative local paths (``models_dir``, ``run_dir``, and ``task.dataset``,
+        model ``name_or_path`` / ``tokenizer`` where they name an existing file or folder) are
+        absolute, resolved against the current directory. Distributed jobs call this before
+        handing the config to other processes, whose working directory may differ (Ray Train
+        workers run in their own folder)."""
+        c = copy.deepcopy(self)
+        c.models_dir = os.path.abspath(c.models_dir)
+        c.run_dir = os.path.abspath(c.run_dir)
+
+        def local(p: str | None) -> str | None:
+            return os.path.abspath(p) if p and not os.path.isabs(p) and os.path.exists(p) else p
+
+        c.task.dataset = local(c.task.dataset)
+        for m in (c.teacher, c.student):
+            m.name_or_path = local(m.name_or_path)
+            m.tokenizer = local(m.tokenizer)
+        return c
 
     def save(self, path: str | os.PathLike) -> None:
         with open(path, "w") as f:

@@ -86,3 +86,17 @@ def test_budget_table_prompts_and_errors():
         BudgetTable({})
     with pytest.raises(BudgetError):
         BudgetTable({"x": 2.0})
+
+
+def test_with_absolute_paths_resolves_local_paths_only(tmp_path, monkeypatch):
+    from kdtw.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tok").mkdir()
+    cfg = load_config(None, ["models_dir=models/x", "run_dir=runs/y", "teacher.tokenizer=tok",
+                             "student.source=pretrained", "student.name_or_path=org/model"])
+    abs_cfg = cfg.with_absolute_paths()
+    assert abs_cfg.models_dir == str(tmp_path / "models" / "x") and abs_cfg.run_dir == str(tmp_path / "runs" / "y")
+    assert abs_cfg.teacher.tokenizer == str(tmp_path / "tok")
+    assert abs_cfg.student.name_or_path == "org/model"  # a hub name stays a hub name
+    assert cfg.models_dir == "models/x"  # the original is untouched

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 
 from conftest import ROOT
 from conftest_ray import VENV_BIN, free_port, ray_env
@@ -20,13 +21,18 @@ def test_ray_job_submit_runs_train_pcl_and_logs_to_mlflow(tmp_path):
                             "--disable-usage-stats"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
     try:
         assert start.returncode == 0, start.stderr[-3000:]
-        job = subprocess.run(
-            [ray, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", ".", "--",
-             "python", "jobs/train_pcl.py", "--config", "conf/tiny.yaml", f"run_dir={run_dir}",
-             "train.phase1_steps=2", "train.phase2_steps=4", "train.validate_every=2", "train.val_examples=4",
-             "train.log_every=2", "train.max_staleness=1", "ray.num_rollout_workers=2"],
-            env=env, cwd=ROOT, capture_output=True, text=True, timeout=480)
-        log = job.stdout + job.stderr
+        submit = [ray, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", ".", "--",
+                  "python", "jobs/train_pcl.py", "--config", "conf/tiny.yaml", f"run_dir={run_dir}",
+                  "train.phase1_steps=2", "train.phase2_steps=4", "train.validate_every=2", "train.val_examples=4",
+                  "train.log_every=2", "train.max_staleness=1", "ray.num_rollout_workers=2"]
+        deadline = time.monotonic() + 120
+        while True:
+            job = subprocess.run(submit, env=env, cwd=ROOT, capture_output=True, text=True, timeout=480)
+            log = job.stdout + job.stderr
+            # the head answers before its job agent has registered on a loaded machine: wait for it
+            if job.returncode == 0 or "No available agent" not in log or time.monotonic() > deadline:
+                break
+            time.sleep(3)
         assert job.returncode == 0 and "succeeded" in log, log[-4000:]
         assert "[phase 1]" in log and "[phase 2] step 4/4" in log
     finally:
@@ -48,3 +54,24 @@ def test_ray_job_submit_runs_train_pcl_and_logs_to_mlflow(tmp_path):
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "report.json", "lambda_trace.png", "student"} <= arts
     assert os.path.exists(run_dir / "student" / "kdtw_student.json")
+
+
+def test_train_bc_finds_models_under_a_relative_models_dir(tmp_path):
+    """Ray Train ranks run in their own folders: a relative models_dir (conf/default.yaml's
+    `models/default`) must still reach them (the job makes local paths absolute)."""
+    import sys
+
+    env = ray_env(dict(os.environ))
+    tiny = os.path.join(ROOT, "conf", "tiny.yaml")
+    pre = subprocess.run(
+        [sys.executable, "-m", "kdtw.cli", "pretrain", "--config", tiny, "models_dir=models",
+         "pretrain.teacher_steps=2", "pretrain.student_steps=2", "pretrain.eval_examples=2"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert pre.returncode == 0, pre.stderr[-3000:]
+    job = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "jobs", "train_bc.py"), "--config", tiny, "models_dir=models",
+         "run_dir=run", "teacher.source=pretrain", "student.source=pretrain", "train.phase1_steps=2",
+         "ray.num_cpus=2"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=480)
+    assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
+    assert os.path.exists(tmp_path / "run" / "phase1" / "student" / "kdtw_student.json")
