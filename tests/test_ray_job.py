@@ -18,6 +18,9 @@ def test_ray_job_submit_runs_train_pcl_and_logs_to_mlflow(tmp_path):
     run_dir = tmp_path / "run"  # absolute: the job runs in a copy of the working dir
     start = subprocess.run([ray, "start", "--head", f"--port={gcs}", "--dashboard-host=127.0.0.1",
                             f"--dashboard-port={dash}", "--num-cpus=2", "--include-dashboard=true",
+                            # own agent ports: another Ray on this machine holds the default ones
+                            f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
                             "--disable-usage-stats"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
     try:
         assert start.returncode == 0, start.stderr[-3000:]
