@@ -111,11 +111,13 @@ def test_job_numbers_obey_the_definitions(job_run):
     assert f(student, "teacher_use") == 0.0 and f(student, "teacher_forwards_per_token") == 0.0
 
 
-def test_job_logs_an_mlflow_run(job_run):
+def test_job_logs_an_mlflow_run(job_run, monkeypatch):
     import mlflow
     from mlflow.tracking import MlflowClient
 
     out, uri, rows, _, cfg = job_run
+    # set_tracking_uri also sets MLFLOW_TRACKING_URI in os.environ: undo it after this test
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=[cfg.name])
     assert len(runs) == 1

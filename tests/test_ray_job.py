@@ -11,8 +11,10 @@ from conftest import ROOT
 from conftest_ray import VENV_BIN, free_port, ray_env
 
 
-def test_ray_job_submit_runs_train_pcl_and_logs_to_mlflow(tmp_path):
+def test_ray_job_submit_runs_train_pcl_and_logs_to_mlflow(tmp_path, monkeypatch):
     env = ray_env(dict(os.environ))
+    env.pop("MLFLOW_TRACKING_URI", None)  # the job's default store, <run_dir>/mlflow.db, is what is checked
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")  # undone after the test (set_tracking_uri below sets it)
     ray = os.path.join(VENV_BIN, "ray")
     gcs, dash = free_port(), free_port()
     run_dir = tmp_path / "run"  # absolute: the job runs in a copy of the working dir
