@@ -15,20 +15,31 @@ from .trajectory import Trajectory
 
 
 @torch.no_grad()
+def score_batch(teacher: LM, p_ids: torch.Tensor, p_mask: torch.Tensor, paths: list[list[int]], *,
+                top_k: int = 0) -> list:
+    """Teacher log p(x_t | s_t) of every token of each path of one batch (one teacher-forced
+    forward; prompts already left-padded). With ``top_k`` each entry is ``(logp, topk_ids,
+    topk_logp)``, the last two [T][k]."""
+    T = max(len(p) for p in paths)
+    ids = torch.full((len(paths), T), teacher.pad_id, dtype=torch.long, device=teacher.device)
+    for i, p in enumerate(paths):
+        ids[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+    logp = torch.log_softmax(teacher.forward(p_ids, p_mask, ids)[..., : teacher.vocab_size].float(), -1)
+    tok_logp = logp.gather(-1, ids[..., None]).squeeze(-1)  # [B, T]
+    if not top_k:
+        return [tok_logp[i, : len(p)].tolist() for i, p in enumerate(paths)]
+    top_lp, top_ids = logp.topk(min(top_k, logp.shape[-1]), dim=-1)  # [B, T, k]
+    return [(tok_logp[i, : len(p)].tolist(), top_ids[i, : len(p)].tolist(), top_lp[i, : len(p)].tolist())
+            for i, p in enumerate(paths)]
+
+
 def score_paths(teacher: LM, prompts: list[str], paths: list[list[int]], *, batch_size: int = 64) -> list[list[float]]:
     """Teacher log p(x_t | s_t) of every token of each finished path (one teacher-forced
     forward per batch)."""
     out: list[list[float]] = []
     for s in range(0, len(paths), batch_size):
-        chunk = paths[s : s + batch_size]
         p_ids, p_mask = teacher.encode_prompts(prompts[s : s + batch_size])
-        T = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), T), teacher.pad_id, dtype=torch.long, device=teacher.device)
-        for i, p in enumerate(chunk):
-            ids[i, : len(p)] = torch.tensor(p, dtype=torch.long)
-        logp = torch.log_softmax(teacher.forward(p_ids, p_mask, ids)[..., : teacher.vocab_size].float(), -1)
-        tok_logp = logp.gather(-1, ids[..., None]).squeeze(-1)  # [B, T]
-        out.extend(tok_logp[i, : len(p)].tolist() for i, p in enumerate(chunk))
+        out.extend(score_batch(teacher, p_ids, p_mask, paths[s : s + batch_size]))
     return out
 
 

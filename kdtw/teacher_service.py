@@ -35,7 +35,7 @@ from .budgets import BudgetTable
 from .data import Example
 from .decoding import generate
 from .models import LM, DecodeState, Student
-from .rollout import prompt_ids, sample_tasks, teacher_demos
+from .rollout import prompt_ids, sample_tasks, score_batch, teacher_demos
 from .trajectory import Trajectory
 
 KINDS = ("next", "score", "topk", "token")
@@ -59,28 +59,14 @@ def next_logits(teacher: LM, prompt_rows: list[list[int]], prefixes: list[list[i
     return logits[torch.arange(len(prefixes)), lens.to(logits.device)].float().cpu()
 
 
-@torch.no_grad()
 def score_rows(teacher: LM, prompt_rows: list[list[int]], paths: list[list[int]], *, batch_size: int,
                top_k: int = 0) -> list:
-    """Teacher log p(x_t | s_t) of every token of each path: `kdtw.rollout.score_paths` with
-    prompts given as token ids (``pad_left(rows)`` is what ``encode_prompts`` builds). With
-    ``top_k`` each path's entry is ``(logp, topk_ids, topk_logp)``, the last two [T][k]."""
+    """`kdtw.rollout.score_paths` with prompts given as token ids (``pad_left(rows)`` is what
+    ``encode_prompts`` builds); ``top_k`` as in `kdtw.rollout.score_batch`."""
     out: list = []
     for s in range(0, len(paths), batch_size):
-        chunk = paths[s : s + batch_size]
         p_ids, p_mask = teacher.pad_left(prompt_rows[s : s + batch_size])
-        T = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), T), teacher.pad_id, dtype=torch.long, device=teacher.device)
-        for i, p in enumerate(chunk):
-            ids[i, : len(p)] = torch.tensor(p, dtype=torch.long)
-        logp = torch.log_softmax(teacher.forward(p_ids, p_mask, ids)[..., : teacher.vocab_size].float(), -1)
-        tok_logp = logp.gather(-1, ids[..., None]).squeeze(-1)  # [B, T]
-        if top_k:
-            top_lp, top_ids = logp.topk(min(top_k, logp.shape[-1]), dim=-1)  # [B, T, k]
-            out.extend((tok_logp[i, : len(p)].tolist(), top_ids[i, : len(p)].tolist(), top_lp[i, : len(p)].tolist())
-                       for i, p in enumerate(chunk))
-        else:
-            out.extend(tok_logp[i, : len(p)].tolist() for i, p in enumerate(chunk))
+        out.extend(score_batch(teacher, p_ids, p_mask, paths[s : s + batch_size], top_k=top_k))
     return out
 
 
