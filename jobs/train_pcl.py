@@ -49,7 +49,7 @@ import torch  # noqa: E402
 from kdtw.checkpoint import CheckpointError, open_checkpoint, write_checkpoint  # noqa: E402
 from kdtw.config import Config, load_config  # noqa: E402
 from kdtw.factory import budget_table, load_splits, load_student  # noqa: E402
-from kdtw.local import LocalLoop, LoopState, format_validation, plot_trace, validate  # noqa: E402
+from kdtw.local import LocalLoop, LoopState, format_validation, plot_trace, run_report, validate  # noqa: E402
 from kdtw.metrics import primary_metric  # noqa: E402
 from kdtw.models import Student  # noqa: E402
 from kdtw.phase1 import check_phase1  # noqa: E402
@@ -500,19 +500,10 @@ class Phase2:
             shutil.copytree(best["dir"], selected_dir)
             shutil.rmtree(best["dir"], ignore_errors=True)
         pool, buf = ray.get([self.pool.stats.remote(reset=False), self.buffer.stats.remote()])
-        report = {
-            "config": c.name,
-            "initial": self.initial,
-            "selected": None if best is None else {k: v for k, v in best.items() if k != "dir"},
-            "selected_dir": selected_dir if best is not None else None,
-            "validations": self.state.validations,
-            "lambda_trace": self.state.lam_trace,
-            "phrases": self.table.phrases,
-            "targets": self.table.targets,
-            "seconds": {"phase2": self.counters["seconds"]},
-            "ray": {**{k: v for k, v in self.counters.items()}, "buffer": buf, "teacher_pool": pool,
-                    "rollout_workers": c.ray.num_rollout_workers, "teacher_replicas": c.ray.num_teacher_replicas},
-        }
+        report = run_report(c, self.initial, self.state, self.table, selected_dir,
+                            seconds={"phase2": self.counters["seconds"]})
+        report["ray"] = {**self.counters, "buffer": buf, "teacher_pool": pool,
+                         "rollout_workers": c.ray.num_rollout_workers, "teacher_replicas": c.ray.num_teacher_replicas}
         with open(os.path.join(c.run_dir, "report.json"), "w") as f:
             json.dump(report, f, indent=2)
         try:

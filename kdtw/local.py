@@ -216,18 +216,8 @@ class LocalLoop:
         if best is not None:
             shutil.rmtree(selected_dir, ignore_errors=True)
             os.replace(best["dir"], selected_dir)
-        report = {
-            "config": c.name,
-            "initial": initial,
-            "selected": None if best is None else {k: v for k, v in best.items() if k != "dir"},
-            "selected_dir": selected_dir if best is not None else None,
-            "validations": self.state.validations,
-            "lambda_trace": self.state.lam_trace,
-            "phrases": self.table.phrases,
-            "targets": self.table.targets,
-            "seconds": {"phase1": phase1_seconds, "phase2": phase2_seconds,
-                        "total": time.perf_counter() - t_start},
-        }
+        report = run_report(c, initial, self.state, self.table, selected_dir, seconds={
+            "phase1": phase1_seconds, "phase2": phase2_seconds, "total": time.perf_counter() - t_start})
         with open(os.path.join(c.run_dir, "report.json"), "w") as f:
             json.dump(report, f, indent=2)
         try:
@@ -259,6 +249,23 @@ class LocalLoop:
         d = os.path.join(self.cfg.run_dir, "candidate")
         self.student.save(d)
         self.state.best = {"phase": phase, "step": step, "eligible": v["eligible"], "validation": v, "dir": d}
+
+
+def run_report(cfg: Config, initial: dict | None, state: LoopState, table: BudgetTable, selected_dir: str,
+               *, seconds: dict) -> dict:
+    """The report.json of a training run (the local loop and jobs/train_pcl.py)."""
+    best = state.best
+    return {
+        "config": cfg.name,
+        "initial": initial,
+        "selected": None if best is None else {k: v for k, v in best.items() if k != "dir"},
+        "selected_dir": selected_dir if best is not None else None,
+        "validations": state.validations,
+        "lambda_trace": state.lam_trace,
+        "phrases": table.phrases,
+        "targets": table.targets,
+        "seconds": seconds,
+    }
 
 
 def plot_trace(report: dict, path: str) -> None:
