@@ -111,11 +111,21 @@ def cmd_report(args) -> int:
     table = budget_table(cfg)
     examples = load_splits(cfg)[args.split][: args.n or None]
     refs = [ex.target for ex in examples]
-    teacher, student = load_pair(cfg)
+    kinds = ("student", "teacher", "budgets")
+    wanted = [k.strip() for k in args.runs.split(",") if k.strip()]
+    if not wanted or any(k not in kinds for k in wanted):
+        raise SystemExit(f"--runs {args.runs!r}: give a comma-separated subset of {', '.join(kinds)}")
+    if wanted == ["teacher"]:  # the teacher alone (e.g. before its fine-tune): no student needed
+        from .factory import load_teacher
+
+        teacher, student = load_teacher(cfg), None
+    else:
+        teacher, student = load_pair(cfg)
     d = cfg.decoding
     rows = []
     runs = [("student", "student", table.phrases[0]), ("teacher", "teacher", table.phrases[0])]
     runs += [(f"budget {b.phrase}", "budgeted", b.phrase) for b in table]
+    runs = [r for r in runs if (r[1] if r[1] != "budgeted" else "budgets") in wanted]
     for label, mode, phrase in runs:
         t0 = time.perf_counter()
         out = generate(student, teacher, prompts_for(cfg, examples, phrase), mode=mode,
@@ -178,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--split", default="validation")
     sp.add_argument("--n", type=int, default=None, help="first N examples only")
     sp.add_argument("--strict", action="store_true")
+    sp.add_argument("--runs", default="student,teacher,budgets",
+                    help="which decoders, comma-separated (default: student,teacher,budgets)")
     sp.add_argument("--json", help="also write the rows to this JSON file")
     sp.set_defaults(func=cmd_report)
 

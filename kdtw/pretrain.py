@@ -171,12 +171,18 @@ def pretrain(cfg: Config, *, roles: tuple[str, ...] = ("teacher", "student"), fo
             what = spec.arch
         lm = LM(model, tok)
         log(f"[pretrain {role}] {what} {lm.num_parameters() / 1e6:.2f}M parameters, {steps} steps")
+        before = None
+        if base is not None:
+            # The same validation examples before the fine-tune: what it bought.
+            before = evaluate_lm(cfg, lm, n=cfg.pretrain.eval_examples)
+            log(f"[pretrain {role}] validation before " + " ".join(f"{k} {v:.2f}" for k, v in before.items()))
         stats = supervised_train(cfg, lm, steps=steps, log=log, name=role)
         metrics = evaluate_lm(cfg, lm, n=cfg.pretrain.eval_examples)
         log(f"[pretrain {role}] validation " + " ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
         report = {"role": role, "parameters": lm.num_parameters(), **stats, "validation": metrics}
         if base is not None:
             report["base"] = base
+            report["validation_before"] = before
         _save_atomic(lm, folder, report)
         reports[role] = report
     return reports

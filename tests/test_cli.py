@@ -77,5 +77,10 @@ def test_pretrain_caches_and_report_prints_a_table(tmp_path):
     assert rep.returncode == 0, rep.stderr[-2000:]
     for label in ("student", "teacher", "budget no", "budget full"):
         assert label in rep.stdout
+    only = kdtw("report", *common, "--n", "4", "--runs", "teacher", "--json", str(tmp_path / "t.json"))
+    assert only.returncode == 0, only.stderr[-2000:]
+    assert [r["run"] for r in json.load(open(tmp_path / "t.json"))] == ["teacher"]
+    bad = kdtw("report", *common, "--runs", "teacher,drafter")
+    assert bad.returncode != 0 and "comma-separated subset of student, teacher, budgets" in bad.stderr
     missing = kdtw("report", "--config", TINY, f"models_dir={tmp_path / 'none'}", "teacher.source=pretrain")
     assert missing.returncode == 2 and "run `kdtw pretrain" in missing.stderr

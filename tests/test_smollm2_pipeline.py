@@ -162,6 +162,7 @@ def test_pretrain_fine_tunes_a_cut_student_and_the_factory_loads_it(tiny_teacher
     assert "teacher.source=pretrained: nothing to pretrain" in logs[0]
     assert report["steps"] == 2 and report["base"]["source"] == "cut"
     assert report["base"]["recipe"]["layers"] == [0, 3]
+    assert report["validation_before"]["n"] == report["validation"]["n"] == 2  # same examples
     folder = tmp_path / "student"
     loaded = factory.load_student(cfg).lm.model
     cut = sources._read_state_dict(tmp_path / "source" / "student_cut2")
