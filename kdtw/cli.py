@@ -112,10 +112,10 @@ def cmd_report(args) -> int:
     examples = load_splits(cfg)[args.split][: args.n or None]
     refs = [ex.target for ex in examples]
     kinds = ("student", "teacher", "budgets")
-    wanted = [k.strip() for k in args.runs.split(",") if k.strip()]
-    if not wanted or any(k not in kinds for k in wanted):
+    wanted = {k.strip() for k in args.runs.split(",") if k.strip()}
+    if not wanted or not wanted <= set(kinds):
         raise SystemExit(f"--runs {args.runs!r}: give a comma-separated subset of {', '.join(kinds)}")
-    if wanted == ["teacher"]:  # the teacher alone (e.g. before its fine-tune): no student needed
+    if wanted == {"teacher"}:  # the teacher alone (e.g. before its fine-tune): no student needed
         from .factory import load_teacher
 
         teacher, student = load_teacher(cfg), None
@@ -123,10 +123,9 @@ def cmd_report(args) -> int:
         teacher, student = load_pair(cfg)
     d = cfg.decoding
     rows = []
-    runs = [("student", "student", table.phrases[0]), ("teacher", "teacher", table.phrases[0])]
-    runs += [(f"budget {b.phrase}", "budgeted", b.phrase) for b in table]
-    runs = [r for r in runs if (r[1] if r[1] != "budgeted" else "budgets") in wanted]
-    for label, mode, phrase in runs:
+    runs = [("student", "student", "student", table.phrases[0]), ("teacher", "teacher", "teacher", table.phrases[0])]
+    runs += [("budgets", f"budget {b.phrase}", "budgeted", b.phrase) for b in table]
+    for label, mode, phrase in (r[1:] for r in runs if r[0] in wanted):
         t0 = time.perf_counter()
         out = generate(student, teacher, prompts_for(cfg, examples, phrase), mode=mode,
                        budgets=table.get(phrase).target, max_new_tokens=d.max_new_tokens,

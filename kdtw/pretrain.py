@@ -175,10 +175,10 @@ def pretrain(cfg: Config, *, roles: tuple[str, ...] = ("teacher", "student"), fo
         if base is not None:
             # The same validation examples before the fine-tune: what it bought.
             before = evaluate_lm(cfg, lm, n=cfg.pretrain.eval_examples)
-            log(f"[pretrain {role}] validation before " + " ".join(f"{k} {v:.2f}" for k, v in before.items()))
+            log(f"[pretrain {role}] validation before {_fmt(before)}")
         stats = supervised_train(cfg, lm, steps=steps, log=log, name=role)
         metrics = evaluate_lm(cfg, lm, n=cfg.pretrain.eval_examples)
-        log(f"[pretrain {role}] validation " + " ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+        log(f"[pretrain {role}] validation {_fmt(metrics)}")
         report = {"role": role, "parameters": lm.num_parameters(), **stats, "validation": metrics}
         if base is not None:
             report["base"] = base
@@ -186,6 +186,10 @@ def pretrain(cfg: Config, *, roles: tuple[str, ...] = ("teacher", "student"), fo
         _save_atomic(lm, folder, report)
         reports[role] = report
     return reports
+
+
+def _fmt(metrics: dict) -> str:
+    return " ".join(f"{k} {v:.2f}" for k, v in metrics.items())
 
 
 def _base(cfg: Config, role: str) -> dict:
