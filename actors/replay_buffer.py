@@ -9,6 +9,7 @@ driver wherever the buffer runs.
 from __future__ import annotations
 
 import io
+from dataclasses import asdict
 
 import pyarrow.parquet as pq
 import ray
@@ -52,13 +53,17 @@ class ReplayBufferActor:
         trajs = self.buf.all()
         sink = io.BytesIO()
         pq.write_table(to_table(trajs) if trajs else SCHEMA.empty_table(), sink, compression="zstd")
-        return sink.getvalue(), {"rng": self.buf.rng.getstate(), "uses": self.uses, "added": self.added}
+        # plain data only: the driver writes it to a checkpoint that is read without pickle code
+        return sink.getvalue(), {"rng": self.buf.rng.getstate(), "uses": [asdict(u) for u in self.uses],
+                                 "added": self.added}
 
     def load(self, data: bytes, state: dict) -> None:
+        trajs = from_table(pq.read_table(io.BytesIO(data)))  # parsed first: a bad file keeps the buffer
+        uses = [UseObservation(**u) for u in state["uses"]]
         self.buf._clear()
-        self.buf.add(from_table(pq.read_table(io.BytesIO(data))))
+        self.buf.add(trajs)
         self.buf.rng.setstate(state["rng"])
-        self.uses, self.added = list(state["uses"]), state["added"]
+        self.uses, self.added = uses, state["added"]
 
     def contents(self) -> list:
         return self.buf.all()

@@ -35,6 +35,7 @@ def run_bc(cfg, *, tracker=None, log=print) -> str:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from actors.phase1_rank import METRICS_FILE, train_loop
+    from kdtw.atomic import make_tmp_dir, recover_dir, remove_dir, replace_dir
 
     r = cfg.ray
     run_dir = os.path.abspath(cfg.run_dir)
@@ -55,12 +56,15 @@ def run_bc(cfg, *, tracker=None, log=print) -> str:
     if result.checkpoint is None:
         raise RuntimeError(f"Phase 1 produced no checkpoint (Ray Train error: {result.error})")
     out = os.path.join(run_dir, "phase1")
-    tmp = out + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    with result.checkpoint.as_directory() as d:
-        shutil.copytree(d, tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    recover_dir(out)
+    tmp = make_tmp_dir(out)
+    try:
+        with result.checkpoint.as_directory() as d:
+            shutil.copytree(d, tmp, dirs_exist_ok=True)
+        replace_dir(tmp, out)  # an earlier Phase-1 result is set aside, never deleted first
+    except BaseException:
+        remove_dir(tmp)
+        raise
     seconds = time.perf_counter() - t0
     if tracker is not None:
         with open(os.path.join(out, METRICS_FILE)) as f:

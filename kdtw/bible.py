@@ -41,7 +41,6 @@ import json
 import math
 import os
 import re
-import shutil
 import statistics
 import struct
 import subprocess
@@ -52,6 +51,8 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from .atomic import make_tmp_dir, recover_dir, remove_dir, replace_dir
 
 # The 66 books both modules share, in canonical order (OSIS ids).
 CANON = (
@@ -529,8 +530,8 @@ def build(
     for p in kept:
         by_split[split_of(p.ref)].append(p)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    recover_dir(str(out))
+    tmp = Path(make_tmp_dir(str(out)))
     try:
         files = {}
         for split in SPLITS:
@@ -544,12 +545,9 @@ def build(
             "files": files,
         }
         (tmp / CHECKSUMS).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        replace_dir(str(tmp), str(out))  # the old folder is set aside, never deleted first
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_dir(str(tmp))
         raise
     log(f"[bible] wrote {out}: " + ", ".join(f"{n} {f['rows']}" for n, f in files.items()))
     return meta

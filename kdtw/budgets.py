@@ -8,6 +8,8 @@ DESIGN.md §5 names the zero budget "none"; its phrase here is "no" so that the 
 
 from __future__ import annotations
 
+import math
+import string
 from dataclasses import dataclass
 
 DEFAULT_BUDGETS: dict[str, float] = {
@@ -22,6 +24,41 @@ DEFAULT_BUDGETS: dict[str, float] = {
 DEFAULT_TEMPLATE = "With {phrase} teacher use, {instruction}:"
 
 _ALIASES = {"none": "no"}
+
+# The placeholders a prompt template may hold; {phrase} is required (it is what the student reads).
+TEMPLATE_FIELDS = ("phrase", "instruction")
+
+
+def template_problem(template: object, *, need_instruction: bool = False) -> str | None:
+    """What is wrong with a prompt template (None: nothing): not a string, not a valid format
+    string, a placeholder other than {phrase} and {instruction}, no {phrase} (or, with
+    ``need_instruction``, no {instruction})."""
+    example = f"e.g. {DEFAULT_TEMPLATE!r}"
+    if not isinstance(template, str):
+        return f"must be a string with {{phrase}} and {{instruction}}, {example}"
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as e:  # an unmatched brace; a literal brace is written {{ or }}
+        return f"is not a valid template ({e}; write a literal brace as {{{{ or }}}}), {example}"
+    unknown = sorted({n for n in names if n not in TEMPLATE_FIELDS})
+    if unknown:
+        shown = ", ".join("{" + n + "}" for n in unknown)
+        return f"has unknown placeholder(s) {shown}: use only {{phrase}} and {{instruction}}, {example}"
+    if "phrase" not in names:
+        return f"has no {{phrase}}: the budget phrase must appear in every prompt, {example}"
+    if need_instruction and "instruction" not in names:
+        return f"has no {{instruction}}: the task instruction must appear in every prompt, {example}"
+    return None
+
+
+def target_problem(target: object) -> str | None:
+    """What is wrong with a budget target (None: nothing): a bool, not a number, not finite, or
+    outside [0, 1]."""
+    if isinstance(target, bool) or not isinstance(target, (int, float)):
+        return "must be a number in [0, 1] (a teacher-use fraction)"
+    if not (math.isfinite(target) and 0.0 <= target <= 1.0):
+        return "must be in [0, 1] (a teacher-use fraction)"
+    return None
 
 
 class BudgetError(ValueError):
@@ -43,8 +80,14 @@ class BudgetTable:
         if not table:
             raise BudgetError("the budget table is empty: configure at least one phrase")
         for phrase, b in table.items():
-            if not 0.0 <= float(b) <= 1.0:
-                raise BudgetError(f"budget {phrase!r}={b}: a target must be in [0, 1]")
+            problem = target_problem(b)
+            if problem is not None:
+                raise BudgetError(f"budget {phrase!r}={b!r}: a target {problem}, e.g. 0.1")
+            if not isinstance(phrase, str) or not phrase.strip():
+                raise BudgetError(f"budget phrase {phrase!r}: a phrase is a non-empty string, e.g. 'light'")
+        problem = template_problem(template)
+        if problem is not None:
+            raise BudgetError(f"prompt template {template!r} {problem}")
         self.template = template
         self.budgets = [Budget(i, p, float(b)) for i, (p, b) in enumerate(table.items())]
         self._by_phrase = {b.phrase: b for b in self.budgets}

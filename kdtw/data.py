@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import random
 import re
 from collections import Counter
@@ -495,6 +496,52 @@ def toy_summarisation(
 def _summarisation_vocabulary(*, seed: int, n_entities: int, **_: Any) -> set[str]:
     world = _summarisation_world(seed, n_entities)
     return _template_words() | set(world.names) | set(world.towns)
+
+
+# ----------------------------------------------------------------------------- knob checks
+
+# Smallest value of each numeric generator knob (the generators refuse less, but only once they
+# run); max_len is also checked against min_len.
+_KNOB_MIN = {"lexicon_size": 3, "n_entities": 2, "zipf_exponent": 0, "min_len": 1, "max_len": 1}
+# Knobs set by task.* keys, not by task.generator (factory passes them from task.seed, ...).
+_TASK_KEYS = ("seed", "n_train", "n_validation", "n_test")
+
+
+def generator_problems(kind: str, knobs: Mapping[str, Any], *, prefix: str = "task.generator") -> list[str]:
+    """What is wrong with a generated task's knobs, without generating anything: unknown knobs,
+    knobs that task.* keys set, wrong types, values out of range. Each message names the dotted
+    key and a valid value (the knob's default)."""
+    if kind not in _GENERATORS:
+        return []
+    params = inspect.signature(_GENERATORS[kind]).parameters
+    own = [n for n in params if n not in _TASK_KEYS]
+    problems = []
+    for name, value in knobs.items():
+        key = f"{prefix}.{name}"
+        if name in _TASK_KEYS:
+            problems.append(f"{key}: set task.{name} instead (task.generator holds only {', '.join(own)})")
+            continue
+        if name not in params:
+            problems.append(f"{key}: unknown knob of {kind}; use one of {', '.join(own)}")
+            continue
+        default = params[name].default
+        lo = _KNOB_MIN.get(name)
+        if isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+            what = "an integer"
+        else:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            what = "a finite number"
+        if not ok or (lo is not None and value < lo):
+            bound = "" if lo is None else f" >= {lo}"
+            problems.append(f"{key}={value!r} must be {what}{bound}, e.g. {default}")
+    if not problems and kind == "toy_translation":
+        lo = knobs.get("min_len", params["min_len"].default)
+        hi = knobs.get("max_len", params["max_len"].default)
+        if lo > hi:
+            problems.append(f"{prefix}.min_len={lo} is above {prefix}.max_len={hi}: need min_len <= max_len, "
+                            f"e.g. min_len={params['min_len'].default}, max_len={params['max_len'].default}")
+    return problems
 
 
 # ----------------------------------------------------------------------------- task vocabulary

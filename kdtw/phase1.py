@@ -19,6 +19,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from .atomic import recover_dir
+from .checkpoint import load_state, save_state
 from .config import Config
 from .learner import Learner
 from .local import LocalLoop
@@ -96,13 +98,15 @@ def save_phase1(loop: LocalLoop, folder: str, *, world: int = 1) -> None:
     """Write ``student/``, ``learner.pt`` and the marker file into ``folder``."""
     os.makedirs(folder, exist_ok=True)
     loop.student.save(os.path.join(folder, "student"))
-    torch.save(loop.learner.state_dict(), os.path.join(folder, "learner.pt"))
+    save_state(loop.learner.state_dict(), os.path.join(folder, "learner.pt"))  # read back without pickle code
     with open(os.path.join(folder, PHASE1_META), "w") as f:
         json.dump({"steps": loop.learner.step, "ranks": world, "config": loop.cfg.name}, f)
 
 
 def check_phase1(folder: str) -> str:
-    """``folder`` if it holds a Phase-1 result, else a one-line error."""
+    """``folder`` if it holds a Phase-1 result, else a one-line error (`CheckpointError` for a
+    ``learner.pt`` that is not tensors and plain data)."""
+    recover_dir(folder)  # a Phase-1 result whose replacement was killed: the old copy back
     need = [PHASE1_META, "learner.pt", os.path.join("student", "kdtw_student.json")]
     missing = [n for n in need if not os.path.exists(os.path.join(folder, n))]
     if missing:
@@ -110,4 +114,5 @@ def check_phase1(folder: str) -> str:
             f"{folder!r} is not a Phase-1 folder (missing {', '.join(missing)}): give the phase1/ "
             "folder jobs/train_bc.py or jobs/train_pcl.py wrote"
         )
+    load_state(os.path.join(folder, "learner.pt"))  # a crafted or damaged file: refused here, before Ray starts
     return folder

@@ -19,13 +19,12 @@ import json
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 from typing import Callable
 
 import torch
 
+from .atomic import make_tmp_dir, recover_dir, remove_dir, replace_dir
 from .config import Config
 from .decoding import generate
 from .factory import (
@@ -117,9 +116,9 @@ def evaluate_lm(cfg: Config, lm: LM, *, split: str = "validation", n: int | None
 
 
 def _save_atomic(lm: LM, folder: str, report: dict) -> None:
-    parent = os.path.dirname(os.path.abspath(folder))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-pretrain-", dir=parent)
+    """The model, tokenizer and report to a temporary sibling folder, swapped in by
+    `replace_dir`: a kill at any point leaves the old cached model or the new one."""
+    tmp = make_tmp_dir(folder)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -128,11 +127,9 @@ def _save_atomic(lm: LM, folder: str, report: dict) -> None:
         lm.tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, REPORT), "w") as f:
             json.dump(report, f, indent=2)
-        if os.path.exists(folder):
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
+        replace_dir(tmp, folder)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_dir(tmp)
         raise
 
 
@@ -143,6 +140,7 @@ def pretrain(cfg: Config, *, roles: tuple[str, ...] = ("teacher", "student"), fo
     reports = {}
     for role in roles:
         folder = model_folder(cfg, role)
+        recover_dir(folder)  # a save killed half-way leaves the old copy aside
         cached = os.path.join(folder, REPORT)
         spec = getattr(cfg, role)
         steps = getattr(cfg.pretrain, role + "_steps")

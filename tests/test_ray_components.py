@@ -304,12 +304,16 @@ def test_checkpoints_are_atomic_verified_and_pruned(tmp_path):
     with open(os.path.join(ckpt, "sub", "a.txt"), "a") as f:
         f.write("!")
     with pytest.raises(CheckpointError, match="corrupt: sub/a.txt does not match its checksum"):
-        open_checkpoint(str(tmp_path))
+        open_checkpoint(ckpt)
+    notes = []  # the run folder falls back to the newest intact checkpoint, saying so
+    assert open_checkpoint(str(tmp_path), log=notes.append)[1]["step"] == 6 and "does not match" in notes[0]
     meta = os.path.join(tmp_path, "checkpoints", "step_0000006", "kdtw_checkpoint.json")
     with open(meta, "w") as f:
         f.write("{not json")
     with pytest.raises(CheckpointError, match="corrupt: unreadable"):
         open_checkpoint(os.path.dirname(meta))
+    with pytest.raises(CheckpointError, match="corrupt: sub/a.txt does not match its checksum"):
+        open_checkpoint(str(tmp_path))  # none intact: the error of the one `latest` names
     with pytest.raises(CheckpointError, match="does not exist"):
         open_checkpoint(str(tmp_path / "nope"))
     with pytest.raises(CheckpointError, match="not a kdtw checkpoint"):
