@@ -12,6 +12,7 @@ import ray
 import torch
 
 from actors.common import on_device, pack_weights, setup_threads, unpack_weights
+from kdtw.checkpoint import load_state
 from kdtw.factory import budget_table, load_student
 from kdtw.learner import Learner
 from kdtw.models import Student
@@ -31,9 +32,8 @@ class LearnerActor:
             student = load_student(cfg)
         self.learner = Learner(student, targets=budget_table(cfg).targets, train_cfg=cfg.train)
         if phase1_dir:
-            self.learner.load_state_dict(torch.load(os.path.join(phase1_dir, "learner.pt"), weights_only=False))
-        if cfg.train.phase2_lr is not None:
-            self.learner.set_lr(cfg.train.phase2_lr)
+            self.learner.load_state_dict(load_state(os.path.join(phase1_dir, "learner.pt")))
+        self.learner.start_phase2()
         self.published = None
 
     def publish(self) -> tuple[int, list]:
@@ -49,9 +49,7 @@ class LearnerActor:
             return None
         batch, uses = got
         lags = [lrn.version - t.policy_version for t in batch if t.origin == "student"]
-        m = lrn.pcl_step(batch)
-        lrn.version += 1
-        m.update(lrn.observe_use(uses))
+        m = lrn.learn(batch, uses)
         if uses:
             m["rollout/teacher_use"] = sum(u.teacher_use for u in uses) / len(uses)
         out = {"metrics": m, "version": lrn.version, "step": lrn.step, "lam": lrn.lam.tolist(),

@@ -20,7 +20,9 @@ Validation at every budget (`kdtw.local.validate`, teacher through the pool), ch
 selection (`LocalLoop._consider`'s rule), export of the selected student to ``<run_dir>/student``,
 ``report.json``, ``lambda_trace.png``; one MLflow run (actors/tracking.py) continued on resume.
 Atomic checkpoints every ``ray.checkpoint_every`` steps and at the end (kdtw/checkpoint.py):
-student, optimiser, λ, step, RNG states, buffer, MLflow run id.
+student, optimiser, λ, step, RNG states, buffer, MLflow run id; the ``.pt`` files hold tensors and
+plain data only and are read without running pickle code, and ``--resume`` on a run folder falls
+back to the newest intact checkpoint when ``checkpoints/latest`` is missing or corrupt.
 
 Errors print one line (``kdtw: error: ...``) and exit with status 2.
 """
@@ -46,15 +48,26 @@ for _p in (ROOT, os.path.dirname(os.path.abspath(__file__))):
 
 import torch  # noqa: E402
 
-from kdtw.checkpoint import CheckpointError, open_checkpoint, write_checkpoint  # noqa: E402
+from kdtw.atomic import make_tmp_dir, remove_dir, replace_dir, write_json_atomic  # noqa: E402
+from kdtw.checkpoint import CheckpointError, load_state, open_checkpoint, save_state, write_checkpoint  # noqa: E402
 from kdtw.config import Config, load_config  # noqa: E402
 from kdtw.factory import budget_table, load_splits, load_student  # noqa: E402
-from kdtw.local import LocalLoop, LoopState, format_validation, plot_trace, run_report, validate  # noqa: E402
+from kdtw.local import (  # noqa: E402
+    LocalLoop,
+    LoopState,
+    format_step,
+    format_validation,
+    plot_trace,
+    run_report,
+    trace_entry,
+    validate,
+)
 from kdtw.metrics import primary_metric  # noqa: E402
 from kdtw.models import Student  # noqa: E402
 from kdtw.phase1 import check_phase1  # noqa: E402
 
 PROG = "python jobs/train_pcl.py"
+STATE_FILES = ("learner.pt", "driver.pt")  # checkpoint files read with `load_state` (no pickle code)
 Log = Callable[[str], None]
 
 
@@ -255,11 +268,12 @@ class Phase2:
 
         from actors.common import pack_weights
 
-        d = torch.load(os.path.join(ckpt, "driver.pt"), weights_only=False)
+        # tensors and plain data only: a crafted file is refused before anything is built
+        d = load_state(os.path.join(ckpt, "driver.pt"))
+        learner_state = load_state(os.path.join(ckpt, "learner.pt"))
         s = self.cfg.student
         saved = Student.load(os.path.join(ckpt, "student"), dtype=s.dtype, device=s.device)
         self.learner = self._make_learner(None)
-        learner_state = torch.load(os.path.join(ckpt, "learner.pt"), weights_only=False)
         with open(os.path.join(ckpt, "buffer.parquet"), "rb") as f:
             data = f.read()
         ray.get([self.learner.load_state.remote({"student": pack_weights(saved), "learner": learner_state,
@@ -274,8 +288,7 @@ class Phase2:
         if self.state.best is not None:
             cand = os.path.join(self.cfg.run_dir, "candidate")
             if os.path.exists(os.path.join(ckpt, "candidate")):
-                shutil.rmtree(cand, ignore_errors=True)
-                shutil.copytree(os.path.join(ckpt, "candidate"), cand)
+                _copy_dir(os.path.join(ckpt, "candidate"), cand)
             self.state.best["dir"] = cand
         self.published = ray.get(self.learner.publish.remote())
         self.log(f"[resume] {ckpt}: Phase-2 step {self.step}, policy version {self.published[0]}")
@@ -393,7 +406,7 @@ class Phase2:
         tc = self.cfg.train
         m = res["metrics"]
         self.state.losses.append(m["pcl/loss"])
-        self.state.lam_trace.append({"step": self.step, "lam": res["lam"], "use_hat": res["use_hat"]})
+        self.state.lam_trace.append(trace_entry(self.step, m, res["lam"], res["use_hat"]))
         elapsed = max(time.perf_counter() - t0, 1e-9)
         out = {"loss": m["pcl/loss"], "policy_lag": res["policy_lag"], "policy_version": res["version"],
                "trajectories_per_s": (self.counters["trajectories"] - trajs0) / elapsed,
@@ -413,7 +426,7 @@ class Phase2:
         sys_stats = self._last_stats
         for k, v in m.items():
             head, _, idx = k.partition("/")
-            if head in ("lambda", "use_hat") and idx.isdigit():
+            if head in ("lambda", "use_hat", "use_expected", "use_sampled", "use_greedy", "lambda_err") and idx.isdigit():
                 out[f"{head}/{self.phrases[int(idx)]}"] = v
             else:
                 out[k] = v
@@ -424,10 +437,8 @@ class Phase2:
         if self.tracker is not None:
             self.tracker.metrics(out, step=self.step)
         if self.step % tc.log_every == 0 or self.step == tc.phase2_steps:
-            lam = " ".join(f"{x:.2f}" for x in res["lam"])
-            use = " ".join(f"{x:.2f}" for x in res["use_hat"])
-            self.log(f"[phase 2] step {self.step}/{tc.phase2_steps} pcl loss {m['pcl/loss']:.3f} λ [{lam}] "
-                     f"ĉ [{use}] traj/s {out['trajectories_per_s']:.1f} lag {res['policy_lag']:.2f} "
+            self.log(f"[phase 2] step {self.step}/{tc.phase2_steps} " + format_step(m, res["lam"])
+                     + f" traj/s {out['trajectories_per_s']:.1f} lag {res['policy_lag']:.2f} "
                      f"buffer {sys_stats['buffer_fill']:.2f} teacher batch {sys_stats['teacher_batch_requests']:.2f}")
 
     def _validate_now(self, lam: list[float], key: str) -> None:
@@ -471,11 +482,11 @@ class Phase2:
 
         def write(tmp: str) -> dict:
             self.student.save(os.path.join(tmp, "student"))
-            torch.save(lstate["learner"], os.path.join(tmp, "learner.pt"))
+            save_state(lstate["learner"], os.path.join(tmp, "learner.pt"))
             with open(os.path.join(tmp, "buffer.parquet"), "wb") as f:
                 f.write(bdata)
             loop = {k: v for k, v in asdict(self.state).items()}
-            torch.save({"torch_rng": lstate["torch_rng"], "buffer": bstate, "workers": wstates, "loop": loop,
+            save_state({"torch_rng": lstate["torch_rng"], "buffer": bstate, "workers": wstates, "loop": loop,
                         "initial": self.initial, "counters": self.counters}, os.path.join(tmp, "driver.pt"))
             self.cfg.save(os.path.join(tmp, "config.yaml"))
             if best is not None and os.path.exists(best["dir"]):
@@ -496,16 +507,14 @@ class Phase2:
         best = self.state.best
         selected_dir = os.path.join(c.run_dir, "student")
         if best is not None and os.path.exists(best["dir"]):
-            shutil.rmtree(selected_dir, ignore_errors=True)
-            shutil.copytree(best["dir"], selected_dir)
-            shutil.rmtree(best["dir"], ignore_errors=True)
+            _copy_dir(best["dir"], selected_dir)
+            remove_dir(best["dir"])
         pool, buf = ray.get([self.pool.stats.remote(reset=False), self.buffer.stats.remote()])
         report = run_report(c, self.initial, self.state, self.table, selected_dir,
                             seconds={"phase2": self.counters["seconds"]})
         report["ray"] = {**self.counters, "buffer": buf, "teacher_pool": pool,
                          "rollout_workers": c.ray.num_rollout_workers, "teacher_replicas": c.ray.num_teacher_replicas}
-        with open(os.path.join(c.run_dir, "report.json"), "w") as f:
-            json.dump(report, f, indent=2)
+        write_json_atomic(os.path.join(c.run_dir, "report.json"), report)
         try:
             plot_trace(report, os.path.join(c.run_dir, "lambda_trace.png"))
         except Exception as e:  # a plot must never lose the run
@@ -544,6 +553,17 @@ class Phase2:
             from ray.util.placement_group import remove_placement_group
 
             remove_placement_group(self.pg)
+
+
+def _copy_dir(src: str, dst: str) -> None:
+    """Copy a folder over ``dst`` with no moment where ``dst`` is missing (kdtw/atomic.py)."""
+    tmp = make_tmp_dir(dst)
+    try:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+        replace_dir(tmp, dst)
+    except BaseException:
+        remove_dir(tmp)
+        raise
 
 
 # ----------------------------------------------------------------------------- the job
@@ -605,6 +625,8 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
                 raise ValueError("--resume continues a run with its own config: drop --config/--phase1 "
                                  "(key=value overrides still apply)")
             ckpt, manifest = open_checkpoint(args.resume)
+            for name in STATE_FILES:  # a crafted or unreadable state file is refused before Ray starts
+                load_state(os.path.join(ckpt, name))
             cfg = load_config(os.path.join(ckpt, "config.yaml"), args.overrides).with_absolute_paths()
             resume = (ckpt, manifest)
         else:

@@ -36,6 +36,7 @@ SCHEMA = pa.schema(
         ("policy_version", pa.int32()),
         ("worker_id", pa.int16()),
         ("greedy_tau", pa.list_(pa.bool_())),
+        ("tau_prob", pa.list_(pa.float32())),
     ]
 )
 
@@ -57,7 +58,8 @@ def to_table(trajs: list[Trajectory]) -> pa.Table:
 
 def from_table(table: pa.Table) -> list[Trajectory]:
     d = table.to_pydict()
-    return [Trajectory(**{k: d[k][i] for k in SCHEMA.names}) for i in range(table.num_rows)]
+    names = [k for k in SCHEMA.names if k in d]  # files written before tau_prob lack it
+    return [Trajectory(**{k: d[k][i] for k in names}) for i in range(table.num_rows)]
 
 
 # ----------------------------------------------------------------------------- compact storage
@@ -134,11 +136,13 @@ class _Chunk:
     Per token: ids (``tok``), log-probs, bit-packed flags; per row: offsets, prompt head and
     the rest of the prompt (``rest``, ``roff``), budget, version, worker."""
 
-    __slots__ = ("tok", "tau", "blogp", "tlogp", "gtau", "off", "rest", "roff", "head", "budget", "version",
-                 "worker", "has_greedy", "start")
+    __slots__ = ("tok", "tau", "blogp", "tlogp", "gtau", "ptau", "off", "rest", "roff", "head", "budget", "version",
+                 "worker", "has_greedy", "has_ptau", "start")
 
-    def __init__(self, *, tok, tau, blogp, tlogp, gtau, off, rest, roff, head, budget, version, worker, has_greedy):
-        self.tok, self.tau, self.blogp, self.tlogp, self.gtau = tok, tau, blogp, tlogp, gtau
+    def __init__(self, *, tok, tau, blogp, tlogp, gtau, ptau, off, rest, roff, head, budget, version, worker,
+                 has_greedy, has_ptau):
+        self.tok, self.tau, self.blogp, self.tlogp, self.gtau, self.ptau = tok, tau, blogp, tlogp, gtau, ptau
+        self.has_ptau = has_ptau
         self.off, self.rest, self.roff, self.head = off, rest, roff, head
         self.budget, self.version, self.worker, self.has_greedy = budget, version, worker, has_greedy
         self.start = 0
@@ -152,12 +156,14 @@ class _Chunk:
         np.cumsum([len(r) for _, r in split], out=roff[1:])
         flat = lambda name: [v for t in trajs for v in getattr(t, name)]  # noqa: E731
         gtau = [v for t in trajs for v in (t.greedy_tau or [False] * len(t))]
+        ptau = [v for t in trajs for v in (t.tau_prob or [0.0] * len(t))]
         return cls(
             tok=_ids(flat("tokens")),
             tau=np.packbits(np.asarray(flat("actions_tau"), dtype=bool)),
             blogp=np.asarray(flat("behaviour_logp"), dtype=np.float32),
             tlogp=np.asarray(flat("teacher_logp"), dtype=np.float32),
             gtau=np.packbits(np.asarray(gtau, dtype=bool)),
+            ptau=np.asarray(ptau, dtype=np.float16),  # a probability needs no more (2 bytes a token)
             off=off,
             rest=_ids([v for _, r in split for v in r]),
             roff=roff,
@@ -166,6 +172,7 @@ class _Chunk:
             version=np.asarray([t.policy_version for t in trajs], dtype=np.int32),
             worker=np.asarray([t.worker_id for t in trajs], dtype=np.int16),
             has_greedy=np.asarray([bool(t.greedy_tau) for t in trajs], dtype=bool),
+            has_ptau=np.asarray([bool(t.tau_prob) for t in trajs], dtype=bool),
         )
 
     @property
@@ -198,6 +205,7 @@ class _Chunk:
             policy_version=int(self.version[i]),
             worker_id=int(self.worker[i]),
             greedy_tau=self._bits(self.gtau, a, b) if self.has_greedy[i] else [],
+            tau_prob=self.ptau[a:b].astype(np.float32).tolist() if self.has_ptau[i] else [],
         )
 
     def nbytes(self) -> int:
@@ -288,9 +296,9 @@ def _select(c: _Chunk, rows: np.ndarray) -> _Chunk:
     unpack = lambda p: np.unpackbits(p, count=n_bits).astype(bool)  # noqa: E731
     return _Chunk(
         tok=c.tok[tok_idx], tau=np.packbits(unpack(c.tau)[tok_idx]), blogp=c.blogp[tok_idx],
-        tlogp=c.tlogp[tok_idx], gtau=np.packbits(unpack(c.gtau)[tok_idx]), off=off, rest=rest, roff=roff,
-        head=c.head[rows], budget=c.budget[rows], version=c.version[rows], worker=c.worker[rows],
-        has_greedy=c.has_greedy[rows],
+        tlogp=c.tlogp[tok_idx], gtau=np.packbits(unpack(c.gtau)[tok_idx]), ptau=c.ptau[tok_idx], off=off,
+        rest=rest, roff=roff, head=c.head[rows], budget=c.budget[rows], version=c.version[rows],
+        worker=c.worker[rows], has_greedy=c.has_greedy[rows], has_ptau=c.has_ptau[rows],
     )
 
 
@@ -315,8 +323,9 @@ def _concat(chunks: list[_Chunk]) -> _Chunk:
     cat = lambda name: np.concatenate([getattr(c, name) for c in chunks])  # noqa: E731
     return _Chunk(
         tok=ids("tok"), tau=bits("tau"), blogp=cat("blogp"), tlogp=cat("tlogp"), gtau=bits("gtau"),
-        off=offsets("off"), rest=ids("rest"), roff=offsets("roff"), head=cat("head"), budget=cat("budget"),
-        version=cat("version"), worker=cat("worker"), has_greedy=cat("has_greedy"),
+        ptau=cat("ptau"), off=offsets("off"), rest=ids("rest"), roff=offsets("roff"), head=cat("head"),
+        budget=cat("budget"), version=cat("version"), worker=cat("worker"), has_greedy=cat("has_greedy"),
+        has_ptau=cat("has_ptau"),
     )
 
 

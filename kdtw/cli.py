@@ -1,14 +1,16 @@
 """The ``kdtw`` command line.
 
     kdtw pretrain [--config conf/default.yaml] [--force] [key=value ...]
-    kdtw train --local [--config conf/default.yaml] [key=value ...]
+    kdtw train --local [--overwrite] [--config conf/default.yaml] [key=value ...]
     kdtw report   [--config conf/default.yaml] [--split validation] [key=value ...]
     kdtw eval     --student PATH [--drafter PATH] --out DIR [--config ...] (jobs/evaluate.py)
+                  [--call-rules argmax,sample,threshold] [--no-oracle] [--calib-n N] [--thresholds FILE]
     kdtw decode   --mode budgeted|student|teacher|speculative [--budget light] [--k 3] [--strict]
                   [--config ...] [--input FILE|-] [key=value ...]
     kdtw data bible-en-es [--out data/bible_en_es] [--debs DIR] [--check]   (kdtw/bible.py)
 
-Errors print one line (``kdtw: error: ...``) and exit with status 2.
+Errors print one line (``kdtw: error: ...``) and exit with status 2: bad flags, config values,
+files and output folders are refused before any model loads or anything is written.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 import sys
 import time
 
+SPLITS = ("train", "validation", "test")
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf", "default.yaml")
 
 
@@ -31,26 +34,82 @@ def _config(args):
     return load_config(path, args.overrides)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, ``kdtw: error: ...``, exit status 2 (as every
+    other error of the command line), pointing at ``--help`` instead of printing the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"kdtw: error: {message} (see `{self.prog} --help`)\n")
+
+
+def count(flag: str, example: int):
+    """An argparse ``type`` for a count flag: an integer >= 1 (``--k 0`` is refused, not read as
+    "the default")."""
+
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not an integer: give one >= 1, e.g. {flag} {example}") from None
+        if n < 1:
+            raise argparse.ArgumentTypeError(f"{n} must be >= 1, e.g. {flag} {example}")
+        return n
+
+    return parse
+
+
+def check_output_file(path: str, flag: str) -> None:
+    """Refuse, before any work, an output file that could not be written: a folder, a path in a
+    missing folder, or one in a folder that cannot take a new file."""
+    from .config import ConfigError, check_writable_dir
+
+    if os.path.isdir(path):
+        raise ConfigError(f"{flag} {path!r} is a folder: give a file path, e.g. {flag} rows.json")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ConfigError(f"{flag} {path!r}: the folder {parent!r} does not exist: create it or give another path")
+    check_writable_dir(parent, flag)
+
+
 def cmd_pretrain(args) -> int:
+    from .config import check_writable_dir
     from .pretrain import pretrain
 
     cfg = _config(args)
+    check_writable_dir(cfg.models_dir, "models_dir")  # before hours of training, not after
     reports = pretrain(cfg, force=args.force)
     print(json.dumps({r: {k: v for k, v in rep.items() if k != "role"} for r, rep in reports.items()}, indent=2))
     return 0
 
 
 def _read_inputs(path: str) -> list[str]:
+    """The non-empty lines of ``path`` (``-``: stdin), read as UTF-8 bytes (not in the locale's
+    encoding), so that other bytes are one clear error whatever the terminal."""
+    from .data import DataError
+
     if path == "-":
-        lines = sys.stdin.read().splitlines()
+        where = "stdin"
+        raw = getattr(sys.stdin, "buffer", None)
+        data = raw.read() if raw is not None else sys.stdin.read().encode("utf-8")
     else:
+        where = f"--input {path!r}"
         if not os.path.exists(path):
-            raise FileNotFoundError(f"input file {path!r} does not exist")
-        with open(path) as f:
-            lines = f.read().splitlines()
-    lines = [ln.strip() for ln in lines if ln.strip()]
+            raise FileNotFoundError(f"input file {path!r} does not exist: give a file with one source "
+                                    "per line, or - for stdin")
+        if os.path.isdir(path):
+            raise DataError(f"{where} is a folder: give a file with one source per line, or - for stdin")
+        with open(path, "rb") as f:
+            data = f.read()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where} is not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}): "
+                        "convert it to UTF-8, e.g. with iconv -t UTF-8") from None
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if not lines:
-        raise ValueError(f"no input: {'stdin' if path == '-' else path} holds no non-empty line")
+        raise ValueError(f"no input: {'stdin' if path == '-' else path} holds no non-empty line; "
+                         "give one source per line")
     return lines
 
 
@@ -74,13 +133,50 @@ def cmd_decode(args) -> int:
         out = speculative_generate(student, teacher, prompts, k=args.k or d.spec_k,
                                    max_new_tokens=d.max_new_tokens, do_sample=d.do_sample)
     else:
-        out = generate(student, teacher, prompts, mode=args.mode, budgets=table.get(phrase).target,
+        from .calibration import call_kwargs
+        from .factory import student_folder
+
+        target = table.get(phrase).target
+        kw = call_kwargs(cfg, student, student_folder(cfg), phrase, target) if args.mode == "budgeted" else {}
+        out = generate(student, teacher, prompts, mode=args.mode, budgets=target,
                        max_new_tokens=d.max_new_tokens, do_sample=d.do_sample, temperature=d.temperature,
                        teacher_do_sample=d.teacher_do_sample, strict=args.strict or d.strict,
-                       batch_size=d.batch_size)
+                       batch_size=d.batch_size, **kw)
     for src, row in zip(sources, out.rows()):
         print(json.dumps({"source": src, "budget": phrase, "mode": args.mode, **row}, ensure_ascii=False))
     return 0
+
+
+def _check_run_dir(cfg, *, overwrite: bool) -> list[str]:
+    """Refuse a run_dir that cannot be written, or that holds another run's outputs unless
+    ``overwrite``; returns the outputs to clear (before any model loads)."""
+    from .config import ConfigError, check_writable_dir, run_outputs
+
+    check_writable_dir(cfg.run_dir, "run_dir")
+    old = run_outputs(cfg.run_dir)
+    if old and not overwrite:
+        shown = ", ".join(n + ("/" if os.path.isdir(os.path.join(cfg.run_dir, n)) else "") for n in old)
+        raise ConfigError(
+            f"run_dir={cfg.run_dir!r} holds another run ({shown}): give a new run_dir, or add "
+            "--overwrite to delete that run's outputs first"
+        )
+    return old
+
+
+def _clear_run(run_dir: str, names: list[str]) -> None:
+    """Delete an old run's outputs (only the names `run_outputs` found, never the folder or
+    anything else in it, e.g. a models_dir inside it), once the new run has loaded and is about
+    to write; each folder vanishes at once (renamed aside, then deleted), so a kill leaves it
+    whole or gone, not half-deleted."""
+    from .atomic import remove_dir
+
+    for name in names:
+        path = os.path.join(run_dir, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            remove_dir(path)
+        else:
+            os.remove(path)
+    print(f"[kdtw] --overwrite: deleted {', '.join(names)} of the earlier run in {run_dir}")
 
 
 def cmd_train(args) -> int:
@@ -89,12 +185,16 @@ def cmd_train(args) -> int:
         from .config import ConfigError
 
         raise ConfigError(
-            "kdtw train runs the single-process loop with --local; the distributed loop is "
+            "kdtw train runs only the single-process loop: add --local; the distributed loop is "
             "jobs/train_pcl.py (ray job submit ... -- python jobs/train_pcl.py)"
         )
-    from .local import run_local
+    old = _check_run_dir(cfg, overwrite=args.overwrite)
+    from .local import LocalLoop
 
-    report = run_local(cfg)
+    loop = LocalLoop(cfg)  # models and data load first: if they fail, the old run is still there
+    if old:
+        _clear_run(cfg.run_dir, old)
+    report = loop.run()
     sel = report["selected"]
     print(json.dumps({"run_dir": cfg.run_dir, "selected_dir": report["selected_dir"],
                       "eligible": None if sel is None else sel["eligible"]}))
@@ -107,14 +207,19 @@ def cmd_report(args) -> int:
     from .factory import budget_table, load_pair, load_splits, prompts_for
     from .metrics import primary_metric, task_metrics
 
-    cfg = _config(args)
-    table = budget_table(cfg)
-    examples = load_splits(cfg)[args.split][: args.n or None]
-    refs = [ex.target for ex in examples]
     kinds = ("student", "teacher", "budgets")
     wanted = {k.strip() for k in args.runs.split(",") if k.strip()}
     if not wanted or not wanted <= set(kinds):
-        raise SystemExit(f"--runs {args.runs!r}: give a comma-separated subset of {', '.join(kinds)}")
+        raise ValueError(f"--runs {args.runs!r}: give a comma-separated subset of {', '.join(kinds)}")
+    if args.json:
+        check_output_file(args.json, "--json")
+    cfg = _config(args)
+    table = budget_table(cfg)
+    splits = load_splits(cfg)
+    if args.split not in splits:
+        raise ValueError(f"--split {args.split}: this task has the splits {', '.join(splits)}")
+    examples = splits[args.split][: args.n]
+    refs = [ex.target for ex in examples]
     if wanted == {"teacher"}:  # the teacher alone (e.g. before its fine-tune): no student needed
         from .factory import load_teacher
 
@@ -125,11 +230,17 @@ def cmd_report(args) -> int:
     rows = []
     runs = [("student", "student", "student", table.phrases[0]), ("teacher", "teacher", "teacher", table.phrases[0])]
     runs += [("budgets", f"budget {b.phrase}", "budgeted", b.phrase) for b in table]
-    for label, mode, phrase in (r[1:] for r in runs if r[0] in wanted):
+    from .calibration import call_kwargs
+    from .factory import student_folder
+
+    for i, (label, mode, phrase) in enumerate(r[1:] for r in runs if r[0] in wanted):
         t0 = time.perf_counter()
+        target = table.get(phrase).target
+        kw = call_kwargs(cfg, student, student_folder(cfg), phrase, target, index=table.phrases.index(phrase)) \
+            if mode == "budgeted" else {}
         out = generate(student, teacher, prompts_for(cfg, examples, phrase), mode=mode,
-                       budgets=table.get(phrase).target, max_new_tokens=d.max_new_tokens,
-                       batch_size=d.batch_size, strict=args.strict)
+                       budgets=target, max_new_tokens=d.max_new_tokens,
+                       batch_size=d.batch_size, strict=args.strict, **kw)
         m = task_metrics(cfg.task.metric, out.texts, refs)
         use = sum(out.teacher_use()) / len(out)
         rows.append({"run": label, "target": table.get(phrase).target if mode == "budgeted" else None,
@@ -156,7 +267,7 @@ def cmd_data_bible(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kdtw", description="Knowledge distillation with training wheels")
+    p = OneLineParser(prog="kdtw", description="Knowledge distillation with training wheels")
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp):
@@ -172,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp)
     sp.add_argument("--mode", choices=["budgeted", "student", "teacher", "speculative"], default="budgeted")
     sp.add_argument("--budget", help="budget phrase, e.g. light")
-    sp.add_argument("--k", type=int, help="speculative block size K")
+    sp.add_argument("--k", type=count("--k", 3), help="speculative block size K (default: decoding.spec_k)")
     sp.add_argument("--strict", action="store_true", help="mask <τ> once the budget is used")
     sp.add_argument("--input", default="-", help="file with one source per line, or - for stdin")
     sp.set_defaults(func=cmd_decode)
@@ -180,12 +291,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("train", help="train the student (Phase 1 + Phase 2); --local: one process")
     common(sp)
     sp.add_argument("--local", action="store_true", help="the single-process reference loop")
+    sp.add_argument("--overwrite", action="store_true",
+                    help="the run_dir may hold an earlier run: delete its outputs (report.json, student/, ...) first")
     sp.set_defaults(func=cmd_train)
 
     sp = sub.add_parser("report", help="decode a split at every budget and print a table")
     common(sp)
-    sp.add_argument("--split", default="validation")
-    sp.add_argument("--n", type=int, default=None, help="first N examples only")
+    sp.add_argument("--split", default="validation", choices=SPLITS)
+    sp.add_argument("--n", type=count("--n", 16), default=None, help="first N examples only")
     sp.add_argument("--strict", action="store_true")
     sp.add_argument("--runs", default="student,teacher,budgets",
                     help="which decoders, comma-separated (default: student,teacher,budgets)")
@@ -216,7 +329,26 @@ def errors() -> tuple[type[BaseException], ...]:
     from .data import DataError
     from .models import ModelError
 
-    return (ConfigError, BudgetError, DataError, ModelError, FileNotFoundError, ValueError, FloatingPointError)
+    return (ConfigError, BudgetError, DataError, ModelError, OSError, ValueError, FloatingPointError)
+
+
+_OS_HINTS = {
+    PermissionError: "check its permissions or choose another path",
+    IsADirectoryError: "it is a folder: give a file",
+    NotADirectoryError: "a part of the path is a file: give another path",
+    FileNotFoundError: "check the path",
+    FileExistsError: "remove it or choose another path",
+}
+
+
+def describe(e: BaseException) -> str:
+    """An error of `errors` as one line that names what to change."""
+    if isinstance(e, UnicodeDecodeError):
+        return f"a file or input is not UTF-8 text ({e.reason} at byte {e.start}): convert it to UTF-8"
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        hint = next((h for t, h in _OS_HINTS.items() if isinstance(e, t)), "check the path and the disk")
+        return f"{e.strerror}: {e.filename!r}: {hint}"
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 def _run_job(script: str, argv: list[str], prog: str) -> int:
@@ -234,14 +366,19 @@ def _run_job(script: str, argv: list[str], prog: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "eval":
-        return _run_job("evaluate.py", argv[1:], "kdtw eval")
-    args = build_parser().parse_args(argv)
+    try:
+        if argv and argv[0] == "eval":
+            return _run_job("evaluate.py", argv[1:], "kdtw eval")
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # a usage error (one line, status 2) or --help (0)
+        return e.code if isinstance(e.code, int) else int(e.code is not None)
+    except errors() as e:
+        print(f"kdtw: error: {describe(e)}", file=sys.stderr)
+        return 2
     try:
         return args.func(args)
     except errors() as e:
-        msg = " ".join(str(e).split("\n"))
-        print(f"kdtw: error: {msg}", file=sys.stderr)
+        print(f"kdtw: error: {describe(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("kdtw: interrupted", file=sys.stderr)

@@ -42,6 +42,8 @@ class DecodeOutput:
     batch_teacher_forwards: int = 0  # teacher forward passes over whole batches
     mode: str = "budgeted"
     extra: dict = field(default_factory=dict)
+    # π(<τ> | s_t) of the decoding policy at each output step (budgeted mode; empty otherwise)
+    tau_prob: list[list[float]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -70,6 +72,11 @@ class DecodeOutput:
 
 
 MODES = ("budgeted", "student", "teacher")
+# How budgeted decoding decides a call (DESIGN.md §5 revision, kdtw/decoding.py docstring):
+# argmax: <τ> when it is the policy's argmax (or drawn with the token, do_sample);
+# sample: a draw from π(<τ>|s), what training controls; threshold: π(<τ>|s) ≥ θ;
+# oracle: KL(π̃ ‖ p) ≥ θ with both models run at every step (an evaluation ceiling).
+CALL_RULES = ("argmax", "sample", "threshold", "oracle")
 
 
 def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,14 +119,37 @@ def generate(
     batch_size: int = 32,
     tau_bias: float = 0.0,
     generator: torch.Generator | None = None,
+    call_rule: str = "argmax",
+    call_threshold: float | list[float] | None = None,
 ) -> DecodeOutput:
     """Decode ``prompts`` (full input texts, budget instruction included).
 
-    ``budgets``: the target fraction per prompt (or one for all); needed for ``strict``.
+    ``budgets``: the target fraction per prompt (or one for all); needed for ``strict``. A prompt
+    whose budget is 0 decodes with <τ> masked (DESIGN.md §5 revision: the zero budget is masked,
+    not controlled).
     ``tau_bias`` is added to the <τ> logit (an inference-time knob; 0 = the trained policy).
+
+    ``call_rule`` (budgeted mode) decides each call; the token written otherwise is the argmax
+    over V (or a draw from π̃, the policy over V without <τ>, when ``do_sample``):
+
+    - ``argmax``: the action is the argmax of π over V ∪ {<τ>} (a draw from π when ``do_sample``).
+    - ``sample``: call with probability π(<τ>|s) (at ``temperature``): the expected call rate is
+      the one Phase 2's λ controls. With ``do_sample`` this is exactly a draw from π.
+    - ``threshold``: call when π(<τ>|s) ≥ ``call_threshold`` (per prompt or one for all).
+    - ``oracle``: call when KL(π̃(·|s) ‖ p(·|s)) ≥ ``call_threshold`` (DESIGN.md §4's oracle score
+      on the decoder's own state): the teacher runs at every step, so this is a quality ceiling
+      for a caller at that rate, not a fast decoder.
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: use one of {MODES} (or speculative_generate)")
+    if call_rule not in CALL_RULES:
+        raise ValueError(f"call_rule={call_rule!r}: use one of {', '.join(CALL_RULES)}")
+    if call_rule in ("threshold", "oracle") and mode == "budgeted" and call_threshold is None:
+        raise ValueError(f"call_rule={call_rule} needs call_threshold (one per prompt or one for all)")
+    if isinstance(call_threshold, (int, float)):
+        call_threshold = [float(call_threshold)] * len(prompts)
+    if call_threshold is not None and len(call_threshold) != len(prompts):
+        raise ValueError(f"{len(call_threshold)} call thresholds for {len(prompts)} prompts")
     if not prompts:
         raise ValueError("no prompts to decode (empty input)")
     if mode != "teacher" and student is None:
@@ -150,6 +180,8 @@ def generate(
                 strict=strict,
                 tau_bias=tau_bias,
                 generator=generator,
+                call_rule=call_rule,
+                thresholds=None if call_threshold is None else call_threshold[s : s + batch_size],
             )
         )
     out = DecodeOutput(
@@ -164,12 +196,14 @@ def generate(
         wall_time=time.perf_counter() - t0,
         batch_teacher_forwards=sum(p.batch_teacher_forwards for p in parts),
         mode=mode,
+        tau_prob=[t for p in parts for t in p.tau_prob],
     )
     return out
 
 
 def _generate_batch(student, teacher, prompts, *, mode, budgets, max_new_tokens, do_sample,
-                    temperature, teacher_do_sample, strict, tau_bias, generator) -> DecodeOutput:
+                    temperature, teacher_do_sample, strict, tau_bias, generator, call_rule="argmax",
+                    thresholds=None) -> DecodeOutput:
     lm = student.lm if student is not None else teacher
     ref = teacher if teacher is not None else lm
     B = len(prompts)
@@ -186,11 +220,15 @@ def _generate_batch(student, teacher, prompts, *, mode, budgets, max_new_tokens,
         t_state = teacher.start(t_ids.to(teacher.device), t_mask.to(teacher.device))
         V = teacher.vocab_size
     budget_t = torch.tensor(budgets, dtype=torch.float32, device=dev) if budgets is not None else None
+    b_index = student.budget_index(budgets) if (student is not None and budgets is not None) else None
+    theta = torch.tensor(thresholds, dtype=torch.float32, device=dev) if thresholds is not None else None
+    rule = call_rule if mode == "budgeted" else "argmax"
 
     out = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=dev)
     calls = torch.zeros((B, max_new_tokens), dtype=torch.bool, device=dev)
     blogp = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=dev)
     gtau = torch.zeros((B, max_new_tokens), dtype=torch.bool, device=dev)
+    ptau = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=dev)
     length = torch.full((B,), max_new_tokens, dtype=torch.long, device=dev)  # final length
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     n_calls = torch.zeros(B, dtype=torch.long, device=dev)
@@ -202,25 +240,56 @@ def _generate_batch(student, teacher, prompts, *, mode, budgets, max_new_tokens,
     T = 0
     for t in range(max_new_tokens):
         T = t + 1
+        oracle_logits = None  # the teacher's logits at this step, where the oracle rule ran it
         if mode == "teacher":
             want = ~done
             act_logp = torch.zeros(B, device=dev)
         else:
-            pol = student.policy_logits(s_logits).float()  # [B, V+1]
+            pol = student.policy_logits(s_logits, b_index).float()  # [B, V+1]
             if mode == "student":
                 pol[:, V] = float("-inf")
             else:
                 if tau_bias:
                     pol[:, V] += tau_bias
+                if budget_t is not None:  # the zero budget masks <τ> (DESIGN.md §5 revision)
+                    pol[:, V] = torch.where(budget_t > 0, pol[:, V], torch.full_like(pol[:, V], float("-inf")))
                 if strict:
                     allowed = (n_calls + 1).float() <= budget_t * (t + 1) + 1e-6
                     pol[:, V] = torch.where(allowed, pol[:, V], torch.full_like(pol[:, V], float("-inf")))
-            a, act_logp = _pick(pol, do_sample, temperature, generator)
             gtau[:, t] = (pol.argmax(-1) == V) & ~done
-            want = (a == V) & ~done
             s_steps += (~done).long()
+            if rule == "argmax":
+                a, act_logp = _pick(pol, do_sample, temperature, generator)
+                want = (a == V) & ~done
+            else:
+                logpol = torch.log_softmax(pol / temperature if do_sample else pol, dim=-1)  # [B, V+1]
+                a, _ = _pick(pol[:, :V], do_sample, temperature, generator)
+                if rule == "sample":
+                    call = torch.rand(B, generator=generator, device=generator.device if generator is not None
+                                      else "cpu").to(dev) < logpol[:, V].exp()
+                elif rule == "threshold":
+                    # a strict mask makes π(<τ>) = 0, which a threshold of 0 would still meet
+                    call = (logpol[:, V].exp() >= theta) & torch.isfinite(pol[:, V])
+                else:  # oracle: the teacher sees every step
+                    new = out[:, teacher_seen:t].to(teacher.device)
+                    oracle_logits = teacher.extend(t_state, new)[:, -1, :V].float().to(dev)  # [B, V]
+                    teacher_seen = t
+                    batch_fwd += 1
+                    t_forwards += (~done).long()
+                    kl = torch.nn.functional.kl_div(torch.log_softmax(oracle_logits, -1),
+                                                    torch.log_softmax(pol[:, :V], -1),
+                                                    reduction="none", log_target=True).sum(-1)  # [B]
+                    call = (kl >= theta) & torch.isfinite(pol[:, V])  # masked: zero budget, strict
+                # log π(a) of the joint action: <τ>, or "write" then the token under π̃
+                tok_lp = logpol[:, :V].gather(-1, a[:, None]).squeeze(-1)
+                act_logp = torch.where(call, logpol[:, V], tok_lp)
+                want = call & ~done
+            ptau[:, t] = torch.where(done, torch.zeros(B, device=dev), torch.softmax(pol, -1)[:, V])
         tok = a if mode != "teacher" else torch.full((B,), pad, dtype=torch.long, device=dev)
-        if want.any():
+        if want.any() and oracle_logits is not None:
+            x, _ = _pick(oracle_logits, teacher_do_sample, 1.0, generator)
+            tok = torch.where(want, x, tok)
+        elif want.any():
             new = out[:, teacher_seen:t].to(teacher.device)
             t_logits = teacher.extend(t_state, new)[:, -1, :V].float()  # [B, V] predicts x_t
             teacher_seen = t
@@ -245,13 +314,14 @@ def _generate_batch(student, teacher, prompts, *, mode, budgets, max_new_tokens,
     computed = teacher_seen + 1 if batch_fwd else 0
     t_tokens = torch.minimum(length, torch.full_like(length, computed))
     lengths = torch.minimum(length, torch.tensor(T, device=dev)).tolist()
-    toks, masks, lps, gts = [], [], [], []
+    toks, masks, lps, gts, pts = [], [], [], [], []
     for i in range(B):
         L = lengths[i]
         toks.append(out[i, :L].tolist())
         masks.append(calls[i, :L].tolist())
         lps.append(blogp[i, :L].tolist())
         gts.append(gtau[i, :L].tolist())
+        pts.append(ptau[i, :L].tolist() if mode == "budgeted" else [])
     return DecodeOutput(
         texts=[ref.decode(x) for x in toks],
         tokens=toks,
@@ -264,6 +334,7 @@ def _generate_batch(student, teacher, prompts, *, mode, budgets, max_new_tokens,
         wall_time=0.0,
         batch_teacher_forwards=batch_fwd,
         mode=mode,
+        tau_prob=pts,
     )
 
 

@@ -3,14 +3,35 @@
 ``evaluate_frontier`` decodes one split, in one process and one sitting, with
 
 - the student alone (``<τ>`` masked) and the teacher alone,
-- budgeted decoding at every budget of the config's table, plain and ``strict``,
+- budgeted decoding at every budget of the config's table, plain and ``strict``, with the
+  configured call rule (``decoding.call_rule``; family ``budgeted`` / ``budgeted_strict``),
+- budgeted decoding with each other learned call rule (DESIGN.md §5 revision; families
+  ``budgeted_argmax``, ``budgeted_sample``, ``budgeted_threshold``): ``argmax`` <τ>, a draw
+  from π(<τ>|s) (``sample``, seeded), or π(<τ>|s) ≥ θ_k (``threshold``),
+- the oracle caller (family ``oracle``, issue 11): the same student and teacher, calls placed
+  where KL(π̃(·|s) ‖ p(·|s)) ≥ θ_k (DESIGN.md §4's score on the decoder's own state): the
+  quality a caller can reach at that call rate,
 - speculative decoding (SD) with each block size K, greedy and sampled,
 
 and returns one row per method × setting with the task metrics, teacher forwards per output
 token, the teacher-use fraction (DESIGN.md §1; for SD the share of tokens the teacher's own
 correction or bonus token produced), the cost-model latency per output token
 ``(Σ student_steps · c + Σ teacher_forwards) / Σ tokens`` in teacher-forward units, and the
-measured wall-clock seconds per sequence.
+measured wall-clock seconds per sequence. Budgeted and oracle rows carry ``call_rule`` (and
+``call_threshold`` for the threshold and oracle rules; empty for "never call").
+
+Thresholds. θ_k of the ``threshold`` and ``oracle`` rules come from the student's
+``call_thresholds.json`` when it has one for every budget (``thresholds=``, kdtw/calibration.py),
+otherwise they are calibrated here on the VALIDATION split (its first ``calib_n`` examples), never
+on the split being evaluated unless that is validation, so that each budget's use is b_k there
+(kdtw/calibration.py). ``info["call_thresholds"]`` records them, where they came from and the use
+they gave on validation. Calibration decodes greedily (``decoding.do_sample`` does not apply to
+it) and costs up to 9 decodes of those examples per budget and rule (fewer where it converges):
+on a large model, bound it with ``calib_n`` (`kdtw eval --calib-n`) or save the thresholds.
+
+The oracle runs the teacher at every step, so its real cost is the teacher's; its
+``caller_latency_per_token`` (``(Σ student_steps · c + Σ calls) / Σ tokens``: what a caller
+placing those calls would cost) is where the plot puts it. It is left out of the batch-1 timing.
 
 Prompts. Budgeted rows use their own budget phrase. The student, the teacher and SD all read the
 phrase of the smallest budget (by default the zero budget, "With no teacher use, ..."), so SD
@@ -39,15 +60,22 @@ from typing import Any
 
 import torch
 
+from .calibration import Calibration, calibrate_budgets, thresholds_for
 from .config import Config
 from .decoding import DecodeOutput, forward_time_ratio, generate, speculative_generate
 from .factory import budget_table, load_splits, prompts_for
 from .metrics import cost_model_latency, primary_metric, task_metrics, teacher_use_fraction
 from .models import LM, TAU_TOKEN, ModelError, Student, check_tokenizers
 
-# Method families, in plotting order.
-FAMILIES = ("student", "teacher", "budgeted", "budgeted_strict", "sd_greedy", "sd_sampling")
+# Call rules a trained student decodes with (kdtw/decoding.py); the oracle is evaluation only.
+LEARNED_RULES = ("argmax", "sample", "threshold")
+# Method families, in plotting order. `budgeted` / `budgeted_strict` use the configured call rule;
+# `budgeted_<rule>` the other learned rules; `oracle` the KL oracle caller.
+FAMILIES = ("student", "teacher", "budgeted", "budgeted_strict", *(f"budgeted_{r}" for r in LEARNED_RULES),
+            "oracle", "sd_greedy", "sd_sampling")
 BUDGETED = ("budgeted", "budgeted_strict")
+LEARNED = (*BUDGETED, *(f"budgeted_{r}" for r in LEARNED_RULES))
+ORACLE = "oracle"
 # Task-metric columns (kdtw.metrics.task_metrics gives bleu/chrf or rouge1/rouge2/rougeL).
 QUALITY = ("bleu", "chrf", "rouge1", "rouge2", "rougeL")
 # Examples decoded again at batch size 1 for the wall-clock column `wall_s_per_seq_b1`.
@@ -62,6 +90,10 @@ _STYLE = {  # family -> (marker, colour, label)
     "teacher": ("*", "black", "teacher alone"),
     "budgeted": ("o", "tab:blue", "budgeted"),
     "budgeted_strict": ("D", "tab:cyan", "budgeted strict"),
+    "budgeted_argmax": ("o", "tab:purple", "budgeted, argmax rule"),
+    "budgeted_sample": ("P", "tab:olive", "budgeted, sample rule"),
+    "budgeted_threshold": ("X", "tab:brown", "budgeted, threshold rule"),
+    "oracle": ("p", "tab:green", "oracle caller (x: cost of its calls)"),
     "sd_greedy": ("^", "tab:red", "SD greedy"),
     "sd_sampling": ("v", "tab:orange", "SD sampling"),
 }
@@ -170,9 +202,12 @@ def _seeded(device: torch.device, seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _base_row(method: str, setting: str, *, phrase: str, target=None, k=None, do_sample=False) -> dict:
+def _base_row(method: str, setting: str, *, phrase: str, target=None, k=None, do_sample=False,
+              call_rule: str | None = None, call_threshold: float | None = None) -> dict:
+    # an infinite threshold ("never call") is stored as None: CSV and JSON hold no infinity
+    theta = None if call_threshold is None or math.isinf(call_threshold) else float(call_threshold)
     return {"method": method, "setting": setting, "phrase": phrase, "target": target, "k": k,
-            "do_sample": do_sample}
+            "do_sample": do_sample, "call_rule": call_rule, "call_threshold": theta}
 
 
 def _measure(row: dict, out: DecodeOutput, refs: list[str], *, kind: str, c: float,
@@ -187,6 +222,11 @@ def _measure(row: dict, out: DecodeOutput, refs: list[str], *, kind: str, c: flo
         "teacher_use": use,
         "adherence": abs(use - row["target"]) if row["target"] is not None else None,
         "cost_latency_per_token": float(cost_model_latency(steps, fwd, c)) / tokens,
+        # what a caller placing these calls would cost (the oracle's own teacher runs every step)
+        "caller_latency_per_token": (
+            float(cost_model_latency(steps, sum(sum(m) for m in out.call_mask), c)) / tokens
+            if row.get("call_rule") else None
+        ),
         "student_steps_per_token": steps / tokens,
         "tokens_per_seq": tokens / len(out),
         "wall_s_per_seq": out.wall_time / len(out),
@@ -201,12 +241,30 @@ def _measure(row: dict, out: DecodeOutput, refs: list[str], *, kind: str, c: flo
 
 def _fmt(row: dict) -> str:
     q = " ".join(f"{m}={row[m]:.2f}" for m in QUALITY if m in row)
-    head = f"{row['method']:<16}{row['setting']:<10}"
+    head = f"{row['method']:<20}{row['setting']:<10}"
     tgt = f" (target {row['target']:.2f}, |Δ|={row['adherence']:.3f})" if row["target"] is not None else ""
     b1 = row["wall_s_per_seq_b1"]
     return (f"{head}{q}  use={row['teacher_use']:.3f}{tgt}  fwd/tok={row['teacher_forwards_per_token']:.3f}"
             f"  lat/tok={row['cost_latency_per_token']:.3f}  wall/seq={row['wall_s_per_seq']:.4f}s"
             + (f" (b1 {b1:.4f}s)" if b1 is not None else ""))
+
+
+def resolve_call_rules(call_rule: str, call_rules: Sequence[str] | None) -> list[str]:
+    """The learned call rules to decode: ``call_rule`` (the configured one, family ``budgeted``)
+    first, then the others of ``call_rules`` (default: all of LEARNED_RULES). Raises ValueError
+    naming the known rules for an unknown one."""
+    if call_rule not in LEARNED_RULES:
+        hint = (" (the oracle is an evaluation ceiling, not a decoder: it is its own row)"
+                if call_rule == ORACLE else "")
+        raise ValueError(f"call rule {call_rule!r}: use one of {', '.join(LEARNED_RULES)}{hint}")
+    wanted = list(LEARNED_RULES if call_rules is None else call_rules)
+    for r in wanted:
+        if r == ORACLE:
+            raise ValueError("'oracle' is not a learned call rule: the oracle row is on by default "
+                             "(evaluate_frontier(oracle=False) or kdtw eval --no-oracle turns it off)")
+        if r not in LEARNED_RULES:
+            raise ValueError(f"unknown call rule {r!r}: use a subset of {', '.join(LEARNED_RULES)}")
+    return [call_rule] + [r for r in LEARNED_RULES if r in wanted and r != call_rule]
 
 
 def evaluate_frontier(
@@ -218,16 +276,33 @@ def evaluate_frontier(
     split: str = "validation",
     n: int | None = None,
     ks: Sequence[int] = (1, 2, 3, 5, 7),
+    call_rule: str | None = None,
+    call_rules: Sequence[str] | None = None,
+    oracle: bool = True,
+    thresholds: dict | None = None,
+    calib_n: int | None = None,
     log: Callable[[str], None] = print,
 ) -> EvalResult:
     """Decode ``split`` (its first ``n`` examples; all when None) with every method and setting
-    and return the rows, ``c`` and the verdict. ``drafter`` None: the student with <τ> masked."""
+    and return the rows, ``c`` and the verdict. ``drafter`` None: the student with <τ> masked.
+
+    ``call_rule``: the rule of the ``budgeted`` family (None: ``decoding.call_rule`` where the
+    config has it, else "argmax"); ``call_rules``: the learned rules to report (default all
+    three; each other than ``call_rule`` is a ``budgeted_<rule>`` family); ``oracle``: add the
+    oracle caller's rows. ``thresholds``: a loaded call_thresholds.json (kdtw/calibration.py);
+    a rule it does not cover for every budget is calibrated on the validation split's first
+    ``calib_n`` examples (None: ``n``)."""
     check_inputs(teacher, student, drafter)
+    if call_rule is None:
+        call_rule = getattr(cfg.decoding, "call_rule", "argmax")
+    rules = resolve_call_rules(call_rule, call_rules)
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1:
         raise ValueError(f"ks={ks}: give at least one speculative block size K >= 1")
     if n is not None and n < 0:
         raise ValueError(f"n={n}: give the number of examples to evaluate (>= 1), or None for all")
+    if calib_n is not None and calib_n < 1:
+        raise ValueError(f"calib_n={calib_n}: give the number of validation examples to calibrate on (>= 1)")
     splits = load_splits(cfg)
     if split not in splits:
         raise ValueError(f"split {split!r} does not exist; the task has {sorted(splits)}")
@@ -245,41 +320,64 @@ def evaluate_frontier(
     refs = [ex.target for ex in examples]
     n_b1 = min(B1_EXAMPLES, len(examples))
     base_phrase = min(table, key=lambda b: b.target).phrase  # the zero budget by default
+    sample_seed = getattr(d, "seed", cfg.seed)
 
     c = forward_time_ratio(student, teacher, prompts_for(cfg, examples[:1], base_phrase))
     log(f"[eval] {split}: {len(examples)} examples, {primary} primary; c = {c:.3f} "
-        f"(student/teacher step time, batch 1); batch-1 timing on {n_b1} examples")
+        f"(student/teacher step time, batch 1); batch-1 timing on {n_b1} examples; call rules "
+        f"{', '.join(rules)} (budgeted = {call_rule}){', oracle' if oracle else ''}")
 
-    def decode(mode: str, prompts: list[str], *, target=None, strict=False, batch_size=d.batch_size):
+    scored = [r for r in rules if r == "threshold"] + ([ORACLE] if oracle else [])
+    theta, calib_info = _call_thresholds(
+        cfg, student, teacher, splits, table, scored, thresholds,
+        calib_n=calib_n if calib_n is not None else n, log=log)
+
+    def decode(mode: str, prompts: list[str], *, target=None, strict=False, batch_size=d.batch_size,
+               rule="argmax", threshold=None):
+        sampled = d.do_sample or rule == "sample"
         return generate(
             student if mode != "teacher" else None, teacher if mode != "student" else None, prompts,
             mode=mode, budgets=target, max_new_tokens=d.max_new_tokens, do_sample=d.do_sample,
             temperature=d.temperature, teacher_do_sample=d.teacher_do_sample, strict=strict,
-            batch_size=batch_size, generator=_seeded(teacher.device, cfg.seed) if d.do_sample else None,
+            batch_size=batch_size, generator=_seeded(teacher.device, sample_seed) if sampled else None,
+            call_rule=rule, call_threshold=threshold,
         )
 
     rows: list[dict] = []
     teacher_texts: list[str] | None = None
 
-    def batch_row(row: dict, mode: str, prompts: list[str], *, strict: bool = False) -> None:
+    def batch_row(row: dict, mode: str, prompts: list[str], *, strict: bool = False, b1: bool = True) -> None:
         nonlocal teacher_texts
-        out = decode(mode, prompts, target=row["target"], strict=strict)
+        rule = row["call_rule"] or "argmax"
+        th = theta[rule][row["phrase"]] if rule in theta else None
+        out = decode(mode, prompts, target=row["target"], strict=strict, rule=rule, threshold=th)
         _measure(row, out, refs, kind=kind, c=c, teacher_texts=teacher_texts)
-        b1 = decode(mode, prompts[:n_b1], target=row["target"], strict=strict, batch_size=1)
-        row["wall_s_per_seq_b1"] = b1.wall_time / len(b1)
+        if b1:
+            b1_out = decode(mode, prompts[:n_b1], target=row["target"], strict=strict, batch_size=1,
+                            rule=rule, threshold=th)
+            row["wall_s_per_seq_b1"] = b1_out.wall_time / len(b1_out)
         if mode == "teacher":
             teacher_texts = out.texts
             row["same_as_teacher"] = 1.0
         rows.append(row)
         log(_fmt(row))
 
+    def budget_rows(method: str, rule: str, *, strict: bool = False, b1: bool = True) -> None:
+        for b in table:
+            th = theta[rule][b.phrase] if rule in theta else None
+            row = _base_row(method, b.phrase, phrase=b.phrase, target=b.target, call_rule=rule,
+                            call_threshold=th)
+            batch_row(row, "budgeted", prompts_for(cfg, examples, b.phrase), strict=strict, b1=b1)
+
     base_prompts = prompts_for(cfg, examples, base_phrase)
     batch_row(_base_row("teacher", "", phrase=base_phrase), "teacher", base_prompts)
     batch_row(_base_row("student", "", phrase=base_phrase), "student", base_prompts)
-    for strict in (False, True):
-        for b in table:
-            row = _base_row("budgeted_strict" if strict else "budgeted", b.phrase, phrase=b.phrase, target=b.target)
-            batch_row(row, "budgeted", prompts_for(cfg, examples, b.phrase), strict=strict)
+    budget_rows("budgeted", call_rule)
+    budget_rows("budgeted_strict", call_rule, strict=True)
+    for rule in rules[1:]:
+        budget_rows(f"budgeted_{rule}", rule)
+    if oracle:
+        budget_rows(ORACLE, ORACLE, b1=False)  # its wall clock is the teacher's: not a caller's
     for do_sample in (False, True):
         for k in ks:
             row = _base_row("sd_sampling" if do_sample else "sd_greedy", f"k{k}", phrase=base_phrase, k=k,
@@ -295,10 +393,56 @@ def evaluate_frontier(
 
     info = {"split": split, "n": len(examples), "primary": primary,
             "quality": [m for m in QUALITY if m in rows[0]], "ks": ks, "b1_examples": n_b1,
-            "prompt_phrase": base_phrase, "max_new_tokens": d.max_new_tokens, "batch_size": d.batch_size}
+            "prompt_phrase": base_phrase, "max_new_tokens": d.max_new_tokens, "batch_size": d.batch_size,
+            "call_rule": call_rule, "call_rules": rules, "oracle": oracle, "call_thresholds": calib_info}
     verdict = frontier_verdict(rows, primary=primary, c=c)
     log("[eval] verdict: " + verdict)
     return EvalResult(rows=rows, c=c, verdict=verdict, info=info)
+
+
+def _call_thresholds(cfg: Config, student: Student, teacher: LM, splits: dict, table, rules: Sequence[str],
+                     saved: dict | None, *, calib_n: int | None,
+                     log: Callable[[str], None]) -> tuple[dict[str, dict[str, float]], dict]:
+    """θ per rule and budget phrase for the threshold/oracle ``rules``: from ``saved`` (a loaded
+    call_thresholds.json) where it covers every budget, else calibrated on validation. Returns
+    the thresholds and a JSON-safe record (``save_thresholds`` format plus where each came from
+    and the validation use it gave)."""
+    phrases = table.phrases
+    theta: dict[str, dict[str, float]] = {}
+    record: dict[str, Any] = {"source": {}, "validation_use": {}}
+    todo = []
+    for rule in rules:
+        got = thresholds_for(saved, rule, phrases)
+        if got is None:
+            todo.append(rule)
+        else:
+            theta[rule] = dict(zip(phrases, got))
+            record["source"][rule] = "call_thresholds.json"
+    if todo:
+        val = splits.get("validation") or []
+        val = val[: calib_n if calib_n is not None else None]
+        if not val:
+            raise ValueError(
+                f"the {' and '.join(todo)} call rule needs thresholds calibrated on the validation "
+                "split, which is empty or missing: give the task a validation split, save "
+                "call_thresholds.json with the student (kdtw.calibration.save_thresholds), or leave "
+                "the rule out (kdtw eval --call-rules argmax,sample --no-oracle)"
+            )
+        d = cfg.decoding
+        for rule in todo:
+            cal: list[Calibration] = calibrate_budgets(
+                student, teacher, [prompts_for(cfg, val, p) for p in phrases], table.targets, rule=rule,
+                max_new_tokens=d.max_new_tokens, batch_size=d.batch_size)
+            theta[rule] = {p: c.theta for p, c in zip(phrases, cal)}
+            record["source"][rule] = f"calibrated on validation (first {len(val)} examples)"
+            record["validation_use"][rule] = {p: c.use for p, c in zip(phrases, cal)}
+            log(f"[eval] {rule} thresholds calibrated on {len(val)} validation examples: " + ", ".join(
+                f"{p} θ={c.theta:.4g} (use {c.use:.3f}, {c.decodes} decodes)" for p, c in zip(phrases, cal)))
+    for rule, tab in theta.items():
+        record[rule] = {p: (None if math.isinf(v) else v) for p, v in tab.items()}
+    record["split"] = "validation" if todo else (saved or {}).get("split", "validation")
+    record["n"] = len(val) if todo else (saved or {}).get("n")
+    return theta, record
 
 
 # ----------------------------------------------------------------------------- frontier
@@ -315,21 +459,26 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, flo
 
 
 def _label(row: dict) -> str:
-    if row["method"] in BUDGETED:
-        return f"{'strict ' if row['method'] == 'budgeted_strict' else ''}budget '{row['setting']}'"
-    return f"{row['method']} {row['setting']}".strip()
+    m = row["method"]
+    if m in BUDGETED:
+        return f"{'strict ' if m == 'budgeted_strict' else ''}budget '{row['setting']}'"
+    if m in LEARNED:
+        return f"budget '{row['setting']}' ({m[len('budgeted_'):]} rule)"
+    if m == ORACLE:
+        return f"oracle '{row['setting']}'"
+    return f"{m} {row['setting']}".strip()
 
 
 def frontier_verdict(rows: Sequence[dict], *, primary: str, c: float | None = None,
                      low_use: float = LOW_USE, tol: float = EQUAL_TOL) -> str:
-    """A paragraph computed from the rows: budgeted frontier (plain and strict together) against
-    SD greedy on cost-model latency; the best budgeted quality below SD's cost floor (teacher
-    forwards per token < 1/(max K + 1)); the student→teacher gap closed at teacher use < low_use."""
-    lat, fwd, use = "cost_latency_per_token", "teacher_forwards_per_token", "teacher_use"
+    """A paragraph computed from the rows: budgeted frontier (the configured call rule, plain and
+    strict together) against SD greedy on cost-model latency; the best budgeted quality below
+    SD's cost floor (teacher forwards per token < 1/(max K + 1)); the student→teacher gap closed
+    at teacher use < low_use by the configured rule, by each other learned call rule and by the
+    oracle caller, and "learned caller / oracle caller", the ratio of the gaps they close."""
+    lat, fwd = "cost_latency_per_token", "teacher_forwards_per_token"
     bud = [r for r in rows if r["method"] in BUDGETED]
     sd = sorted((r for r in rows if r["method"] == "sd_greedy"), key=lambda r: r["k"])
-    stu = next((r for r in rows if r["method"] == "student"), None)
-    tea = next((r for r in rows if r["method"] == "teacher"), None)
     out: list[str] = []
     unit = "teacher-forward units per output token" + (f", one student step = c = {c:.3f}" if c is not None else "")
     out.append(f"Quality is {primary}; latency is the cost model in {unit}; quality differences "
@@ -337,8 +486,14 @@ def frontier_verdict(rows: Sequence[dict], *, primary: str, c: float | None = No
     if not bud or not sd:
         out.append("There are no " + ("budgeted" if not bud else "greedy speculative") +
                    " rows, so the frontiers cannot be compared.")
-        return " ".join(out)
+    else:
+        out.extend(_sd_sentences(bud, sd, primary=primary, tol=tol, lat=lat, fwd=fwd))
+    out.extend(_gap_sentences(rows, primary=primary, low_use=low_use, tol=tol))
+    return " ".join(out)
 
+
+def _sd_sentences(bud: list[dict], sd: list[dict], *, primary: str, tol: float, lat: str, fwd: str) -> list[str]:
+    out: list[str] = []
     wins = 0
     parts = []
     for s in sd:
@@ -370,32 +525,99 @@ def frontier_verdict(rows: Sequence[dict], *, primary: str, c: float | None = No
                    f"{best[primary]:.2f} at {best[fwd]:.3f} forwards per token.")
     else:
         out.append(f"No budgeted point is below {floor_txt}.")
+    return out
 
+
+def _best_below(rows: Sequence[dict], methods: Sequence[str], *, primary: str, low_use: float) -> dict | None:
+    low = [r for r in rows if r["method"] in methods and r["teacher_use"] < low_use]
+    return max(low, key=lambda r: r[primary]) if low else None
+
+
+def _gap_sentences(rows: Sequence[dict], *, primary: str, low_use: float, tol: float) -> list[str]:
+    """The student→teacher gap closed below ``low_use`` teacher use: share = (q − q_student) /
+    (q_teacher − q_student) of the best point below it, per caller; learned / oracle ratio."""
+    use = "teacher_use"
+    stu = next((r for r in rows if r["method"] == "student"), None)
+    tea = next((r for r in rows if r["method"] == "teacher"), None)
+    no_ratio = (["The oracle caller's rows are reported, but without a gap there is no learned "
+                 "caller / oracle caller ratio."] if any(r["method"] == ORACLE for r in rows) else [])
     if stu is None or tea is None:
-        out.append("Student-alone or teacher-alone rows are missing, so the closed gap is undefined.")
-        return " ".join(out)
+        return ["Student-alone or teacher-alone rows are missing, so the closed gap is undefined.", *no_ratio]
     sq, tq = stu[primary], tea[primary]
-    low = [b for b in bud if b[use] < low_use]
     gap = tq - sq
     ends = f"student alone {sq:.2f}, teacher alone {tq:.2f}"
     if gap <= tol:
-        out.append(f"The student alone is not below the teacher alone ({ends}), so there is no "
-                   "student-to-teacher gap to close.")
-    elif not low:
+        return [f"The student alone is not below the teacher alone ({ends}), so there is no "
+                "student-to-teacher gap to close.", *no_ratio]
+
+    def closed(best: dict) -> float:
+        return (best[primary] - sq) / gap
+
+    def share(frac: float) -> str:
+        return "none" if frac < 0 else f"{100 * frac:.0f}%"
+
+    out: list[str] = []
+    best = _best_below(rows, BUDGETED, primary=primary, low_use=low_use)
+    rule = next((r.get("call_rule") for r in rows if r["method"] in BUDGETED and r.get("call_rule")), None)
+    learned = closed(best) if best is not None else None
+    if best is None and any(r["method"] in BUDGETED for r in rows):
         out.append(f"No budgeted point keeps teacher use below {low_use:.2f}, so no gap closure is "
                    f"reported ({ends}).")
-    else:
-        best = max(low, key=lambda b: b[primary])
-        frac = (best[primary] - sq) / gap
+    elif best is not None:
         what = (f"the best budgeted point with teacher use below {low_use:.2f} is {_label(best)} "
                 f"(use {best[use]:.3f}, {primary} {best[primary]:.2f}; {ends})")
-        if frac < 0:
+        if learned < 0:
             out.append(f"Closing the gap: {what}; it is below the student alone and closes none of "
                        "the student-to-teacher gap.")
         else:
-            out.append(f"Closing the gap: {what}; it closes {100 * frac:.0f}% of the "
+            out.append(f"Closing the gap: {what}; it closes {100 * learned:.0f}% of the "
                        "student-to-teacher gap.")
-    return " ".join(out)
+
+    others: dict[str, float | None] = {}
+    parts = []
+    for fam in LEARNED[len(BUDGETED):]:
+        if not any(r["method"] == fam for r in rows):
+            continue
+        name = fam[len("budgeted_"):]
+        b = _best_below(rows, (fam,), primary=primary, low_use=low_use)
+        others[name] = closed(b) if b is not None else None
+        parts.append(f"{name} rule: no point below {low_use:.2f}" if b is None else
+                     f"{name} rule closes {share(closed(b))} ({_label(b)}, use {b[use]:.3f}, "
+                     f"{primary} {b[primary]:.2f})")
+    if parts:
+        out.append(f"Other learned call rules, best point below {low_use:.2f} teacher use: "
+                   + "; ".join(parts) + ".")
+
+    if not any(r["method"] == ORACLE for r in rows):
+        out.append("No oracle caller rows (evaluated without the oracle), so there is no "
+                   "learned caller / oracle caller ratio.")
+        return out
+    ob = _best_below(rows, (ORACLE,), primary=primary, low_use=low_use)
+    head = ("The oracle caller (calls where KL(π̃ ‖ p) ≥ θ_k, θ_k calibrated per budget on validation; "
+            "the quality a caller reaches at that call rate)")
+    if ob is None:
+        out.append(f"{head} has no point below {low_use:.2f} teacher use, so there is no learned "
+                   "caller / oracle caller ratio.")
+        return out
+    oracle = closed(ob)
+    out.append(f"{head}: its best point below {low_use:.2f} teacher use is {_label(ob)} (use "
+               f"{ob[use]:.3f}, {primary} {ob[primary]:.2f}); it closes {share(oracle)} of the gap.")
+    if oracle * gap <= tol:
+        out.append("The oracle caller closes none of the gap there, so learned caller / oracle "
+                   "caller is undefined.")
+        return out
+    ratios = []
+    if learned is not None:
+        ratios.append(f"{learned / oracle:.2f} ({'the configured ' + rule + ' rule' if rule else 'budgeted'}, "
+                      f"{share(learned)} / {share(oracle)})")
+    ratios.extend(f"{v / oracle:.2f} ({k} rule)" for k, v in others.items() if v is not None)
+    if ratios:
+        out.append(f"Learned caller / oracle caller below {low_use:.2f} teacher use (share of the gap "
+                   "closed): " + "; ".join(ratios) + ".")
+    else:
+        out.append("No learned caller has a point below that use, so learned caller / oracle caller "
+                   "is undefined.")
+    return out
 
 
 # ----------------------------------------------------------------------------- plot
@@ -417,12 +639,17 @@ def plot_frontier(rows: Sequence[dict], path: str | os.PathLike, *, primary: str
         ("cost_latency_per_token", "cost-model latency per output token (teacher forwards)"),
         ("wall_s_per_seq_b1", "wall-clock seconds per sequence (batch size 1)"),
     )
+    rule = next((r.get("call_rule") for r in rows if r["method"] in BUDGETED and r.get("call_rule")), None)
     for ax, (col, xlabel) in zip(axes, panels):
         for fam in FAMILIES:
-            pts = [(r[col], r[primary], r) for r in rows if r["method"] == fam and r.get(col) is not None]
+            # the oracle's own cost is the teacher's at every step: plot the cost of its calls
+            xcol = "caller_latency_per_token" if fam == ORACLE and col == "cost_latency_per_token" else col
+            pts = [(r[xcol], r[primary], r) for r in rows if r["method"] == fam and r.get(xcol) is not None]
             if not pts:
                 continue
             marker, colour, label = _STYLE[fam]
+            if fam in BUDGETED and rule:
+                label = f"{label} ({rule} rule)"
             ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=colour,
                        label=label, zorder=3, s=60 if fam == "teacher" else 30)
             front = pareto_front([(x, y) for x, y, _ in pts])

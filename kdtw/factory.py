@@ -178,7 +178,7 @@ def load_student(cfg: Config, teacher: LM | None = None) -> Student:
     """The student with <τ> (a kdtw student folder is loaded as is); checked against the
     teacher's tokenizer when one is given."""
     spec = cfg.student
-    path = spec.name_or_path if spec.source == "pretrained" else model_folder(cfg, "student")
+    path = student_folder(cfg)
     if spec.source != "init" and path and os.path.exists(os.path.join(path, STUDENT_META)):
         student = Student.load(path, dtype=spec.dtype, device=spec.device)
     else:
@@ -186,7 +186,16 @@ def load_student(cfg: Config, teacher: LM | None = None) -> Student:
         student = make_student(model, tok)
     if teacher is not None:
         check_tokenizers(teacher.tokenizer, student.lm.tokenizer)
+    if cfg.train.budget_offsets and cfg.train.use_tau:
+        # every copy (learner, rollout workers, driver) has the same per-budget <τ> offsets
+        student.set_budgets(budget_table(cfg).targets)
     return student
+
+
+def student_folder(cfg: Config) -> str | None:
+    """The folder the config's student loads from (None for a random init)."""
+    spec = cfg.student
+    return spec.name_or_path if spec.source == "pretrained" else model_folder(cfg, "student")
 
 
 def load_pair(cfg: Config) -> tuple[LM, Student]:

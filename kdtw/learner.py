@@ -12,7 +12,17 @@ from dataclasses import dataclass
 
 import torch
 
-from .losses import bc_loss, demo_token_nll, lagrange_update, pcl_loss, shaped_rewards, student_action_logp
+from .losses import (
+    bc_loss,
+    conditional_demo_logp,
+    demo_token_nll,
+    lagrange_update,
+    pcl_loss,
+    pid_lagrange_init,
+    pid_lagrange_update,
+    shaped_rewards,
+    student_action_logp,
+)
 from .models import LM, Student
 from .oracle import oracle_kl, teacher_call_targets
 from .trajectory import Trajectory
@@ -75,15 +85,27 @@ class Learner:
         self.student = student
         self.cfg = train_cfg
         self.targets = torch.tensor(targets, dtype=torch.float32)  # [K]
-        self.lam = torch.zeros(len(targets))  # [K]
-        self.use_hat = torch.full((len(targets),), float("nan"))  # [K] ĉ_k, nan until observed
+        K = len(targets)
+        if train_cfg.budget_offsets and train_cfg.use_tau:
+            student.set_budgets(targets)
+        # λ controller state (DESIGN.md §5 revision): the PI integral starts at the soft optimum
+        self.integral = pid_lagrange_init(self.targets, eps=train_cfg.lambda_eps, lam_min=train_cfg.lambda_min,
+                                          lam_max=train_cfg.lambda_max)  # [K]
+        self.err_ema = torch.zeros(K)  # [K]
+        pi = train_cfg.lambda_controller == "pi" and train_cfg.use_tau
+        self.lam = self.integral.clone() if pi else torch.zeros(K)  # [K]
+        self.use_hat = torch.full((K,), float("nan"))  # [K] EMA of the controlled use, nan until observed
         self.step = 0
         self.version = 0
+        self.phase2_step = 0
         self.reward_std = RunningStd()
-        body = [p for n, p in student.named_parameters() if n != "tau_offset"]
+        special = ("tau_offset", "budget_offsets")
+        head = [p for n, p in student.named_parameters() if n.startswith("value_head.")]
+        body = [p for n, p in student.named_parameters() if n not in special and not n.startswith("value_head.")]
         self.opt = torch.optim.AdamW(
             [{"params": body, "lr": train_cfg.lr},
-             {"params": [student.tau_offset], "lr": train_cfg.tau_offset_lr}],
+             {"params": [student.tau_offset, student.budget_offsets], "lr": train_cfg.tau_offset_lr},
+             {"params": head, "lr": train_cfg.value_lr if train_cfg.value_lr is not None else train_cfg.lr}],
             weight_decay=0.0,
         )
 
@@ -115,14 +137,21 @@ class Learner:
 
     # -- Phase 2
 
-    def pcl_step(self, trajs: list[Trajectory]) -> dict[str, float]:
-        """One PCL gradient step on a mixed batch (DESIGN.md §2–3)."""
+    def pcl_step(self, trajs: list[Trajectory], *, value_only: bool = False) -> dict[str, float]:
+        """One PCL gradient step on a mixed batch (DESIGN.md §2–3). ``value_only``: the value
+        head alone learns (the policy's log-probs are constants): Phase 2's warm-up."""
         c, s = self.cfg, self.student
         b = collate(s.lm, trajs)
         logits, hidden = s.lm.forward(b.prompt_ids, b.prompt_mask, b.tokens, hidden=True)
-        pol = self._policy(logits)  # [B, T, V+1]
+        pol = self._policy(logits, b.budget_ids, b.tau_mask)  # [B, T, V+1]
         logp = student_action_logp(pol, b.tokens, b.tau_mask, mask=b.mask)  # [B, T]
-        values = s.values(hidden).float()  # [B, T]
+        if c.demo_logp == "conditional" and bool(b.demo.any()):
+            logp = conditional_demo_logp(pol, logp, b.tokens, b.demo)  # demos never move the <τ> logit
+        if value_only:
+            logp = logp.detach()
+        # the value head reads detached hidden states (kdtw option, on by default): its early,
+        # large errors must not reach the LM body through the critic's gradient
+        values = s.values(hidden.detach() if c.value_detach else hidden).float()  # [B, T]
         bid = b.budget_ids.cpu()
         rewards = shaped_rewards(
             b.teacher_logp, b.tau_mask, b.mask,
@@ -134,9 +163,9 @@ class Learner:
             rewards = rewards / max(self.reward_std.std, 1e-6)
         loss, metrics = pcl_loss(
             rewards, logp, values, b.mask, alpha=c.alpha, gamma=c.gamma,
-            window=c.pcl_window, critic_weight=c.critic_weight,
+            window=c.pcl_window, critic_weight=c.critic_weight, normalize=c.residual_norm,
         )
-        if c.demo_nll_weight > 0 and bool(b.demo.any()):
+        if c.demo_nll_weight > 0 and bool(b.demo.any()) and not value_only:
             # kdtw option (off in DESIGN.md): keep the student's own token distribution (over V,
             # <τ> removed, so call decisions are untouched) close to the teacher's samples.
             nll = demo_token_nll(pol, b.tokens, b.mask * b.demo.unsqueeze(1).to(b.mask.dtype))
@@ -148,14 +177,45 @@ class Learner:
         metrics["pcl/logp_mean"] = float((logp.detach() * b.mask).sum() / n)
         return metrics
 
-    def _policy(self, logits: torch.Tensor) -> torch.Tensor:
-        """Policy logits ``[B, T, V+1]`` in float32; with ``train.use_tau=false`` the ``<τ>``
-        column is -inf, so the policy is the student over ``V`` (what student-mode decoding and
-        speculative drafting sample from)."""
-        pol = self.student.policy_logits(logits).float()
+    def start_phase2(self) -> None:
+        """Phase-2 learning rates: ``train.phase2_lr`` (else ``train.lr``) for the body and, at
+        the same rate, the <τ> offsets (issue 11: at Phase 1's fast rate a wound-up λ dragged
+        every budget through the shared offset); the value head keeps its own."""
+        lr = self.cfg.phase2_lr if self.cfg.phase2_lr is not None else self.cfg.lr
+        self.set_lr(lr, tau_offset_lr=lr)
+
+    def learn(self, batch: list[Trajectory], fresh: list[Trajectory]) -> dict[str, float]:
+        """One Phase-2 learner step: a PCL step on ``batch`` (replayed, mixed with
+        demonstrations), then the λ update from ``fresh`` (this step's new on-policy paths).
+        The first ``train.value_warmup_steps`` steps of Phase 2 train the value head alone and
+        leave λ as it is (the policy does not move, so there is nothing to steer)."""
+        warm = self.phase2_step < self.cfg.value_warmup_steps
+        m = self.pcl_step(batch, value_only=warm)
+        self.version += 1
+        self.phase2_step += 1
+        m["pcl/value_warmup"] = float(warm)
+        stats = self.observe_use(fresh, update=not warm)
+        return m | stats
+
+    def _policy(self, logits: torch.Tensor, budget_ids: torch.Tensor | None = None,
+                tau_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Policy logits ``[B, T, V+1]`` in float32, with the per-budget <τ> offset of each row;
+        with ``train.use_tau=false`` the ``<τ>`` column is -inf, so the policy is the student
+        over ``V`` (what student-mode decoding and speculative drafting sample from), and so
+        it is on the rows of a zero budget (decoding masks <τ> there)."""
+        index = budget_ids if (budget_ids is not None and self.student.budget_targets) else None
+        pol = self.student.policy_logits(logits, index).float()
         if not self.cfg.use_tau:
             pol = pol.clone()
             pol[..., -1] = float("-inf")
+        elif budget_ids is not None:
+            zero = (self.targets.to(pol.device)[budget_ids.to(pol.device)] == 0)  # [B]
+            if bool(zero.any()) and tau_mask is not None and bool((tau_mask & zero[:, None]).any()):
+                raise ValueError("a path of a zero budget has <τ> actions, but the zero budget masks <τ>: "
+                                 "collect rollouts with their budgets (kdtw.rollout.student_rollouts(budgets=...))")
+            if bool(zero.any()):
+                tau = torch.where(zero[:, None], torch.full_like(pol[..., -1], float("-inf")), pol[..., -1])
+                pol = torch.cat([pol[..., :-1], tau.unsqueeze(-1)], dim=-1)
         return pol
 
     def _apply(self, loss: torch.Tensor, phase: str) -> None:
@@ -171,37 +231,66 @@ class Learner:
         self.opt.step()
         self.step += 1
 
-    def set_lr(self, lr: float) -> None:
-        """Change the body's learning rate (the <τ> offset keeps its own)."""
+    def set_lr(self, lr: float, *, tau_offset_lr: float | None = None) -> None:
+        """Change the body's learning rate, and the <τ> offsets' where given (the value head
+        keeps its own)."""
         self.opt.param_groups[0]["lr"] = lr
+        if tau_offset_lr is not None:
+            self.opt.param_groups[1]["lr"] = tau_offset_lr
 
     # -- λ
 
-    def observe_use(self, trajs: list[Trajectory]) -> dict[str, float]:
-        """Update ĉ_k (moving average of on-policy teacher use) and λ_k (DESIGN.md §5) from the
-        student paths of a rollout batch; budgets with no path in the batch keep their values."""
-        est = self.cfg.use_estimate
+    def observe_use(self, trajs: list[Trajectory], *, update: bool = True) -> dict[str, float]:
+        """Update λ_k from the fresh on-policy student paths of one rollout batch (DESIGN.md §5
+        and its revision); budgets with no path in the batch keep their values. Teacher
+        demonstrations never enter the estimate.
+
+        ``train.use_estimate``: ``expected`` (token-weighted Σπ(<τ>)/ΣT, the quantity PCL
+        moves), ``sampled`` (the calls made, Σc/ΣT) or ``greedy`` (argmax <τ> states).
+        ``train.lambda_controller``: ``pi`` (PI on the logit scale) or ``integral`` (the first
+        rule, on an EMA of the estimate). Zero budgets are masked, not controlled: their λ stays.
+        Returns per-budget logs: λ, the three use estimates, the controller error.
+        ``update=False`` only measures (λ and the controller state stay)."""
+        c = self.cfg
         K = len(self.targets)
-        sums, counts = torch.zeros(K), torch.zeros(K)
-        for t in trajs:
-            if t.origin != "student":
-                continue
-            sums[t.budget_id] += t.greedy_use if est == "greedy" else t.teacher_use
-            counts[t.budget_id] += 1
-        seen = counts > 0
-        if not seen.any() or not self.cfg.use_tau:
-            return {}  # without <τ> there is no budget to hold: λ stays 0
-        obs = sums[seen] / counts[seen]
-        prev = self.use_hat[seen]
-        ema = self.cfg.use_ema
-        self.use_hat[seen] = torch.where(torch.isnan(prev), obs, ema * prev + (1 - ema) * obs)
-        new_lam = lagrange_update(self.lam, torch.nan_to_num(self.use_hat, nan=0.0), self.targets,
-                                  lr=self.cfg.lr_lambda, lam_max=self.cfg.lambda_max,
-                                  lam_min=self.cfg.lambda_min)
-        self.lam = torch.where(seen, new_lam, self.lam)
-        return {f"lambda/{k}": float(self.lam[k]) for k in range(K)} | {
-            f"use_hat/{k}": float(self.use_hat[k]) for k in range(K)
-        }
+        student = [t for t in trajs if t.origin == "student"]
+        if not student or not c.use_tau:
+            return {}  # without <τ> there is no budget to hold: λ stays
+        ids = torch.tensor([t.budget_id for t in student], dtype=torch.long)
+        lengths = torch.tensor([len(t) for t in student], dtype=torch.float32)
+        tokens = torch.zeros(K).index_add_(0, ids, lengths)
+        seen = (tokens > 0) & (self.targets > 0)
+
+        def per_budget(values: list[float]) -> torch.Tensor:  # Σ over rows of k / Σ T
+            sums = torch.zeros(K).index_add_(0, ids, torch.tensor(values, dtype=torch.float32))
+            return torch.where(tokens > 0, sums / tokens.clamp(min=1), torch.full((K,), float("nan")))
+
+        expected = per_budget([t.expected_use * len(t) for t in student])
+        sampled = per_budget([t.teacher_use * len(t) for t in student])
+        greedy = per_budget([t.greedy_use * len(t) for t in student])
+        obs = {"expected": expected, "sampled": sampled, "greedy": greedy}[c.use_estimate]
+        obs = torch.where(seen & update, obs, torch.full((K,), float("nan")))
+        seen = seen & update
+        prev = self.use_hat
+        ema_obs = torch.where(torch.isnan(prev), obs, c.use_ema * prev + (1 - c.use_ema) * obs)
+        self.use_hat = torch.where(seen, ema_obs, prev)
+        err = torch.zeros(K)
+        if c.lambda_controller == "pi":
+            lam, self.integral, self.err_ema, err = pid_lagrange_update(
+                self.integral, self.err_ema, obs, self.targets, k_i=c.lambda_ki, k_p=c.lambda_kp,
+                ema=c.lambda_err_ema, lam_min=c.lambda_min, lam_max=c.lambda_max, eps=c.lambda_eps)
+            self.lam = torch.where(seen, lam, self.lam)
+        elif bool(seen.any()):
+            new_lam = lagrange_update(self.lam, torch.nan_to_num(self.use_hat, nan=0.0), self.targets,
+                                      lr=c.lr_lambda, lam_max=c.lambda_max, lam_min=c.lambda_min)
+            self.lam = torch.where(seen, new_lam, self.lam)
+            err = torch.where(seen, self.use_hat - self.targets, err)
+        out: dict[str, float] = {}
+        for k in range(K):
+            out |= {f"lambda/{k}": float(self.lam[k]), f"use_hat/{k}": float(self.use_hat[k]),
+                    f"use_expected/{k}": float(expected[k]), f"use_sampled/{k}": float(sampled[k]),
+                    f"use_greedy/{k}": float(greedy[k]), f"lambda_err/{k}": float(err[k])}
+        return out
 
     # -- state
 
@@ -210,8 +299,11 @@ class Learner:
             "optimizer": self.opt.state_dict(),
             "lam": self.lam.clone(),
             "use_hat": self.use_hat.clone(),
+            "integral": self.integral.clone(),
+            "err_ema": self.err_ema.clone(),
             "step": self.step,
             "version": self.version,
+            "phase2_step": self.phase2_step,
             "reward_std": (self.reward_std.n, self.reward_std.mean, self.reward_std.m2),
         }
 
@@ -219,6 +311,10 @@ class Learner:
         self.opt.load_state_dict(state["optimizer"])
         self.lam = state["lam"].clone()
         self.use_hat = state["use_hat"].clone()
+        if "integral" in state:  # states written before the PI controller lack it
+            self.integral = state["integral"].clone()
+            self.err_ema = state["err_ema"].clone()
         self.step = int(state["step"])
         self.version = int(state["version"])
+        self.phase2_step = int(state.get("phase2_step", 0))
         self.reward_std.n, self.reward_std.mean, self.reward_std.m2 = state["reward_std"]

@@ -54,6 +54,7 @@ def pcl_residuals(
     alpha: float = 1.0,
     gamma: float = 1.0,
     window: int | None = None,
+    normalize: bool = False,
 ) -> Tensor:
     """Path-consistency residuals ``C_t`` (DESIGN.md §3).
 
@@ -69,6 +70,10 @@ def pcl_residuals(
         alpha: entropy coefficient α.
         gamma: discount γ.
         window: rollout length ``d ≥ 1``; ``None`` means ``d = ∞`` (to the end of the row).
+        normalize: divide ``C_t`` by its step count ``d'`` (a kdtw option, issue 11): a residual
+            then has the scale of one step's error whatever the remaining length, so the loss of
+            long paths does not grow with T² and no single long row picks the clipped direction.
+            The zero set of the residuals (PCL's fixed point) is unchanged.
 
     Returns:
         ``[B, T]`` residuals, 0 at padding positions.
@@ -101,6 +106,10 @@ def pcl_residuals(
         # γ^d V(s_{t+d}); beyond T it is 0 (the row has ended).
         bootstrap = torch.cat([v[:, window:], v.new_zeros(B, window)], dim=1)  # [B, T]
         residual = residual + gamma**window * bootstrap
+    if normalize:
+        remaining = valid.to(dtype).flip(1).cumsum(1).flip(1)  # [B, T], T_row − t at valid t
+        steps = remaining if window is None else remaining.clamp(max=float(window))
+        residual = residual / steps.clamp(min=1.0)
     return torch.where(valid, residual, zero)
 
 
@@ -114,6 +123,7 @@ def pcl_loss(
     gamma: float = 1.0,
     window: int | None = None,
     critic_weight: float = 1.0,
+    normalize: bool = False,
 ) -> tuple[Tensor, dict[str, float]]:
     """PCL loss ``Σ_valid ½ C_t² / (number of valid t in the batch)`` (DESIGN.md §3).
 
@@ -130,7 +140,7 @@ def pcl_loss(
     """
     valid = _valid(mask)
     v_eff = critic_weight * values + (1.0 - critic_weight) * values.detach()
-    C = pcl_residuals(rewards, logp, v_eff, valid, alpha=alpha, gamma=gamma, window=window)
+    C = pcl_residuals(rewards, logp, v_eff, valid, alpha=alpha, gamma=gamma, window=window, normalize=normalize)
     n_valid = valid.sum()
     loss = 0.5 * (C**2).sum() / n_valid.clamp(min=1)
 
@@ -228,6 +238,37 @@ def student_action_logp(
     if mask is not None:
         logp = torch.where(_valid(mask), logp, torch.zeros_like(logp))
     return logp
+
+
+def conditional_demo_logp(student_logits: Tensor, logp: Tensor, tokens: Tensor, demo: Tensor) -> Tensor:
+    """Action log-probs with demonstration rows scored conditional on writing (issue 11).
+
+    A teacher demonstration is a path the student did not choose: its steps are "write x_t".
+    Scored as ``log π(x_t) = log(1 − π(<τ>)) + log π̃(x_t)`` (π̃: the policy over V without
+    <τ>), the PCL gradient lowers the <τ> logit at every demo step by about π(<τ>), whatever
+    the budget, and off-policy demos outweigh the on-policy rows that carry the call signal.
+    Here the decision part ``log(1 − π(<τ>))`` keeps its value but not its gradient: the
+    residuals (and so PCL's fixed point) are those of the joint policy, while demos train the
+    token distribution π̃ and the values, never the <τ> logit (∂/∂z_<τ> is exactly 0).
+
+    Args:
+        student_logits: ``[B, T, V+1]`` policy logits, ``<τ>`` last.
+        logp: ``[B, T]`` ``log π(a_t | s_t)`` of the joint policy (``student_action_logp``).
+        tokens: ``[B, T]`` long, the resolved tokens (padding may hold any id).
+        demo: ``[B]`` bool, the demonstration rows.
+
+    Returns:
+        ``[B, T]``: ``logp`` on student rows; on demo rows ``log π̃(x_t) + sg(log(1 − π(<τ>)))``
+        (equal in value to ``logp`` there).
+    """
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    V = student_logits.shape[-1] - 1
+    ids = tokens.clamp(min=0, max=V - 1)
+    log_tilde = torch.log_softmax(student_logits[..., :V].to(dtype), -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    with torch.no_grad():
+        write = torch.logsumexp(torch.log_softmax(student_logits.to(dtype), -1)[..., :V], dim=-1)  # log(1 − π(<τ>))
+    conditional = (log_tilde + write).to(logp.dtype)
+    return torch.where(demo.to(torch.bool)[:, None], conditional, logp)
 
 
 def demo_token_nll(student_logits: Tensor, tokens: Tensor, mask: Tensor) -> Tensor:
@@ -368,12 +409,87 @@ def lagrange_update(
     return (lam.to(dtype) + lr * (observed - target)).clamp(min=lam_min, max=lam_max)
 
 
+def _logit(x: Tensor, eps: float) -> Tensor:
+    x = x.clamp(min=eps, max=1 - eps)
+    return torch.log(x) - torch.log1p(-x)
+
+
+def pid_lagrange_init(target: Tensor, *, eps: float, lam_min: float, lam_max: float) -> Tensor:
+    """Warm start of the integral: ``I⁰_k = log((1 − b_k) / b_k)``, clipped to [λ_min, λ_max].
+
+    Under the joint reward (α = 1) a state whose successors have equal values has
+    π*(<τ>|s) = σ(−λ) (the +λb of a token and the −λ(1−b) of <τ> differ by λ), so λ = logit(1−b)
+    is the soft optimum that calls at rate b; the controller starts there, not at 0.
+    """
+    b = torch.as_tensor(target, dtype=torch.float32)
+    return (-_logit(b, eps)).clamp(min=lam_min, max=lam_max)
+
+
+@torch.no_grad()
+def pid_lagrange_update(
+    integral: Tensor,
+    err_ema: Tensor,
+    observed: Tensor,
+    target: Tensor,
+    *,
+    k_i: float,
+    k_p: float,
+    ema: float,
+    lam_min: float,
+    lam_max: float,
+    eps: float = 1e-3,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """PI Lagrangian on the logit scale (DESIGN.md §5 revision; Stooke, Achiam & Abbeel 2020).
+
+        e_k = logit(clip(ē_k, ε, 1−ε)) − logit(clip(b_k, ε, 1−ε))
+        I_k ← clip(I_k + K_I e_k, λ_min, λ_max)             (anti-windup: the integral is clipped)
+        ē_k^EMA ← ema · ē_k^EMA + (1 − ema) e_k
+        λ_k = clip(I_k + K_P · EMA(e_k), λ_min, λ_max)
+
+    On the logit scale a step of λ moves the soft-optimal call rate by the same amount wherever
+    the budget lies (π(<τ>) ≈ σ(δ − λ)), so one gain serves 0.05 and 0.5 alike; the integral
+    alone (the old rule) winds up and oscillates, the proportional term damps it.
+
+    Args:
+        integral, err_ema: ``[K]`` controller state (start: ``pid_lagrange_init``, zeros).
+        observed: ``[K]`` ē_k; ``nan`` where a budget had no row this step: its state is kept.
+        target: ``[K]`` b_k.
+        k_i, k_p: integral and proportional gains (≥ 0).
+        ema: weight of the old value in the error's moving average, in [0, 1).
+        lam_min, lam_max: bounds of λ and of the integral.
+        eps: clip of rates before the logit.
+
+    Returns:
+        ``(lam, integral, err_ema, err)``, each ``[K]``, new tensors (``err`` is 0 where unseen).
+    """
+    if k_i < 0 or k_p < 0:
+        raise ValueError(f"controller gains must be >= 0, got k_i={k_i}, k_p={k_p}")
+    if not 0 <= ema < 1:
+        raise ValueError(f"ema must be in [0, 1), got {ema}")
+    if lam_min > lam_max:
+        raise ValueError(f"lam_min={lam_min} must be <= lam_max={lam_max}")
+    integral = torch.as_tensor(integral, dtype=torch.float32)
+    err_ema = torch.as_tensor(err_ema, dtype=torch.float32)
+    observed = torch.as_tensor(observed, dtype=torch.float32)
+    target = torch.as_tensor(target, dtype=torch.float32)
+    seen = ~torch.isnan(observed)
+    err = torch.where(seen, _logit(torch.nan_to_num(observed, nan=0.5), eps) - _logit(target, eps),
+                      torch.zeros_like(observed))
+    new_integral = torch.where(seen, (integral + k_i * err).clamp(min=lam_min, max=lam_max), integral)
+    new_ema = torch.where(seen, ema * err_ema + (1 - ema) * err, err_ema)
+    lam = (new_integral + k_p * new_ema).clamp(min=lam_min, max=lam_max)
+    return lam, new_integral, new_ema, err
+
+
 __all__ = [
     "TAU_REWARDS",
     "bc_loss",
+    "conditional_demo_logp",
     "lagrange_update",
     "pcl_loss",
     "pcl_residuals",
+    "pid_lagrange_init",
+    "pid_lagrange_update",
     "shaped_rewards",
     "student_action_logp",
 ]

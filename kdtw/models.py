@@ -24,13 +24,13 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+
+from .atomic import make_tmp_dir, recover_dir, remove_dir, replace_dir
 
 TAU_TOKEN = "<τ>"
 STUDENT_META = "kdtw_student.json"
@@ -289,19 +289,49 @@ class Student(nn.Module):
         # random, so without it -log π(<τ>) starts near 11 nats and Phase 1 spends its first
         # hundreds of steps bending the shared hidden states; `calibrate_tau` sets it instead.
         self.tau_offset = nn.Parameter(torch.zeros((), device=lm.device))
+        # Per-budget offsets on the <τ> logit (issue 11), added to the shared one: a budget's λ
+        # moves its own calls without dragging its neighbours'. Set by `set_budgets`; the
+        # budget of a row is found by its target fraction (decoding knows targets, not ids).
+        self.budget_offsets = nn.Parameter(torch.zeros(0, device=lm.device))
+        self.budget_targets: list[float] = []
         idx = list(range(self.vocab_size)) + [self.tau_id]
         self._contiguous = self.tau_id == self.vocab_size
         self.register_buffer("_policy_index", torch.tensor(idx, dtype=torch.long), persistent=False)
 
-    def policy_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """[..., Vm] model logits -> [..., V+1] policy logits, <τ> last (index V)."""
+    def set_budgets(self, targets: list[float]) -> None:
+        """Give the student one <τ> offset per budget (zeros), for the budget table ``targets``.
+        A student that already has offsets for the same targets keeps them."""
+        targets = [float(b) for b in targets]
+        if targets == self.budget_targets:
+            return
+        with torch.no_grad():
+            self.budget_offsets = nn.Parameter(torch.zeros(len(targets), device=self.lm.device))
+        self.budget_targets = targets
+
+    def budget_index(self, budgets: list[float] | torch.Tensor) -> torch.Tensor | None:
+        """[B] index into ``budget_offsets`` of each target fraction (−1: not in the table), or
+        None when the student has no per-budget offsets."""
+        if not self.budget_targets:
+            return None
+        vals = torch.as_tensor(budgets, dtype=torch.float64).reshape(-1, 1)
+        table = torch.tensor(self.budget_targets, dtype=torch.float64).reshape(1, -1)
+        hit = (vals - table).abs() < 1e-9  # [B, K]
+        return torch.where(hit.any(1), hit.to(torch.long).argmax(1), torch.full((vals.shape[0],), -1))
+
+    def policy_logits(self, logits: torch.Tensor, budget_index: torch.Tensor | None = None) -> torch.Tensor:
+        """[..., Vm] model logits -> [..., V+1] policy logits, <τ> last (index V).
+        ``budget_index``: [B] (leading dim of ``logits``) rows' budgets for the per-budget offset
+        (−1 or None: the shared offset only)."""
         if self._contiguous:
             pol = logits[..., : self.vocab_size + 1]
         else:
             pol = logits.index_select(-1, self._policy_index.to(logits.device))
-        shift = torch.zeros(self.vocab_size + 1, dtype=pol.dtype, device=pol.device)
-        shift[-1] = 1.0
-        return pol + shift * self.tau_offset.to(pol.dtype)
+        off = self.tau_offset.to(pol.dtype).expand(pol.shape[:-1])  # [...]
+        if budget_index is not None and self.budget_offsets.numel():
+            idx = budget_index.to(pol.device)
+            per = torch.where(idx >= 0, self.budget_offsets[idx.clamp(min=0)], torch.zeros((), device=pol.device))
+            off = off + per.to(pol.dtype).reshape(per.shape + (1,) * (pol.dim() - 2))
+        return torch.cat([pol[..., :-1], pol[..., -1:] + off.unsqueeze(-1)], dim=-1)
 
     @torch.no_grad()
     def calibrate_tau(self, logits: torch.Tensor, mask: torch.Tensor, target: float) -> float:
@@ -324,30 +354,34 @@ class Student(nn.Module):
 
     def save(self, folder: str | os.PathLike) -> None:
         """A normal ``save_pretrained`` folder (tokenizer with <τ>, value head in safetensors),
-        written to a temporary folder and moved into place (atomic)."""
+        written to a temporary folder and swapped in (kdtw/atomic.py: a kill at any point leaves
+        the old folder or the new one)."""
         from safetensors.torch import save_file
 
         folder = os.fspath(folder)
-        parent = os.path.dirname(os.path.abspath(folder))
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".tmp-student-", dir=parent)
+        recover_dir(folder)
+        tmp = make_tmp_dir(folder)
         _quiet()
         try:
             self.lm.model.save_pretrained(tmp)
             self.lm.tokenizer.save_pretrained(tmp)
             heads = {k: v.detach().contiguous().cpu() for k, v in self.value_head.state_dict().items()}
             heads["tau_offset"] = self.tau_offset.detach().reshape(1).cpu()
+            if self.budget_targets:
+                heads["budget_offsets"] = self.budget_offsets.detach().contiguous().cpu()
             save_file(heads, os.path.join(tmp, VALUE_HEAD_FILE))
             with open(os.path.join(tmp, STUDENT_META), "w") as f:
-                json.dump({"tau_token": TAU_TOKEN, "tau_id": self.tau_id, "vocab_size": self.vocab_size}, f)
-            _replace_dir(tmp, folder)
+                json.dump({"tau_token": TAU_TOKEN, "tau_id": self.tau_id, "vocab_size": self.vocab_size,
+                           "budget_targets": self.budget_targets}, f)
+            replace_dir(tmp, folder)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            remove_dir(tmp)
             raise
 
     @classmethod
     def load(cls, folder: str | os.PathLike, *, dtype: str = "float32", device: str = "cpu") -> "Student":
         folder = os.fspath(folder)
+        recover_dir(folder)  # a save killed half-way leaves the old copy aside
         meta_path = os.path.join(folder, STUDENT_META)
         if not os.path.exists(meta_path):
             raise ModelError(
@@ -363,10 +397,18 @@ class Student(nn.Module):
         head = nn.Linear(_hidden_size(model.config), 1)
         heads = load_file(os.path.join(folder, VALUE_HEAD_FILE))
         offset = heads.pop("tau_offset", torch.zeros(1))
+        per_budget = heads.pop("budget_offsets", None)
         head.load_state_dict(heads)
         student = cls(lm, meta["tau_id"], head)
         with torch.no_grad():
             student.tau_offset.fill_(float(offset[0]))
+            targets = meta.get("budget_targets") or []
+            if targets:
+                if per_budget is None or per_budget.numel() != len(targets):
+                    raise ModelError(f"{folder}: {STUDENT_META} names {len(targets)} budgets but "
+                                     f"{VALUE_HEAD_FILE} has no matching budget_offsets; the folder is corrupt")
+                student.set_budgets(targets)
+                student.budget_offsets.copy_(per_budget.to(student.budget_offsets.device))
         return student
 
 
@@ -400,17 +442,6 @@ def _hidden_size(config: Any) -> int:
     raise ModelError(f"cannot find the hidden size of a {type(config).__name__}")
 
 
-def _replace_dir(tmp: str, folder: str) -> None:
-    if os.path.exists(folder):
-        old = folder.rstrip("/") + ".old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, folder)
-
-
 # ----------------------------------------------------------------------------- loading
 
 
@@ -418,6 +449,7 @@ def _from_pretrained(name_or_path: str, *, dtype: str = "float32", device: str =
     """``from_pretrained`` on a hub name or a local folder, picking the right auto class."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
+    recover_dir(name_or_path)  # a local folder whose replacement was killed: the old copy back (hub names: no-op)
     _quiet()
     try:
         config = AutoConfig.from_pretrained(name_or_path, **kw)

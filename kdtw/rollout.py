@@ -70,12 +70,14 @@ def student_rollouts(
     generator: torch.Generator | None = None,
     version: int = 0,
     worker_id: int = 0,
+    budgets: list[float] | None = None,
 ) -> tuple[list[Trajectory], DecodeOutput]:
-    """Sampled on-policy paths (teacher tokens sampled at <τ>), scored by the teacher."""
+    """Sampled on-policy paths (teacher tokens sampled at <τ>), scored by the teacher.
+    ``budgets``: each prompt's target (a zero budget decodes with <τ> masked)."""
     out = generate(
         student, teacher, prompts, mode="budgeted" if use_tau else "student",
         max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
-        teacher_do_sample=True, batch_size=batch_size, generator=generator,
+        teacher_do_sample=True, batch_size=batch_size, generator=generator, budgets=budgets,
     )
     t_logp = score_paths(teacher, prompts, out.tokens, batch_size=batch_size)
     src = prompt_ids(student.lm, prompts)
@@ -84,7 +86,7 @@ def student_rollouts(
             source_ids=src[i], budget_id=budget_ids[i], tokens=out.tokens[i],
             actions_tau=out.call_mask[i], behaviour_logp=out.behaviour_logp[i],
             teacher_logp=t_logp[i], origin="student", policy_version=version,
-            worker_id=worker_id, greedy_tau=out.greedy_tau[i],
+            worker_id=worker_id, greedy_tau=out.greedy_tau[i], tau_prob=out.tau_prob[i] if use_tau else [],
         )
         for i in range(len(prompts))
     ]

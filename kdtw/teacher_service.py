@@ -426,11 +426,12 @@ class RemoteTeacher(LM):
 
 def remote_student_rollouts(student: Student, teacher: RemoteTeacher, prompts: list[str], budget_ids: list[int], *,
                             max_new_tokens: int, use_tau: bool, temperature: float, batch_size: int,
-                            generator: torch.Generator, version: int, worker_id: int) -> list[Trajectory]:
+                            generator: torch.Generator, version: int, worker_id: int,
+                            budgets: list[float] | None = None) -> list[Trajectory]:
     """`kdtw.rollout.student_rollouts` with the teacher behind a client (same streams)."""
     out = generate(student, teacher, prompts, mode="budgeted" if use_tau else "student",
                    max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
-                   teacher_do_sample=True, batch_size=batch_size, generator=generator)
+                   teacher_do_sample=True, batch_size=batch_size, generator=generator, budgets=budgets)
     return _student_paths(student, teacher, prompts, budget_ids, out, version=version, worker_id=worker_id)
 
 
@@ -442,7 +443,8 @@ def _student_paths(student: Student, teacher: RemoteTeacher, prompts: list[str],
     return [
         Trajectory(source_ids=src[i], budget_id=budget_ids[i], tokens=out.tokens[i], actions_tau=out.call_mask[i],
                    behaviour_logp=out.behaviour_logp[i], teacher_logp=t_logp[i], origin="student",
-                   policy_version=version, worker_id=worker_id, greedy_tau=out.greedy_tau[i])
+                   policy_version=version, worker_id=worker_id, greedy_tau=out.greedy_tau[i],
+                   tau_prob=out.tau_prob[i])
         for i in range(len(prompts))
     ]
 
@@ -482,7 +484,8 @@ def collect_batch(cfg, student: Student, teacher: RemoteTeacher, train_set: list
     prompts, bids, _ = sample_tasks(train_set, table, n_on, rng, c.task.instruction)
     out = generate(student, teacher, prompts, mode="budgeted" if tc.use_tau else "student",
                    max_new_tokens=c.decoding.max_new_tokens, do_sample=True, temperature=tc.rollout_temperature,
-                   teacher_do_sample=True, batch_size=c.decoding.batch_size, generator=gen)
+                   teacher_do_sample=True, batch_size=c.decoding.batch_size, generator=gen,
+                   budgets=[table.targets[b] for b in bids])
     pending = None
     if n_demo:
         d_prompts, d_bids, _ = sample_tasks(train_set, table, n_demo, rng, c.task.instruction)
@@ -517,7 +520,12 @@ class UseObservation:
     teacher_use: float
     greedy_use: float
     origin: str = "student"
+    length: int = 1
+    expected_use: float = 0.0
+
+    def __len__(self) -> int:
+        return self.length
 
     @classmethod
     def of(cls, t: Trajectory) -> "UseObservation":
-        return cls(t.budget_id, t.teacher_use, t.greedy_use, t.origin)
+        return cls(t.budget_id, t.teacher_use, t.greedy_use, t.origin, len(t), t.expected_use)

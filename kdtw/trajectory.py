@@ -25,6 +25,7 @@ class Trajectory:
     policy_version: int = 0
     worker_id: int = 0
     greedy_tau: list[bool] = field(default_factory=list)  # argmax of the policy was <τ> (student paths)
+    tau_prob: list[float] = field(default_factory=list)  # π(<τ> | s_t) of the behaviour policy (student paths)
 
     def __post_init__(self) -> None:
         T = len(self.tokens)
@@ -37,6 +38,10 @@ class Trajectory:
                 raise TrajectoryError(f"{name} has {len(getattr(self, name))} entries for {T} tokens")
         if self.greedy_tau and len(self.greedy_tau) != T:
             raise TrajectoryError(f"greedy_tau has {len(self.greedy_tau)} entries for {T} tokens")
+        if self.tau_prob and len(self.tau_prob) != T:
+            raise TrajectoryError(f"tau_prob has {len(self.tau_prob)} entries for {T} tokens")
+        if any(not (0.0 <= v <= 1.0) for v in self.tau_prob):
+            raise TrajectoryError("tau_prob must hold probabilities in [0, 1]")
         if self.origin not in ORIGINS:
             raise TrajectoryError(f"origin={self.origin!r}: use one of {ORIGINS}")
         if self.origin == "teacher_demo" and any(self.actions_tau):
@@ -54,6 +59,11 @@ class Trajectory:
     def teacher_use(self) -> float:
         """Σ c_t / T (DESIGN.md §1)."""
         return sum(self.actions_tau) / len(self.tokens)
+
+    @property
+    def expected_use(self) -> float:
+        """Σ π(<τ>|s_t) / T: the expected teacher use of the policy along this path."""
+        return sum(self.tau_prob) / len(self.tokens) if self.tau_prob else self.teacher_use
 
     @property
     def greedy_use(self) -> float:

@@ -255,3 +255,169 @@ def test_forward_time_ratio_is_positive(pair):
     teacher, student = pair
     c = forward_time_ratio(student, teacher, PROMPTS, steps=2, repeats=1)
     assert c > 0
+
+
+# ----------------------------------------------------------------------------- call rules
+
+
+def _teacher_forced_policy(student, prompts, tokens) -> torch.Tensor:
+    """Policy logits [B, T, V+1] of the student teacher-forced on the decoded ``tokens``."""
+    width = max(len(t) for t in tokens)
+    outs = torch.full((len(tokens), width), student.lm.pad_id, dtype=torch.long)
+    for i, t in enumerate(tokens):
+        outs[i, : len(t)] = torch.tensor(t)
+    logits = student.lm.forward(*student.lm.encode_prompts(prompts), outs)
+    return student.policy_logits(logits.float())
+
+
+def _with_offset(student, offset: float):
+    s = copy.deepcopy(student)
+    with torch.no_grad():
+        s.tau_offset.fill_(offset)
+    return s
+
+
+@pytest.mark.parametrize("rule", ["argmax", "sample", "threshold", "oracle"])
+def test_tau_prob_and_behaviour_logp_match_a_teacher_forced_forward(pair, rule):
+    from kdtw.calibration import oracle_scores
+
+    teacher, student = pair
+    student = _with_offset(student, 2.5)  # π(<τ>) around 0.2: the sample rule makes both actions
+    theta = None
+    if rule in ("threshold", "oracle"):  # a median score along the student's own path
+        own = generate(student, teacher, PROMPTS, max_new_tokens=10, call_rule="threshold",
+                       call_threshold=float("inf"))
+        scores = own.tau_prob if rule == "threshold" else oracle_scores(student, teacher, PROMPTS, own.tokens)
+        flat = sorted(x for row in scores for x in row)
+        theta = flat[len(flat) // 2]
+    # argmax: <τ> is rarely the argmax over ~50 actions, so draw from π (do_sample) to see both
+    out = generate(student, teacher, PROMPTS, max_new_tokens=10, call_rule=rule, call_threshold=theta,
+                   do_sample=rule == "argmax", generator=torch.Generator().manual_seed(0))
+    V = student.vocab_size
+    with torch.no_grad():
+        logpi = torch.log_softmax(_teacher_forced_policy(student, PROMPTS, out.tokens), -1)  # [B, T, V+1]
+    calls = 0
+    for i, toks in enumerate(out.tokens):
+        L = len(toks)
+        assert len(out.tau_prob[i]) == L
+        assert torch.allclose(torch.tensor(out.tau_prob[i]), logpi[i, :L, V].exp(), atol=1e-4)
+        # the action taken: <τ> at a call, else the written token (log π over V ∪ {<τ>})
+        action = torch.tensor([V if c else x for c, x in zip(out.call_mask[i], toks)])
+        want = logpi[i, :L].gather(-1, action[:, None]).squeeze(-1)
+        assert torch.allclose(torch.tensor(out.behaviour_logp[i]), want, atol=1e-4)
+        calls += sum(out.call_mask[i])
+    assert calls > 0
+    if rule != "oracle":  # (the oracle's path can drift to states that all call; same code path)
+        assert calls < sum(out.lengths)  # both branches of behaviour_logp were checked
+
+
+def test_threshold_rule_zero_calls_everywhere_above_one_never(pair):
+    teacher, student = pair
+    every = generate(student, teacher, PROMPTS, max_new_tokens=10, call_rule="threshold", call_threshold=0.0)
+    assert all(all(m) for m in every.call_mask)
+    assert every.tokens == generate(None, teacher, PROMPTS, mode="teacher", max_new_tokens=10).tokens
+    never = generate(student, teacher, PROMPTS, max_new_tokens=10, call_rule="threshold", call_threshold=1.5,
+                     tau_bias=1e4)
+    assert not any(any(m) for m in never.call_mask)
+    # no call: the student's own argmax over V, as in student mode
+    assert never.tokens == generate(student, None, PROMPTS, mode="student", max_new_tokens=10).tokens
+    # per-prompt thresholds
+    mixed = generate(student, teacher, PROMPTS, max_new_tokens=10, call_rule="threshold",
+                     call_threshold=[0.0, 1.5, 0.0])
+    assert [any(m) for m in mixed.call_mask] == [True, False, True]
+
+
+def test_threshold_rule_respects_strict(pair):
+    # regression: a strict mask sets π(<τ>) = 0, which a threshold of 0 met, calling past the budget
+    teacher, student = pair
+    budgets = [0.0, 0.25, 0.5]
+    out = generate(student, teacher, PROMPTS, budgets=budgets, strict=True, max_new_tokens=12,
+                   call_rule="threshold", call_threshold=0.0)
+    for b, mask in zip(budgets, out.call_mask):
+        assert all(sum(mask[: t + 1]) <= b * (t + 1) + 1e-9 for t in range(len(mask)))
+    assert any(any(m) for m in out.call_mask)
+
+
+def test_oracle_rule_zero_calls_everywhere_inf_never(pair):
+    teacher, student = pair
+    every = generate(student, teacher, PROMPTS, max_new_tokens=10, call_rule="oracle", call_threshold=0.0)
+    assert all(all(m) for m in every.call_mask)
+    assert every.tokens == generate(None, teacher, PROMPTS, mode="teacher", max_new_tokens=10).tokens
+    never = generate(student, teacher, PROMPTS, max_new_tokens=10, call_rule="oracle",
+                     call_threshold=float("inf"), tau_bias=1e4)
+    assert not any(any(m) for m in never.call_mask)
+    assert never.tokens == generate(student, None, PROMPTS, mode="student", max_new_tokens=10).tokens
+    # the oracle's teacher runs at every step (a quality ceiling, not a fast decoder)
+    assert never.teacher_forwards == never.lengths
+
+
+def test_oracle_rule_calls_where_the_kl_reaches_the_threshold(pair):
+    from kdtw.calibration import calibrate_thresholds, oracle_scores
+
+    teacher, student = pair
+    # a threshold at which about half the steps call (a fixed KL can send a path to all or none)
+    [theta] = calibrate_thresholds(student, teacher, [PROMPTS], [0.5], rule="oracle", max_new_tokens=10,
+                                   batch_size=8)
+    out = generate(student, teacher, PROMPTS, max_new_tokens=10, call_rule="oracle", call_threshold=theta)
+    kl = oracle_scores(student, teacher, PROMPTS, out.tokens)  # on the oracle's own path
+    checked = 0
+    for mask, ks in zip(out.call_mask, kl):
+        for c, k in zip(mask, ks):
+            if abs(k - theta) > 1e-4:  # cached and teacher-forced KL differ by float noise
+                assert c == (k >= theta)
+                checked += 1
+    assert checked > 0 and any(any(m) for m in out.call_mask) and not all(all(m) for m in out.call_mask)
+
+
+def _tiny_student_and_teacher(tau_offset: float):
+    tok = build_word_tokenizer(["a", "b", "c", "d"])
+    spec = ModelConfig(arch="llama", hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, tie_embeddings=False)
+    tm, sm = init_model(spec, tok, seed=3), init_model(spec, tok, seed=5)
+    with torch.no_grad():
+        sm.lm_head.weight.mul_(3.0)  # a few tokens with visible mass
+    student = make_student(sm, copy.deepcopy(tok))
+    with torch.no_grad():
+        student.tau_offset.fill_(tau_offset)
+    return LM(tm, tok), student
+
+
+def test_sample_rule_with_do_sample_is_a_draw_from_pi():
+    teacher, student = _tiny_student_and_teacher(0.0)
+    V, N = student.vocab_size, 4000
+    prompt = "a b c"
+    with torch.no_grad():
+        logits = student.lm.extend(student.lm.start(*student.lm.encode_prompts([prompt])),
+                                   torch.empty((1, 0), dtype=torch.long))[:, -1]
+        pi = torch.softmax(student.policy_logits(logits.float())[0], -1)  # [V+1]
+        # put π(<τ>) near 0.3 so both actions carry mass
+        off = float(torch.log(torch.tensor(0.3 / 0.7)) - torch.log(pi[V] / (1 - pi[V])))
+        student.tau_offset.fill_(off)
+        pi = torch.softmax(student.policy_logits(logits.float())[0], -1)
+    assert 0.25 < float(pi[V]) < 0.35
+
+    def counts(**kw):
+        out = generate(student, teacher, [prompt] * N, max_new_tokens=1, batch_size=N, call_rule="sample",
+                       generator=torch.Generator().manual_seed(11), **kw)
+        c = torch.zeros(V + 1)
+        for m, t in zip(out.call_mask, out.tokens):
+            c[V if m[0] else t[0]] += 1
+        return c / N
+
+    emp = counts(do_sample=True)
+    tv = 0.5 * float((emp - pi).abs().sum())
+    assert tv < 0.04, (tv, emp, pi)  # sampling noise at N=4000 over <= 10 cells is ~0.02
+    # greedy tokens: calls still drawn with probability π(<τ>), the written token is the argmax over V
+    emp = counts(do_sample=False)
+    assert abs(float(emp[V]) - float(pi[V])) < 0.03
+    assert float(emp[int(pi[:V].argmax())]) == pytest.approx(1 - float(emp[V]))
+
+
+def test_bad_call_rules(pair):
+    teacher, student = pair
+    with pytest.raises(ValueError, match="call_rule='nope'"):
+        generate(student, teacher, PROMPTS, call_rule="nope")
+    for rule in ("threshold", "oracle"):
+        with pytest.raises(ValueError, match="needs call_threshold"):
+            generate(student, teacher, PROMPTS, call_rule=rule)
+    with pytest.raises(ValueError, match="2 call thresholds for 3 prompts"):
+        generate(student, teacher, PROMPTS, call_rule="threshold", call_threshold=[0.1, 0.2])

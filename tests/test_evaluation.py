@@ -6,15 +6,18 @@ from __future__ import annotations
 import copy
 import csv
 import importlib.util
+import json
+import math
 import os
 import subprocess
 import sys
 
 import pytest
 
+from kdtw.calibration import load_thresholds, save_thresholds
 from kdtw.config import load_config
 from kdtw.data import build_word_tokenizer
-from kdtw.evaluation import evaluate_frontier, frontier_verdict, pareto_front
+from kdtw.evaluation import LEARNED_RULES, evaluate_frontier, frontier_verdict, pareto_front
 from kdtw.factory import load_student, load_teacher, task_tokenizer
 from kdtw.models import LM, ModelError, init_model
 
@@ -25,7 +28,13 @@ KS = (1, 2, 3, 5, 7)
 COLUMNS = {
     "method", "setting", "target", "k", "do_sample", "bleu", "chrf", "teacher_forwards_per_token",
     "teacher_use", "adherence", "cost_latency_per_token", "wall_s_per_seq", "wall_s_per_seq_b1",
+    "call_rule", "call_threshold", "caller_latency_per_token",
 }
+
+
+def _rule(cfg) -> str:
+    """The configured call rule (the `budgeted` family); argmax before decoding.call_rule existed."""
+    return getattr(cfg.decoding, "call_rule", "argmax")
 
 
 def _overrides(tmp) -> list[str]:
@@ -74,17 +83,41 @@ def job_run(setup):
 def test_job_writes_a_row_per_method_and_setting(job_run):
     out, _, rows, proc, cfg = job_run
     phrases = list(cfg.budgets)
+    others = [f"budgeted_{r}" for r in LEARNED_RULES if r != _rule(cfg)]
     want = {("teacher", ""), ("student", "")}
-    want |= {(m, p) for m in ("budgeted", "budgeted_strict") for p in phrases}
+    want |= {(m, p) for m in ("budgeted", "budgeted_strict", *others, "oracle") for p in phrases}
     want |= {(m, f"k{k}") for m in ("sd_greedy", "sd_sampling") for k in KS}
     got = [(r["method"], r["setting"]) for r in rows]
     assert sorted(got) == sorted(want)
     assert COLUMNS <= set(rows[0])
-    for name in ("results.json", "verdict.txt", "command.txt"):
+    rules = {r["method"]: r["call_rule"] for r in rows}
+    assert rules["budgeted"] == rules["budgeted_strict"] == _rule(cfg) and rules["oracle"] == "oracle"
+    assert {rules[m] for m in others} == set(LEARNED_RULES) - {_rule(cfg)}
+    assert rules["teacher"] == rules["sd_greedy"] == ""  # not a caller
+    for name in ("results.json", "verdict.txt", "command.txt", "call_thresholds.json"):
         assert (out / name).stat().st_size > 0
     assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "command.txt").read_text().startswith("python jobs/evaluate.py --config ")
     assert "budgeted" in proc.stdout and "sd_greedy" in proc.stdout  # progress lines
+    assert "oracle thresholds calibrated on 6 validation examples" in proc.stdout
+    verdict = (out / "verdict.txt").read_text()
+    assert "oracle caller" in verdict  # the ratio, or why there is none (random tiny models)
+
+
+def test_job_thresholds_are_calibrated_on_validation_and_saved(job_run):
+    out, _, rows, _, cfg = job_run
+    info = json.loads((out / "results.json").read_text())["info"]["call_thresholds"]
+    saved = load_thresholds(out)
+    for rule in ("threshold", "oracle"):
+        assert info["source"][rule].startswith("calibrated on validation")
+        assert saved[rule]["no"] == float("inf")  # budget 0: never call (null in the file)
+        for r in rows:
+            if r["call_rule"] != rule or r["method"] == "budgeted_strict":
+                continue
+            theta = saved[rule][r["setting"]]
+            assert r["call_threshold"] == ("" if theta == float("inf") else str(theta))
+            # the job evaluates the validation split: each row's use is the calibration's
+            assert float(r["teacher_use"]) == pytest.approx(info["validation_use"][rule][r["setting"]])
 
 
 def test_job_numbers_obey_the_definitions(job_run):
@@ -93,7 +126,8 @@ def test_job_numbers_obey_the_definitions(job_run):
     teacher = next(r for r in rows if r["method"] == "teacher")
     for r in rows:
         for key in ("teacher_forwards_per_token", "cost_latency_per_token", "wall_s_per_seq", "wall_s_per_seq_b1"):
-            assert f(r, key) >= 0
+            if not (r["method"] == "oracle" and key == "wall_s_per_seq_b1"):  # not timed (see below)
+                assert f(r, key) >= 0
         if r["method"].startswith("sd_"):
             k = int(r["k"])
             # every teacher forward yields at most K + 1 tokens
@@ -106,6 +140,16 @@ def test_job_numbers_obey_the_definitions(job_run):
             assert f(r, "adherence") == pytest.approx(abs(f(r, "teacher_use") - f(r, "target")))
         if r["method"] == "budgeted_strict":
             assert f(r, "teacher_use") <= f(r, "target") + 1e-9  # strict is a guarantee
+        if r["method"] == "oracle":
+            # the oracle's teacher runs at every step; the plot places it at the cost of its calls
+            assert f(r, "teacher_forwards_per_token") == 1.0
+            assert f(r, "caller_latency_per_token") <= f(r, "cost_latency_per_token")
+            assert r["wall_s_per_seq_b1"] == ""
+        elif r["call_rule"]:
+            # a learned caller: one teacher forward per call, so the two latencies agree
+            assert f(r, "caller_latency_per_token") == pytest.approx(f(r, "cost_latency_per_token"))
+        if r["call_rule"] in ("threshold", "oracle") and f(r, "target") == 0.0:
+            assert f(r, "teacher_use") == 0.0  # θ = inf: never call
     assert f(teacher, "teacher_use") == 1.0 and f(teacher, "teacher_forwards_per_token") == 1.0
     student = next(r for r in rows if r["method"] == "student")
     assert f(student, "teacher_use") == 0.0 and f(student, "teacher_forwards_per_token") == 0.0
@@ -126,10 +170,12 @@ def test_job_logs_an_mlflow_run(job_run, monkeypatch):
     assert run["metrics.budgeted/light/bleu"] == pytest.approx(float(light["bleu"]))
     assert "metrics.sd_greedy/k7/teacher_forwards_per_token" in runs.columns
     assert "metrics.student/cost_latency_per_token" in runs.columns
+    assert "metrics.oracle/light/bleu" in runs.columns
+    assert run["params.eval.call_rules"].split(",")[0] == _rule(cfg)
     assert run["params.decoding.max_new_tokens"] == "8"
     assert run["params.budgets.light"] == "0.1"
     arts = {a.path for a in MlflowClient(uri).list_artifacts(run["run_id"])}
-    assert {"results.csv", "results.json", "frontier.png", "verdict.txt"} <= arts
+    assert {"results.csv", "results.json", "frontier.png", "verdict.txt", "call_thresholds.json"} <= arts
 
 
 def test_default_tracking_uri_is_sqlite_under_run_dir(setup, monkeypatch):
@@ -165,7 +211,8 @@ def test_empty_split_is_one_error_line_and_status_2(setup, capsys):
     rc = _job().main(["--config", TINY, "--out", str(tmp / "empty"), *_overrides(tmp), "task.n_validation=0"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
-    assert err[-1].startswith("kdtw: error: split 'validation' is empty")
+    # refused when the config is loaded, before any model (an empty split would crash every command)
+    assert err[-1].startswith("kdtw: error:") and "task.n_validation=0 must be an integer >= 1" in err[-1]
 
 
 def test_evaluation_imports_neither_ray_nor_mlflow():
@@ -211,3 +258,73 @@ def test_verdict_is_computed_from_the_numbers():
 
     rows[0]["bleu"] = 40.0  # the student beats the teacher: no gap
     assert "no student-to-teacher gap to close" in frontier_verdict(rows, primary="bleu")
+
+
+def test_verdict_reports_learned_against_oracle_caller():
+    rows = [
+        _row("student", q=10.0, lat=0.5),
+        _row("teacher", q=30.0, lat=1.0, fwd=1.0, use=1.0),
+        _row("budgeted", "light", q=20.0, lat=0.6, fwd=0.08, use=0.08),
+        _row("budgeted_threshold", "light", q=22.0, lat=0.6, fwd=0.09, use=0.09),
+        _row("budgeted_sample", "heavy", q=25.0, lat=0.8, fwd=0.3, use=0.3),
+        _row("oracle", "light", q=25.0, lat=1.5, fwd=1.0, use=0.09),
+        _row("oracle", "heavy", q=29.0, lat=1.5, fwd=1.0, use=0.3),
+        _row("sd_greedy", "k1", q=30.0, lat=0.9, fwd=0.6, use=0.6, k=1),
+    ]
+    rows[2]["call_rule"] = "argmax"
+    v = frontier_verdict(rows, primary="bleu")
+    assert "closes 50% of the student-to-teacher gap" in v  # the configured rule, as before
+    assert "threshold rule closes 60% (budget 'light' (threshold rule), use 0.090, bleu 22.00)" in v
+    assert "sample rule: no point below 0.10" in v
+    assert "its best point below 0.10 teacher use is oracle 'light' (use 0.090, bleu 25.00); it closes 75%" in v
+    assert ("Learned caller / oracle caller below 0.10 teacher use (share of the gap closed): 0.67 (the "
+            "configured argmax rule, 50% / 75%); 0.80 (threshold rule).") in v
+
+    no_oracle = [r for r in rows if r["method"] != "oracle"]
+    assert "No oracle caller rows" in frontier_verdict(no_oracle, primary="bleu")
+    high = [dict(r, teacher_use=0.3) if r["method"] == "oracle" else r for r in rows]
+    assert "has no point below 0.10 teacher use" in frontier_verdict(high, primary="bleu")
+
+
+def test_saved_thresholds_are_used_and_rules_are_checked(setup, tmp_path):
+    _, cfg, teacher, student = setup
+    phrases = list(cfg.budgets)
+    saved = {"threshold": {p: (math.inf if p == "no" else 0.0) for p in phrases},
+             "oracle": {p: math.inf for p in phrases}}
+    save_thresholds(tmp_path, saved)
+    lines: list[str] = []
+    res = evaluate_frontier(cfg, teacher, student, None, n=3, ks=(1,), call_rule="argmax",
+                            thresholds=load_thresholds(tmp_path), log=lines.append)
+    assert not any("calibrated" in ln for ln in lines)
+    assert res.info["call_thresholds"]["source"] == {"threshold": "call_thresholds.json",
+                                                      "oracle": "call_thresholds.json"}
+    for p in phrases:
+        thr, orc = res.row("budgeted_threshold", p), res.row("oracle", p)
+        assert thr["teacher_use"] == (0.0 if p == "no" else 1.0)  # θ = 0 calls at every step
+        assert orc["teacher_use"] == 0.0 and orc["call_threshold"] is None  # θ = inf: never
+    assert {r["method"] for r in res.rows} >= {"budgeted", "budgeted_sample", "budgeted_threshold", "oracle"}
+
+    # only the rules asked for; no oracle
+    res = evaluate_frontier(cfg, teacher, student, None, n=2, ks=(1,), call_rule="sample",
+                            call_rules=["sample"], oracle=False, log=lambda s: None)
+    assert {r["method"] for r in res.rows} == {"student", "teacher", "budgeted", "budgeted_strict",
+                                                "sd_greedy", "sd_sampling"}
+    assert res.row("budgeted", "light")["call_rule"] == "sample"
+    assert res.info["oracle"] is False and res.info["call_rules"] == ["sample"]
+    for bad, msg in ((dict(call_rules=["nope"]), "unknown call rule 'nope'"),
+                     (dict(call_rules=["oracle"]), "not a learned call rule"),
+                     (dict(call_rule="oracle"), "evaluation ceiling")):
+        with pytest.raises(ValueError, match=msg):
+            evaluate_frontier(cfg, teacher, student, None, n=2, ks=(1,), log=lambda s: None, **bad)
+
+
+def test_job_unknown_call_rule_is_one_error_line(setup, capsys):
+    tmp, *_ = setup
+    rc = _job().main(["--config", TINY, "--out", str(tmp / "bad"), "--call-rules", "argmax,greedy",
+                      *_overrides(tmp)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert err[-1] == ("kdtw: error: --call-rules 'argmax,greedy': unknown call rule 'greedy': use a "
+                       "subset of argmax, sample, threshold")
+    rc = _job().main(["--config", TINY, "--out", str(tmp / "bad"), "--call-rules", "oracle", *_overrides(tmp)])
+    assert rc == 2 and "--no-oracle" in capsys.readouterr().err

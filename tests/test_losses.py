@@ -457,3 +457,88 @@ def test_demo_token_nll_is_renormalised_nll_over_masked_positions_and_ignores_ta
     assert torch.all(logits.grad[..., V] == 0)  # the <τ> column gets no gradient
     assert torch.all(logits.grad[1] == 0) and torch.all(logits.grad[:, 3] == 0)
     assert demo_token_nll(logits, tokens, torch.zeros(B, T)).item() == 0.0
+
+
+# ----------------------------------------------------------------------------- issue 11
+
+
+def test_normalized_residuals_divide_by_step_count_and_keep_zero_set():
+    from kdtw.losses import pcl_residuals
+
+    torch.manual_seed(0)
+    B, T = 3, 7
+    rewards, logp, values = torch.randn(B, T), -torch.rand(B, T), torch.randn(B, T)
+    lengths = [7, 4, 1]
+    mask = torch.tensor([[t < n for t in range(T)] for n in lengths])
+    for window in (None, 1, 3, 10):
+        plain = pcl_residuals(rewards, logp, values, mask, gamma=0.9, window=window)
+        norm = pcl_residuals(rewards, logp, values, mask, gamma=0.9, window=window, normalize=True)
+        for i, n in enumerate(lengths):
+            for t in range(T):
+                if t >= n:
+                    assert norm[i, t] == 0
+                    continue
+                d = n - t if window is None else min(window, n - t)
+                assert float(norm[i, t]) == pytest.approx(float(plain[i, t]) / d, rel=1e-5, abs=1e-6)
+    # a path that is consistent stays consistent: zero residuals stay zero
+    r = torch.tensor([[-1.0, -2.0, -0.5]])
+    lp = torch.zeros(1, 3)
+    v = torch.tensor([[-3.5, -2.5, -0.5]])  # V(s_t) = Σ_{j>=t} r_j with γ = 1
+    assert pcl_residuals(r, lp, v, torch.ones(1, 3, dtype=torch.bool), normalize=True).abs().max() < 1e-6
+
+
+def test_conditional_demo_logp_keeps_value_zeroes_tau_gradient_and_leaves_student_rows():
+    from kdtw.losses import conditional_demo_logp, student_action_logp
+
+    torch.manual_seed(1)
+    B, T, V = 3, 4, 5
+    logits = torch.randn(B, T, V + 1, requires_grad=True)
+    tokens = torch.randint(0, V, (B, T))
+    tau = torch.zeros(B, T, dtype=torch.bool)
+    tau[0, 1] = True
+    demo = torch.tensor([False, True, True])
+    joint = student_action_logp(logits, tokens, tau)
+    cond = conditional_demo_logp(logits, joint, tokens, demo)
+    assert torch.allclose(cond, joint, atol=1e-6)  # same values: PCL's fixed point is unchanged
+    (g,) = torch.autograd.grad(cond.sum(), logits, retain_graph=True)
+    assert torch.all(g[1:, :, V] == 0)  # demos: exactly zero on the <τ> logit
+    assert g[1:, :, :V].abs().sum() > 0  # ... but they train the token distribution
+    (g_joint,) = torch.autograd.grad(joint.sum(), logits)
+    assert torch.allclose(g[0], g_joint[0])  # student rows are untouched
+    assert g_joint[1:, :, V].abs().sum() > 0  # the joint scoring did push <τ> on demos
+
+
+def test_pid_lagrange_update_properties():
+    from kdtw.losses import pid_lagrange_init, pid_lagrange_update
+
+    target = torch.tensor([0.05, 0.2, 0.5])
+    I0 = pid_lagrange_init(target, eps=1e-3, lam_min=-10, lam_max=20)
+    assert torch.allclose(I0, torch.log((1 - target) / target))
+    kw = dict(k_i=0.1, k_p=0.5, ema=0.5, lam_min=-10.0, lam_max=20.0)
+    # on target: nothing moves
+    lam, I, e_ema, err = pid_lagrange_update(I0, torch.zeros(3), target, target, **kw)
+    assert torch.allclose(lam, I0) and torch.allclose(err, torch.zeros(3), atol=1e-6)
+    # above target raises λ, below lowers it; the error is on the logit scale
+    obs = torch.tensor([0.1, 0.1, 0.6])
+    lam, I, e_ema, err = pid_lagrange_update(I0, torch.zeros(3), obs, target, **kw)
+    logit = lambda x: torch.log(x / (1 - x))  # noqa: E731
+    assert torch.allclose(err, logit(obs) - logit(target), atol=1e-6)
+    assert lam[0] > I0[0] and lam[1] < I0[1] and lam[2] > I0[2]
+    assert torch.allclose(I, I0 + 0.1 * err) and torch.allclose(e_ema, 0.5 * err)
+    assert torch.allclose(lam, I + 0.5 * e_ema)
+    # the same logit error moves λ by the same amount at any budget
+    a = pid_lagrange_update(torch.zeros(2), torch.zeros(2), torch.sigmoid(logit(torch.tensor([0.05, 0.5])) + 0.3),
+                            torch.tensor([0.05, 0.5]), **kw)[0]
+    assert torch.allclose(a[0], a[1], atol=1e-5)
+    # anti-windup: a persistent error leaves the integral at the bound, not beyond; it comes back at once
+    I, e = I0.clone(), torch.zeros(3)
+    for _ in range(1000):
+        lam, I, e, _ = pid_lagrange_update(I, e, torch.ones(3), target, **kw)
+    assert torch.all(I == 20.0) and torch.all(lam == 20.0)
+    lam, I2, _, _ = pid_lagrange_update(I, torch.zeros(3), torch.full((3,), 1e-4), target, **kw)
+    assert torch.all(I2 < 20.0)
+    # an unseen budget (nan) keeps its state
+    lam, I3, e3, err = pid_lagrange_update(I0, torch.ones(3), torch.tensor([float("nan"), 0.3, 0.5]), target, **kw)
+    assert I3[0] == I0[0] and e3[0] == 1.0 and err[0] == 0
+    with pytest.raises(ValueError, match="gains"):
+        pid_lagrange_update(I0, torch.zeros(3), obs, target, k_i=-1.0, k_p=0.0, ema=0.5, lam_min=0, lam_max=1)

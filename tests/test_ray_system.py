@@ -15,7 +15,7 @@ import torch
 from conftest import ROOT
 from conftest_ray import free_port, load_job, ray_env, ray_session, tiny  # noqa: F401
 from kdtw.buffer import from_table
-from kdtw.checkpoint import open_checkpoint, write_checkpoint
+from kdtw.checkpoint import load_state, open_checkpoint, write_checkpoint
 from kdtw.local import LocalLoop
 from kdtw.models import Student
 
@@ -26,15 +26,17 @@ QUICK = ["train.phase1_steps=0", "train.val_examples=4", "train.log_every=5"]
 
 def _fields(t):
     return (t.source_ids, t.budget_id, t.tokens, t.actions_tau, t.behaviour_logp, t.teacher_logp, t.origin,
-            t.policy_version, t.worker_id, t.greedy_tau)
+            t.policy_version, t.worker_id, t.greedy_tau, t.tau_prob)
 
 
 def test_sync_parity_with_the_local_loop(ray_session, tmp_path):
     """1 worker, 1 teacher, staleness 0: the Ray loop's first 20 losses are the local loop's."""
     train_pcl = load_job("train_pcl")
     over = [*QUICK, "train.phase2_steps=20", "train.validate_every=1000", "train.max_staleness=0",
-            "ray.num_rollout_workers=1", "ray.num_teacher_replicas=1", "ray.publish_every=1", "ray.checkpoint_every=0"]
+            "ray.num_rollout_workers=1", "ray.num_teacher_replicas=1", "ray.publish_every=1", "ray.checkpoint_every=0",
+            "train.value_warmup_steps=5"]
     local = LocalLoop(tiny(tmp_path / "local", *over), log=lambda _: None)
+    local.learner.start_phase2()
     local_losses, local_lam = [], []
     for _ in range(20):
         m = local.learn(*local.collect())
@@ -118,7 +120,7 @@ def test_killed_driver_resumes_exactly(ray_session, tmp_path):
     try:
         system.restore(ckpt, manifest)
         snap = system.snapshot()
-        saved = torch.load(os.path.join(ckpt, "learner.pt"), weights_only=False)
+        saved = load_state(os.path.join(ckpt, "learner.pt"))
         assert snap["step"] == step
         assert snap["learner"]["step"] == saved["step"] and snap["learner"]["version"] == saved["version"]
         assert torch.equal(snap["learner"]["lam"], saved["lam"])
@@ -170,7 +172,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
         "is not a kdtw checkpoint": _job("--resume", str(empty)),
         "is corrupt: learner.pt does not match its checksum": _job("--resume", str(fake)),
         "is smaller than one batch": _job("--config", TINY, run, "train.buffer_tokens=10"),
-        "ray.num_rollout_workers=0: the Ray loop needs at least one rollout worker": _job(
+        "ray.num_rollout_workers=0 must be an integer >= 1": _job(
             "--config", TINY, run, "ray.num_rollout_workers=0"),
     }
     for expected, proc in cases.items():

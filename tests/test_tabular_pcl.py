@@ -344,3 +344,74 @@ def test_lagrangian_pcl_reaches_budget(budget):
     # The PCL fixed point is close to, not exactly, the soft optimum at the same λ (point 3).
     _, pi_star = _soft_value_iteration(float(lam), budget)
     assert (torch.softmax(table.detach(), -1) - pi_star).abs().max() < 0.05
+
+
+# --- 6. the real regime: one PCL step per λ update, from a few sampled paths ---------------------
+
+
+def _token_use(policy):
+    """Exact token-weighted expected use E[Σ c_t] / E[T] of the policy (DESIGN.md §5 revision)."""
+    sid, tokens, tau, mask = _batch(JOINT_PATHS)
+    w = _path_probs(policy, sid, tokens, tau, mask)
+    return float((w * tau.sum(1)).sum() / (w * mask.sum(1)).sum())
+
+
+def _sample_paths(policy, n, gen):
+    """``n`` on-policy joint paths: a ~ π(·|s); after <τ>, x ~ p(·|s). Also π(<τ>|s_t) per step."""
+    paths, ptau = [], []
+    for _ in range(n):
+        prefix, steps, probs = (), [], []
+        while True:
+            s = SID[prefix]
+            a = int(torch.multinomial(policy[s], 1, generator=gen))
+            x = int(torch.multinomial(P[s], 1, generator=gen)) if a == TAU else a
+            steps.append((s, x, a == TAU))
+            probs.append(float(policy[s, TAU]))
+            if _terminal(prefix, x):
+                break
+            prefix = prefix + (x,)
+        paths.append(steps)
+        ptau.append(probs)
+    return paths, ptau
+
+
+@pytest.mark.parametrize("budget", [0.2, 0.4])
+def test_pi_controller_holds_budget_one_pcl_step_per_update(budget):
+    """The regime of Phase 2: each step samples 16 paths from the current policy, takes ONE Adam
+    PCL step on them and updates λ with the PI controller (kdtw defaults: gains, error EMA, warm
+    start) from their expected use Σπ(<τ>)/ΣT. Over the last 200 of 1,500 steps the policy's
+    exact token-weighted use stays within 0.03 of the budget and λ stays off its bounds."""
+    from kdtw.config import TrainConfig
+    from kdtw.losses import pid_lagrange_init, pid_lagrange_update
+
+    tc = TrainConfig()
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    table = torch.zeros(N_STATES, V + 1, dtype=DT, requires_grad=True)
+    value_table = torch.zeros(N_STATES, dtype=DT, requires_grad=True)
+    opt = torch.optim.Adam([table, value_table], lr=0.02)
+    target = torch.tensor([budget])
+    integral = pid_lagrange_init(target, eps=tc.lambda_eps, lam_min=tc.lambda_min, lam_max=tc.lambda_max)
+    err_ema = torch.zeros(1)
+    lam = integral.clone()
+    uses, lams = [], []
+    for _ in range(1500):
+        policy = torch.softmax(table.detach(), -1)
+        paths, ptau = _sample_paths(policy, 16, gen)
+        sid, tokens, tau, mask = _batch(paths)
+        rewards = _shaped(sid, tokens, tau, mask, float(lam), budget)
+        logp = student_action_logp(table[sid], tokens, tau, mask=mask)
+        C = pcl_residuals(rewards, logp, value_table[sid], mask)
+        loss = 0.5 * (C**2).sum() / mask.sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        observed = torch.tensor([sum(map(sum, ptau)) / sum(map(len, ptau))])
+        lam, integral, err_ema, _ = pid_lagrange_update(
+            integral, err_ema, observed, target, k_i=tc.lambda_ki, k_p=tc.lambda_kp, ema=tc.lambda_err_ema,
+            lam_min=tc.lambda_min, lam_max=tc.lambda_max, eps=tc.lambda_eps)
+        uses.append(_token_use(torch.softmax(table.detach(), -1)))
+        lams.append(float(lam))
+    last = uses[-200:]
+    assert max(abs(u - budget) for u in last) < 0.03, (min(last), max(last))
+    assert all(tc.lambda_min < x < tc.lambda_max for x in lams[-200:])

@@ -74,7 +74,7 @@ def _learner(student, **kw):
 def test_rollouts_scores_and_collate(pair):
     teacher, student = pair
     g = torch.Generator().manual_seed(0)
-    trajs, out = student_rollouts(student, teacher, PROMPTS, [0, 1, 2], max_new_tokens=6, generator=g)
+    trajs, out = student_rollouts(student, teacher, PROMPTS, [0, 1, 2], max_new_tokens=6, generator=g, budgets=[0.0, 0.2, 0.5])
     demos = teacher_demos(teacher, PROMPTS, [0, 1, 2], max_new_tokens=6, generator=g)
     assert [t.origin for t in trajs + demos] == ["student"] * 3 + ["teacher_demo"] * 3
     for t in trajs:
@@ -91,7 +91,7 @@ def test_learner_steps_lower_the_loss_and_refuse_nan(pair):
     teacher, student = pair
     student = copy.deepcopy(student)
     g = torch.Generator().manual_seed(1)
-    trajs, _ = student_rollouts(student, teacher, PROMPTS, [0, 1, 2], max_new_tokens=6, generator=g)
+    trajs, _ = student_rollouts(student, teacher, PROMPTS, [0, 1, 2], max_new_tokens=6, generator=g, budgets=[0.0, 0.2, 0.5])
     learner = _learner(student)
     first = learner.pcl_step(trajs)["pcl/loss"]
     for _ in range(15):
@@ -110,7 +110,8 @@ def test_learner_steps_lower_the_loss_and_refuse_nan(pair):
 def test_demo_nll_anchor_raises_the_student_likelihood_of_demonstrations(pair):
     teacher, student = pair
     g = torch.Generator().manual_seed(2)
-    trajs, _ = student_rollouts(student, teacher, PROMPTS, [0, 1, 2], max_new_tokens=6, generator=g)
+    trajs, _ = student_rollouts(student, teacher, PROMPTS, [0, 1, 2], max_new_tokens=6, generator=g,
+                                budgets=[0.0, 0.2, 0.5])
     demos = teacher_demos(teacher, PROMPTS, [0, 1, 2], max_new_tokens=6, generator=g)
     off = _learner(copy.deepcopy(student)).pcl_step(trajs + demos)
     assert "pcl/demo_nll" not in off
@@ -143,22 +144,116 @@ def test_without_tau_the_learner_is_plain_distillation(pair):
 
 
 def test_lambda_moves_toward_each_budget_and_state_roundtrips(pair):
+    """The first (integral) rule on the sampled-call estimate; the zero budget is masked, so its
+    λ never moves (it used to integrate without bound: its use can never undershoot 0)."""
     _, student = pair
-    learner = _learner(copy.deepcopy(student), lr_lambda=1.0, lambda_max=5.0, use_ema=0.0)
-    over = [traj(4, budget=0, tau=[True, True, False, False])]  # use 0.5 > target 0.0
+    learner = _learner(copy.deepcopy(student), lr_lambda=1.0, lambda_max=5.0, lambda_min=0.0, use_ema=0.0,
+                       lambda_controller="integral", use_estimate="sampled")
+    over = [traj(4, budget=1, tau=[True, True, False, False])]  # use 0.5 > target 0.2
     under = [traj(4, budget=2, tau=[False] * 4)]  # use 0 < target 0.5
-    learner.observe_use(over + under + [traj(4, origin="teacher_demo", budget=1)])
-    assert learner.lam[0] == pytest.approx(0.5) and learner.lam[2] == 0.0 and learner.lam[1] == 0.0
+    zero = [traj(4, budget=0, tau=[True, False, False, False])]
+    learner.observe_use(over + under + zero + [traj(4, origin="teacher_demo", budget=1)])
+    assert learner.lam[1] == pytest.approx(0.3) and learner.lam[2] == 0.0 and learner.lam[0] == 0.0
     for _ in range(20):
-        learner.observe_use(over)
-    assert learner.lam[0] == 5.0  # clipped at λ_max
-    neg = _learner(copy.deepcopy(student), lr_lambda=1.0, lambda_min=-2.0, use_ema=0.0)
+        learner.observe_use(over + zero)
+    assert learner.lam[1] == 5.0 and learner.lam[0] == 0.0  # clipped at λ_max; zero budget untouched
+    neg = _learner(copy.deepcopy(student), lr_lambda=1.0, lambda_min=-2.0, use_ema=0.0,
+                   lambda_controller="integral", use_estimate="sampled")
     neg.observe_use(under)
     assert neg.lam[2] == pytest.approx(-0.5)  # opt-in equality constraint
     state = learner.state_dict()
     fresh = _learner(copy.deepcopy(student))
     fresh.load_state_dict(state)
     assert torch.equal(fresh.lam, learner.lam) and fresh.step == learner.step
+    assert torch.equal(fresh.integral, learner.integral)
+
+
+def test_pi_controller_warm_start_expected_estimate_and_demos_ignored(pair):
+    _, student = pair
+    learner = _learner(copy.deepcopy(student), lambda_ki=0.1, lambda_kp=0.0)
+    # warm start at the joint reward's soft optimum log((1−b)/b); 0.5 -> 0
+    assert float(learner.lam[1]) == pytest.approx(math.log(0.8 / 0.2), abs=1e-5)
+    assert float(learner.lam[2]) == pytest.approx(0.0, abs=1e-6)
+    lam0 = learner.lam.clone()
+    # expected use: Σπ(<τ>)/ΣT over budget-1 rows = (0.4·4 + 0.4·2)/6 = 0.4 > 0.2 although no call was made
+    rows = [traj(4, budget=1), traj(2, budget=1)]
+    for t in rows:
+        t.tau_prob = [0.4] * len(t)
+    demo = traj(4, origin="teacher_demo", budget=2)
+    m = learner.observe_use(rows + [demo])
+    err = math.log(0.4 / 0.6) - math.log(0.2 / 0.8)
+    assert m["use_expected/1"] == pytest.approx(0.4) and m["use_sampled/1"] == 0.0
+    assert m["lambda_err/1"] == pytest.approx(err, rel=1e-5)
+    assert float(learner.lam[1]) == pytest.approx(float(lam0[1]) + 0.1 * err, rel=1e-5)
+    assert torch.equal(learner.lam[[0, 2]], lam0[[0, 2]])  # no student row of budget 2; 0 is masked
+    # measuring without updating (the value warm-up) leaves λ alone
+    lam1 = learner.lam.clone()
+    learner.observe_use(rows, update=False)
+    assert torch.equal(learner.lam, lam1)
+
+
+def _tau_grad(learner, batch):
+    """∂L_PCL/∂z_<τ> per position: a hook on the policy logits of one pcl_step (no update)."""
+    grads = {}
+    orig = learner._policy
+
+    def policy(logits, budget_ids=None, tau_mask=None):
+        pol = orig(logits, budget_ids, tau_mask)
+        pol.register_hook(lambda g: grads.setdefault("g", g.detach().clone()))
+        return pol
+
+    learner._policy = policy
+    learner.cfg.grad_clip = 0.0
+    for g in learner.opt.param_groups:
+        g["lr"] = 0.0
+    learner.pcl_step(batch)
+    learner._policy = orig
+    return grads["g"][..., -1]
+
+
+def test_demonstrations_never_push_tau_but_train_tokens_and_values(pair):
+    teacher, student = pair
+    g = torch.Generator().manual_seed(0)
+    trajs, _ = student_rollouts(student, teacher, PROMPTS, [1, 1, 2], max_new_tokens=6, generator=g,
+                                budgets=[0.2, 0.2, 0.5])
+    demos = teacher_demos(teacher, PROMPTS, [1, 2, 2], max_new_tokens=6, generator=g)
+    # the first design: demos scored under the joint policy push <τ> (the gradient is nonzero)
+    joint = _learner(copy.deepcopy(student), demo_logp="joint", residual_norm=False)
+    assert float(_tau_grad(joint, demos).abs().sum()) > 1e-6
+    cond = _learner(copy.deepcopy(student))
+    assert float(_tau_grad(cond, demos).abs().max()) == 0.0
+    # in a mixed batch the demo rows' <τ> gradient is zero, the on-policy rows' is not
+    gz = _tau_grad(_learner(copy.deepcopy(student)), trajs + demos)
+    assert float(gz[len(trajs):].abs().max()) == 0.0 and float(gz[: len(trajs)].abs().sum()) > 0
+    # ... and a step on demos alone still moves the token distribution and the value head
+    s = copy.deepcopy(student)
+    learner = _learner(s, value_lr=1e-2)
+    before = {n: p.detach().clone() for n, p in s.named_parameters()}
+    learner.pcl_step(demos)
+    moved = {n for n, p in s.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert any(n.startswith("value_head.") for n in moved) and any(n.startswith("model.") for n in moved)
+    assert "tau_offset" not in moved and "budget_offsets" not in moved
+
+
+def test_value_warmup_moves_only_the_value_head_and_zero_budget_is_masked(pair):
+    teacher, student = pair
+    g = torch.Generator().manual_seed(0)
+    trajs, out = student_rollouts(student, teacher, PROMPTS, [0, 1, 2], max_new_tokens=6, generator=g,
+                                  budgets=[0.0, 0.2, 0.5])
+    assert not any(trajs[0].actions_tau) and all(p == 0.0 for p in trajs[0].tau_prob)
+    assert len(trajs[1].tau_prob) == len(trajs[1]) and all(0 < p < 1 for p in trajs[1].tau_prob)
+    s = copy.deepcopy(student)
+    learner = _learner(s, value_warmup_steps=1)
+    learner.start_phase2()
+    before = {n: p.detach().clone() for n, p in s.named_parameters()}
+    lam0 = learner.lam.clone()
+    m = learner.learn(trajs, trajs)
+    moved = {n for n, p in s.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert m["pcl/value_warmup"] == 1.0 and moved and all(n.startswith("value_head.") for n in moved)
+    assert torch.equal(learner.lam, lam0)
+    m = learner.learn(trajs, trajs)
+    assert m["pcl/value_warmup"] == 0.0 and not torch.equal(learner.lam, lam0)
+    assert learner.opt.param_groups[1]["lr"] == learner.opt.param_groups[0]["lr"]  # offsets at the body's rate
 
 
 def test_local_training_run_end_to_end(tmp_path):

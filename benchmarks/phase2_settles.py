@@ -1,0 +1,112 @@
+"""Recompute issue 11's settling criteria from training reports (report.json of `kdtw train`).
+
+    python benchmarks/phase2_settles.py docs/runs/default-seed*/report.json [--from-step 500] [--delta 0.03]
+
+Per run: the share of Phase-2 validations from ``--from-step`` on with every budget within
+``--delta`` of its target; over the last 60% of Phase 2, the standard deviation of λ of each
+nonzero budget and whether it touched a bound (train.lambda_min / lambda_max of the run's own
+config), and the peak-to-peak validation use of the largest budget; the selected checkpoint's
+mean quality against the end of Phase 1's, and the zero budget's quality against the student
+before training. Prints one block per run and a JSON line per run (``--json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+import yaml
+
+
+def summarise(report: dict, *, from_step: int, delta: float, lam_bounds: tuple[float, float]) -> dict:
+    phrases, targets = report["phrases"], report["targets"]
+    key = _primary(report)
+    vals2 = [v for v in report["validations"] if v["phase"] == 2]
+    late = [v for v in vals2 if v["step"] >= from_step]
+    within = [all(abs(b["use"] - b["target"]) <= delta for b in v["budgets"].values()) for v in late]
+    trace = report["lambda_trace"]
+    n2 = max((r["step"] for r in trace), default=0)
+    tail_start = 0.4 * n2
+    tail = [r for r in trace if r["step"] > tail_start]
+    lam_std, at_bound = {}, {}
+    lo, hi = lam_bounds
+    for k, p in enumerate(phrases):
+        if targets[k] == 0 or not tail:
+            continue
+        lam = [r["lam"][k] for r in tail]
+        lam_std[p] = statistics.pstdev(lam)
+        at_bound[p] = any(x <= lo + 1e-6 or x >= hi - 1e-6 for x in lam)
+    top = phrases[max(range(len(targets)), key=lambda k: targets[k])]
+    tail_vals = [v for v in vals2 if v["step"] > tail_start]
+    top_use = [v["budgets"][top]["use"] for v in tail_vals]
+    phase1 = [v for v in report["validations"] if v["phase"] == 1]
+    sel = report.get("selected") or {}
+    selv = sel.get("validation") or {}
+    zero = phrases[min(range(len(targets)), key=lambda k: targets[k])]
+    out = {
+        "validations_from_step": from_step,
+        "n_validations": len(late),
+        "share_within_delta": sum(within) / len(within) if within else None,
+        "max_deviation_late": max((v["max_deviation"] for v in late), default=None),
+        "lambda_std_last60": lam_std,
+        "lambda_at_bound_last60": at_bound,
+        f"peak_to_peak_use_{top}_last60": (max(top_use) - min(top_use)) if top_use else None,
+        "selected_step": sel.get("step"),
+        "selected_phase": sel.get("phase"),
+        "selected_eligible": sel.get("eligible"),
+        f"selected_mean_{key}": selv.get("mean_quality"),
+        f"phase1_end_mean_{key}": phase1[-1]["mean_quality"] if phase1 else None,
+        f"selected_{zero}_{key}": selv.get("budgets", {}).get(zero, {}).get(key),
+        f"before_training_{zero}_{key}": (report.get("initial") or {}).get("budgets", {}).get(zero, {}).get(key),
+    }
+    return out
+
+
+def _primary(report: dict) -> str:
+    v = (report.get("initial") or report["validations"][0])["budgets"]
+    first = next(iter(v.values()))
+    for k in ("bleu", "rouge2"):
+        if k in first:
+            return k
+    raise ValueError("no bleu or rouge2 column in the report")
+
+
+def _bounds(report_path: str) -> tuple[float, float]:
+    cfg_path = os.path.join(os.path.dirname(report_path), "config.yaml")
+    lo, hi = -10.0, 20.0
+    if os.path.exists(cfg_path):
+        with open(cfg_path) as f:
+            train = (yaml.safe_load(f) or {}).get("train", {})
+        lo, hi = float(train.get("lambda_min", lo)), float(train.get("lambda_max", hi))
+    return lo, hi
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("reports", nargs="+")
+    ap.add_argument("--from-step", type=int, default=500)
+    ap.add_argument("--delta", type=float, default=0.03)
+    ap.add_argument("--json", action="store_true", help="one JSON line per run only")
+    a = ap.parse_args(argv)
+    for path in a.reports:
+        with open(path) as f:
+            report = json.load(f)
+        s = summarise(report, from_step=a.from_step, delta=a.delta, lam_bounds=_bounds(path))
+        if a.json:
+            print(json.dumps({"report": path, **s}))
+            continue
+        print(path)
+        for k, v in s.items():
+            if isinstance(v, dict):
+                v = " ".join(f"{p}={x:.3f}" if isinstance(x, float) else f"{p}={x}" for p, x in v.items())
+            elif isinstance(v, float):
+                v = f"{v:.3f}"
+            print(f"  {k:<34} {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
