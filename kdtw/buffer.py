@@ -163,7 +163,9 @@ class _Chunk:
             blogp=np.asarray(flat("behaviour_logp"), dtype=np.float32),
             tlogp=np.asarray(flat("teacher_logp"), dtype=np.float32),
             gtau=np.packbits(np.asarray(gtau, dtype=bool)),
-            ptau=np.asarray(ptau, dtype=np.float16),  # a probability needs no more (2 bytes a token)
+            # π(<τ>) to 1/255 (one byte a token): the λ controller reads the exact values of
+            # fresh rows before they are stored; replayed rows only carry them along
+            ptau=np.rint(np.clip(np.asarray(ptau, dtype=np.float32), 0.0, 1.0) * 255).astype(np.uint8),
             off=off,
             rest=_ids([v for _, r in split for v in r]),
             roff=roff,
@@ -205,7 +207,7 @@ class _Chunk:
             policy_version=int(self.version[i]),
             worker_id=int(self.worker[i]),
             greedy_tau=self._bits(self.gtau, a, b) if self.has_greedy[i] else [],
-            tau_prob=self.ptau[a:b].astype(np.float32).tolist() if self.has_ptau[i] else [],
+            tau_prob=(self.ptau[a:b].astype(np.float32) / 255).tolist() if self.has_ptau[i] else [],
         )
 
     def nbytes(self) -> int:

@@ -286,6 +286,7 @@ def save_thresholds(folder: str | os.PathLike, thresholds: Mapping) -> str:
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; it is a plain result file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

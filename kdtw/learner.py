@@ -269,11 +269,12 @@ class Learner:
         sampled = per_budget([t.teacher_use * len(t) for t in student])
         greedy = per_budget([t.greedy_use * len(t) for t in student])
         obs = {"expected": expected, "sampled": sampled, "greedy": greedy}[c.use_estimate]
-        obs = torch.where(seen & update, obs, torch.full((K,), float("nan")))
-        seen = seen & update
-        prev = self.use_hat
+        obs = torch.where(seen, obs, torch.full((K,), float("nan")))
+        prev = self.use_hat  # the logged estimate follows the rollouts, warm-up included
         ema_obs = torch.where(torch.isnan(prev), obs, c.use_ema * prev + (1 - c.use_ema) * obs)
         self.use_hat = torch.where(seen, ema_obs, prev)
+        seen = seen & update
+        obs = torch.where(seen, obs, torch.full((K,), float("nan")))
         err = torch.zeros(K)
         if c.lambda_controller == "pi":
             lam, self.integral, self.err_ema, err = pid_lagrange_update(

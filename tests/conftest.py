@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import secrets
 import sys
 import warnings
 
@@ -13,6 +14,12 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+# Ray reads RAY_AUTH_MODE once per process, when it is first imported: a test that imports a job
+# module (and so ray) before a Ray test sets the mode would leave the process unable to talk to
+# the token-auth clusters the Ray tests start. Set it for the whole session, before any import.
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 
 warnings.filterwarnings("ignore")
 torch.set_num_threads(1)
