@@ -60,14 +60,19 @@ class LearnerActor:
         return out
 
     def state(self) -> dict:
-        return {"student": pack_weights(self.learner.student), "learner": _cpu(self.learner.state_dict()),
-                "torch_rng": torch.get_rng_state()}
+        out = {"student": pack_weights(self.learner.student), "learner": _cpu(self.learner.state_dict()),
+               "torch_rng": torch.get_rng_state()}
+        if torch.cuda.is_available():  # dropout and sampling on a GPU learner draw from these
+            out["cuda_rng"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
+        return out
 
     def load_state(self, state: dict) -> None:
         unpack_weights(self.learner.student, state["student"])
         self.learner.load_state_dict(state["learner"])
         if "torch_rng" in state:
             torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") and torch.cuda.is_available() and len(state["cuda_rng"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
 
 
 def _cpu(obj):

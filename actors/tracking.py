@@ -25,23 +25,75 @@ def tracking_uri(run_dir: str) -> str:
     return "sqlite:///" + os.path.abspath(os.path.join(run_dir, "mlflow.db"))
 
 
+def relocate(uri: str, run_dir: str) -> list[str]:
+    """A run folder moved or copied with its own store (``sqlite:///<run_dir>/mlflow.db``):
+    the store still names the artifact folder where the run was made (MLflow keeps absolute
+    locations). Re-point every location under another ``.../mlartifacts`` to this run folder's
+    ``mlartifacts`` (copied along with the store), so nothing is written to the old place.
+    Returns the old locations changed. Other stores (``MLFLOW_TRACKING_URI``) are left alone."""
+    own = "sqlite:///" + os.path.abspath(os.path.join(run_dir, "mlflow.db"))
+    db = uri[len("sqlite:///"):]
+    if uri != own or not os.path.exists(db):
+        return []
+    import sqlite3
+
+    new = os.path.abspath(os.path.join(run_dir, "mlartifacts"))
+    changed = []
+    con = sqlite3.connect(db)
+    try:
+        with con:
+            for exp_id, loc in con.execute("SELECT experiment_id, artifact_location FROM experiments").fetchall():
+                if loc and loc.rstrip("/").endswith("/mlartifacts") and os.path.abspath(loc) != new:
+                    old = loc.rstrip("/")
+                    con.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?", (new, exp_id))
+                    con.execute("UPDATE runs SET artifact_uri = ? || substr(artifact_uri, ?) "
+                                "WHERE experiment_id = ? AND substr(artifact_uri, 1, ?) = ?",
+                                (new, len(old) + 1, exp_id, len(old), old))
+                    changed.append(old)
+    finally:
+        con.close()
+    return changed
+
+
 def _key(text: str) -> str:
     return _BAD.sub("_", text)
 
 
 class Tracker:
-    def __init__(self, cfg, *, run_name: str, run_id: str | None = None) -> None:
+    """One MLflow run. ``run_id`` continues a run (a resumed job): metric points at steps the run
+    already holds are not logged again, so the steps a resumed job redoes after its checkpoint
+    (up to where the first session stopped) keep one point each. A ``run_id`` the store does not
+    know (the checkpoint was made under another store) starts a new run, with a line saying so."""
+
+    def __init__(self, cfg, *, run_name: str, run_id: str | None = None, log=print) -> None:
         os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
         for name in ("mlflow", "alembic"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
         self.uri = tracking_uri(cfg.run_dir)
+        for old in relocate(self.uri, cfg.run_dir) if run_id else []:
+            log(f"[mlflow] the run folder moved: artifacts go to {cfg.run_dir}/mlartifacts, not {old}")
+            try:  # MLflow keeps each run's artifact folder for the process: forget the old one
+                from mlflow.tracking._tracking_service import utils
+
+                utils._artifact_repos_cache.pop(run_id, None)
+            except (ImportError, AttributeError):
+                pass
         self.client = MlflowClient(self.uri)
+        self.logged: dict[str, int] = {}  # metric key -> the last step the run holds
         if run_id:
-            self.run_id = self.client.get_run(run_id).info.run_id  # raises on an unknown id
-            self.client.update_run(self.run_id, status="RUNNING")
-            return
+            try:
+                run = self.client.get_run(run_id)
+            except MlflowException:
+                log(f"[mlflow] the checkpoint's run {run_id} is not in {self.uri}: continuing in a new run")
+            else:
+                self.run_id = run.info.run_id
+                for key in run.data.metrics:
+                    self.logged[key] = max((m.step for m in self.client.get_metric_history(self.run_id, key)), default=-1)
+                self.client.update_run(self.run_id, status="RUNNING")
+                return
         exp = self.client.get_experiment_by_name(cfg.name)
         if exp is None:
             loc = None
@@ -65,7 +117,7 @@ class Tracker:
 
         now = int(time.time() * 1000)
         items = [Metric(_key(k), float(v), now, step) for k, v in metrics.items()
-                 if isinstance(v, (int, float)) and math.isfinite(float(v))]
+                 if isinstance(v, (int, float)) and math.isfinite(float(v)) and step > self.logged.get(_key(k), -1)]
         for s in range(0, len(items), 500):
             self.client.log_batch(self.run_id, metrics=items[s : s + 500])
 

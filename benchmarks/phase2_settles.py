@@ -62,6 +62,18 @@ def summarise(report: dict, *, from_step: int, delta: float, lam_bounds: tuple[f
         f"selected_{zero}_{key}": selv.get("budgets", {}).get(zero, {}).get(key),
         f"before_training_{zero}_{key}": (report.get("initial") or {}).get("budgets", {}).get(zero, {}).get(key),
     }
+    # the real-model criteria (conf/smollm2_bible_en_es.yaml): Phase 2 keeps calling
+    after_first = vals2[1:]
+    kept = [all(b["use"] >= 0.5 * b["target"] for b in v["budgets"].values()) for v in after_first]
+    out["validations_after_first_with_every_use_ge_half_target"] = f"{sum(kept)} of {len(kept)}"
+    out["last_phase2_max_deviation"] = vals2[-1]["max_deviation"] if vals2 else None
+    res = [r["residual_abs_mean"] for r in trace if not r.get("warmup") and r.get("residual_abs_mean") is not None]
+    out["mean_abs_residual_after_warmup"] = sum(res) / len(res) if res else None
+    second = "chrf" if key == "bleu" else None
+    if second and vals2:
+        order = sorted(range(len(targets)), key=lambda k: targets[k])
+        last = vals2[-1]["budgets"]
+        out[f"last_{second}_by_budget"] = {phrases[k]: last[phrases[k]].get(second) for k in order}
     return out
 
 

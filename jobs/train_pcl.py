@@ -22,9 +22,14 @@ selection (`LocalLoop._consider`'s rule), export of the selected student to ``<r
 Atomic checkpoints every ``ray.checkpoint_every`` steps and at the end (kdtw/checkpoint.py):
 student, optimiser, λ, step, RNG states, buffer, MLflow run id; the ``.pt`` files hold tensors and
 plain data only and are read without running pickle code, and ``--resume`` on a run folder falls
-back to the newest intact checkpoint when ``checkpoints/latest`` is missing or corrupt.
+back to the newest intact checkpoint when ``checkpoints/latest`` is missing or corrupt. A resumed
+run writes into the folder ``--resume`` names (a moved or copied run stays where it is now).
 
-Errors print one line (``kdtw: error: ...``) and exit with status 2.
+Ctrl-C or SIGTERM in Phase 2: the step in flight finishes, a checkpoint is written, the MLflow
+run is marked KILLED, and the job exits 130 with one line saying how to resume (a second signal
+stops at once); a local Ray this job started is shut down on every exit. A ``run_dir`` that holds
+another run is refused unless ``--overwrite``. Errors print one line (``kdtw: error: ...``) and
+exit with status 2.
 """
 
 from __future__ import annotations
@@ -33,8 +38,10 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import socket
 import sys
+import threading
 import time
 from dataclasses import asdict
 from types import SimpleNamespace
@@ -75,6 +82,46 @@ class ClusterError(RuntimeError):
     """Ray could not be reached or started; the message says what to do."""
 
 
+class Interrupted(Exception):
+    """Phase 2 stopped on a signal, after the step in flight and a checkpoint."""
+
+    def __init__(self, signame: str, step: int, ckpt: str, run_dir: str) -> None:
+        super().__init__(f"{signame} at Phase-2 step {step}")
+        self.signame, self.step, self.ckpt, self.run_dir = signame, step, ckpt, run_dir
+
+
+class Stopper:
+    """SIGINT and SIGTERM for the job's main thread. Inside Phase 2's loop (``deferring``) the
+    first signal asks the loop to stop after the step in flight, with a checkpoint; a second
+    signal, or one anywhere else, raises KeyboardInterrupt at once (exit 130, nothing saved
+    beyond the last checkpoint)."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self.deferring = False
+        self._old: dict = {}
+
+    def install(self) -> "Stopper":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def restore(self) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+        self._old.clear()
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.deferring and self.requested is None:
+            self.requested = name
+            print(f"kdtw: {name}: stopping after the step in flight, with a checkpoint "
+                  "(send it again to stop at once)", file=sys.stderr, flush=True)
+            return
+        raise KeyboardInterrupt
+
+
 # ----------------------------------------------------------------------------- setup
 
 
@@ -100,29 +147,48 @@ def _reachable(address: str) -> None:
                            "`ray start --head`, fix ray.address, or leave it unset to start a local Ray") from None
 
 
-def connect(cfg: Config) -> None:
-    """Join the Ray of `ray job submit`, or ``ray.address``, or start a local one."""
+def _loopback_only() -> None:
+    """A local Ray that listens on 127.0.0.1 only. ``ray.init`` turns a loopback node address
+    into the machine's external one (its GCS, raylet, workers and agents then listen on every
+    interface); Ray's switch for a single-machine Ray (its default on macOS and Windows) makes the
+    node address loopback instead. ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` is read when Ray is
+    imported, so the constant is set too (Ray 2.60: ray._private.ray_constants)."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    try:
+        import ray._private.ray_constants as constants
+
+        constants.ENABLE_RAY_CLUSTER = False
+    except ImportError:  # another Ray layout: the environment variable still reaches a fresh import
+        pass
+
+
+def connect(cfg: Config) -> bool:
+    """Join the Ray of `ray job submit`, or ``ray.address``, or start a local one; True when a
+    local Ray was started (the caller shuts it down). A local Ray is a new one on loopback
+    (``address="local"``: it never joins a cluster ``ray start`` left on this machine)."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     env = {"PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
     quiet = {"logging_level": "warning", "log_to_driver": True}
     if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:  # a submitted job: its runtime env ships the code
         ray.init(**quiet)
-        return
+        return False
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address is None:
+        _loopback_only()
         # the dashboard (loopback only) also serves the state API Ray Train's clean-up relies on
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                  runtime_env={"env_vars": env}, **quiet)
-        return
+        return True
     if address != "auto":
         _reachable(address)
     try:
         ray.init(address=address, runtime_env={"env_vars": env}, **quiet)
     except ConnectionError as e:
         raise ClusterError(f"cannot join the Ray cluster at {address}: {str(e).splitlines()[0]}") from None
+    return False
 
 
 def _errors() -> tuple[type[BaseException], ...]:
@@ -138,8 +204,12 @@ def guarded(body: Callable[[], int]) -> int:
     except _errors() as e:
         print(f"kdtw: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"kdtw: interrupted by {e.signame} at Phase-2 step {e.step}, checkpoint {e.ckpt}; continue with: "
+              f"{PROG} --resume {e.run_dir}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
-        print("kdtw: interrupted", file=sys.stderr)
+        print("kdtw: interrupted (nothing saved since the last checkpoint)", file=sys.stderr)
         return 130
 
 
@@ -199,6 +269,7 @@ class Phase2:
         self.counters = {"worker_failures": 0, "trajectories": 0, "rollout_batches": 0, "seconds": 0.0,
                          "teacher_batches": 0, "teacher_requests": 0, "teacher_rows": 0}
         self.hooks: list[Callable[["Phase2", int], None]] = []
+        self.stopper: Stopper | None = None  # set by `train`: a signal ends the loop with a checkpoint
         self._stats_at = 0.0
         self._last_stats = {"buffer_fill": 0.0, "teacher_batch_requests": 0.0}
 
@@ -277,7 +348,7 @@ class Phase2:
         with open(os.path.join(ckpt, "buffer.parquet"), "rb") as f:
             data = f.read()
         ray.get([self.learner.load_state.remote({"student": pack_weights(saved), "learner": learner_state,
-                                                 "torch_rng": d["torch_rng"]}),
+                                                 "torch_rng": d["torch_rng"], "cuda_rng": d.get("cuda_rng")}),
                  self.buffer.load.remote(data, d["buffer"])])
         self.workers = [self._make_worker(i) for i in range(self.cfg.ray.num_rollout_workers)]
         ray.get([w.set_rng_state.remote(st) for w, st in zip(self.workers, d["workers"]) if st is not None])
@@ -297,13 +368,27 @@ class Phase2:
 
     def run(self) -> dict:
         """Phase-2 steps up to ``train.phase2_steps``, then selection, export and the report."""
+        c, tc = self.cfg, self.cfg.train
+        key = primary_metric(c.task.metric)
+        est_tokens = tc.batch_size * c.decoding.max_new_tokens  # a rollout batch, at most
+        version = self.published[0]
+        t0 = time.perf_counter()
+        t_prev = self.counters["seconds"]
+        trajs0 = self.counters["trajectories"]
+        if self.stopper is not None:
+            self.stopper.deferring = True
+        try:
+            return self._loop(key, est_tokens, t0, t_prev, trajs0, version)
+        finally:
+            if self.stopper is not None:
+                self.stopper.deferring = False
+
+    def _loop(self, key: str, est_tokens: int, t0: float, t_prev: float, trajs0: int, version: int) -> dict:
         import ray
 
         from actors.common import RETRY_ERRORS
 
-        c, tc, r = self.cfg, self.cfg.train, self.cfg.ray
-        key = primary_metric(c.task.metric)
-        est_tokens = tc.batch_size * c.decoding.max_new_tokens  # a rollout batch, at most
+        tc, r = self.cfg.train, self.cfg.ray
         inflight: dict = {}  # ref -> ("collect", worker id) | ("learn", None)
         idle = set(range(len(self.workers)))
         learn_ref = None
@@ -311,10 +396,6 @@ class Phase2:
         batches = steps = 0  # this session's rollout batches and learner steps
         unconsumed = 0  # tokens collected and not yet matched by learner steps (backpressure)
         use_sum, use_cnt = [0.0] * len(self.table), [0] * len(self.table)
-        version = self.published[0]
-        t0 = time.perf_counter()
-        t_prev = self.counters["seconds"]
-        trajs0 = self.counters["trajectories"]
         while self.step < tc.phase2_steps:
             # learn: one step in flight at a time, at most steps_per_batch per rollout batch
             if learn_ref is None and not learner_waits and steps < batches * r.steps_per_batch:
@@ -379,13 +460,17 @@ class Phase2:
             use_sum, use_cnt = [0.0] * len(self.table), [0] * len(self.table)
             if self.step % tc.validate_every == 0 or self.step == tc.phase2_steps:
                 self._validate_now(res["lam"], key)
-            if self.step == tc.phase2_steps or (r.checkpoint_every and self.step % r.checkpoint_every == 0):
-                if self.step == tc.phase2_steps and inflight:  # let the last rollouts land first
+            stopping = self.stopper is not None and self.stopper.requested is not None
+            ckpt = None
+            if stopping or self.step == tc.phase2_steps or (r.checkpoint_every and self.step % r.checkpoint_every == 0):
+                if (stopping or self.step == tc.phase2_steps) and inflight:  # let the last rollouts land first
                     ray.wait(list(inflight), num_returns=len(inflight), timeout=120)
                     inflight.clear()
-                self.checkpoint()
+                ckpt = self.checkpoint()
             for hook in self.hooks:
                 hook(self, self.step)
+            if stopping and self.step < tc.phase2_steps:
+                raise Interrupted(self.stopper.requested, self.step, ckpt, self.cfg.run_dir)
         return self.finish(key)
 
     def _replace_worker(self, wid: int, err: BaseException) -> None:
@@ -486,7 +571,7 @@ class Phase2:
             with open(os.path.join(tmp, "buffer.parquet"), "wb") as f:
                 f.write(bdata)
             loop = {k: v for k, v in asdict(self.state).items()}
-            save_state({"torch_rng": lstate["torch_rng"], "buffer": bstate, "workers": wstates, "loop": loop,
+            save_state({"torch_rng": lstate["torch_rng"], "cuda_rng": lstate.get("cuda_rng"), "buffer": bstate, "workers": wstates, "loop": loop,
                         "initial": self.initial, "counters": self.counters}, os.path.join(tmp, "driver.pt"))
             self.cfg.save(os.path.join(tmp, "config.yaml"))
             if best is not None and os.path.exists(best["dir"]):
@@ -570,19 +655,21 @@ def _copy_dir(src: str, dst: str) -> None:
 
 
 def train(cfg: Config, *, resume: tuple[str, dict] | None = None, phase1: str | None = None, log: Log = print,
-          hooks: list | None = None, track: bool = True) -> tuple[dict, Phase2]:
+          hooks: list | None = None, track: bool = True, stopper: Stopper | None = None) -> tuple[dict, Phase2]:
     """The whole job in this process (Ray already connected): returns the report and the
-    (closed) system."""
+    (closed) system. With a ``stopper``, a signal in Phase 2 ends it with a checkpoint and
+    `Interrupted`; the MLflow run is then marked KILLED (FAILED on an error)."""
     from actors.tracking import Tracker
 
     os.makedirs(cfg.run_dir, exist_ok=True)
     cfg.save(os.path.join(cfg.run_dir, "config.yaml"))
     run_id = resume[1].get("mlflow_run_id") if resume else None
-    tracker = Tracker(cfg, run_name="train_pcl", run_id=run_id) if track else None
+    tracker = Tracker(cfg, run_name="train_pcl", run_id=run_id, log=log) if track else None
     if tracker is not None:
         log(f"[mlflow] run {tracker.run_id} ({tracker.uri})")
     system = Phase2(cfg, tracker=tracker, log=log)
     system.hooks.extend(hooks or [])
+    system.stopper = stopper
     try:
         if resume is not None:
             system.restore(*resume)
@@ -595,9 +682,9 @@ def train(cfg: Config, *, resume: tuple[str, dict] | None = None, phase1: str | 
             system.start(phase1)
         report = system.run()
         report["mlflow_run_id"] = getattr(tracker, "run_id", None)
-    except BaseException:
+    except BaseException as e:
         if tracker is not None:
-            tracker.finish("FAILED")
+            tracker.finish("KILLED" if isinstance(e, (Interrupted, KeyboardInterrupt)) else "FAILED")
         raise
     finally:
         system.close()
@@ -610,7 +697,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     p.add_argument("--config", help="YAML profile (default: conf/default.yaml)")
     p.add_argument("--phase1", help="a Phase-1 folder (jobs/train_bc.py output): skip Phase 1")
-    p.add_argument("--resume", help="continue a run: its run folder or one of its checkpoints/step_* folders")
+    p.add_argument("--resume", help="continue a run: its run folder or one of its checkpoints/step_* folders; "
+                   "the run goes on in that folder")
+    p.add_argument("--overwrite", action="store_true", help="delete the outputs of an earlier run in run_dir first")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. ray.num_rollout_workers=4")
     return p
 
@@ -619,22 +708,38 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
     args = build_parser(prog).parse_args(argv)
 
     def body() -> int:
-        resume = None
+        from kdtw.cli import _check_run_dir, _clear_run
+
+        resume, old = None, []
         if args.resume:
-            if args.config or args.phase1:
-                raise ValueError("--resume continues a run with its own config: drop --config/--phase1 "
+            if args.config or args.phase1 or args.overwrite:
+                raise ValueError("--resume continues a run with its own config: drop --config/--phase1/--overwrite "
                                  "(key=value overrides still apply)")
             ckpt, manifest = open_checkpoint(args.resume)
             for name in STATE_FILES:  # a crafted or unreadable state file is refused before Ray starts
                 load_state(os.path.join(ckpt, name))
-            cfg = load_config(os.path.join(ckpt, "config.yaml"), args.overrides).with_absolute_paths()
+            here = run_folder(ckpt)  # where the run is now, not where it was made
+            cfg = load_config(os.path.join(ckpt, "config.yaml"),
+                              ([f"run_dir={here}"] if here else []) + list(args.overrides)).with_absolute_paths()
             resume = (ckpt, manifest)
         else:
             cfg = load(args.config, args.overrides)
+            old = _check_run_dir(cfg, overwrite=args.overwrite)
         if args.phase1:
             check_phase1(args.phase1)
-        connect(cfg)
-        report, _ = train(cfg, resume=resume, phase1=args.phase1)
+        stopper = Stopper().install()
+        started = False
+        try:
+            started = connect(cfg)
+            if old:
+                _clear_run(cfg.run_dir, old)
+            report, _ = train(cfg, resume=resume, phase1=args.phase1, stopper=stopper)
+        finally:
+            stopper.restore()
+            if started:  # the local Ray of this job: no process of it outlives the job
+                import ray
+
+                ray.shutdown()
         sel = report["selected"]
         print(json.dumps({"run_dir": cfg.run_dir, "selected_dir": report["selected_dir"],
                           "eligible": None if sel is None else sel["eligible"],
@@ -642,6 +747,13 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
         return 0
 
     return guarded(body)
+
+
+def run_folder(ckpt: str) -> str | None:
+    """The run folder a checkpoint lies in (``<run>/checkpoints/step_N``), as the path is now;
+    None for a checkpoint folder kept elsewhere (its config's run_dir is used)."""
+    parent = os.path.dirname(os.path.abspath(ckpt))
+    return os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else None
 
 
 if __name__ == "__main__":

@@ -144,7 +144,86 @@ def test_killed_driver_resumes_exactly(ray_session, tmp_path):
     assert system.step == step + 4 and len(report["lambda_trace"]) == step + 4
     hist = tracker.client.get_metric_history(tracker.run_id, "loss")
     steps = sorted(m.step for m in hist)
-    assert steps[0] == 1 and steps[-1] == step + 4  # one MLflow run across the kill
+    # one MLflow run across the kill, one point per step: the steps the killed driver had logged
+    # after its checkpoint, redone now, are not logged twice
+    assert steps == list(range(1, step + 5))
+
+
+LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+
+
+def test_ctrl_c_checkpoints_and_a_copied_run_resumes_where_it_is(ray_session, tmp_path, monkeypatch):
+    """SIGINT to a running job that started its own Ray: the step in flight finishes, a
+    checkpoint is written, the MLflow run is KILLED, the job exits 130 with one line saying how
+    to resume, and no process of its Ray is left (which listened on loopback only). The run
+    folder, copied elsewhere and the original moved away, resumes where it is now, and its
+    MLflow run holds one point per step."""
+    import json
+    import shutil
+    import threading
+
+    import psutil
+    from mlflow.tracking import MlflowClient
+
+    train_pcl = load_job("train_pcl")
+    run_dir = tmp_path / "run"
+    env = ray_env(dict(os.environ))
+    for k in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
+        env.pop(k, None)
+    cmd = [sys.executable, os.path.join(ROOT, "jobs", "train_pcl.py"), "--config", TINY, f"run_dir={run_dir}", *QUICK,
+           "train.phase2_steps=400", "train.validate_every=1000", "ray.checkpoint_every=1000",
+           "ray.num_rollout_workers=1", "ray.num_cpus=2"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and not any("[phase 2] step 10/" in ln for ln in lines):
+            time.sleep(0.2)
+        assert proc.poll() is None, "".join(lines)[-3000:] + proc.stderr.read()[-3000:]
+        assert any("[phase 2] step 10/" in ln for ln in lines), "Phase 2 did not reach step 10 in 300 s"
+        kids = psutil.Process(proc.pid).children(recursive=True)
+        assert any(k.name().startswith(("gcs_server", "raylet")) for k in kids)
+        for p in [psutil.Process(proc.pid), *kids]:
+            try:
+                conns = p.net_connections(kind="inet")
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            listening = {c.laddr.ip for c in conns if c.status == psutil.CONN_LISTEN}
+            assert listening <= LOOPBACK, (p.name(), listening)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("kdtw: interrupted by SIGINT at Phase-2 step ") and \
+        last.endswith(f"continue with: python jobs/train_pcl.py --resume {run_dir}"), err[-3000:]
+    step = int(last.split("Phase-2 step ")[1].split(",")[0])
+    ckpt, manifest = open_checkpoint(str(run_dir))
+    assert manifest["step"] == step >= 10 and f"checkpoint {ckpt};" in last
+    _, alive = psutil.wait_procs(kids, timeout=30)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], [p.name() for p in alive]
+    run_id = manifest["mlflow_run_id"]
+    assert MlflowClient(f"sqlite:///{run_dir}/mlflow.db").get_run(run_id).info.status == "KILLED"
+
+    moved = tmp_path / "elsewhere" / "run"
+    shutil.copytree(run_dir, moved)
+    gone = tmp_path / "gone"
+    shutil.move(run_dir, gone)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert train_pcl.main(["--resume", str(moved), f"train.phase2_steps={step + 3}"]) == 0
+    assert not run_dir.exists()  # nothing written where the run was made
+    assert (gone / "checkpoints" / "latest").read_text().strip() == os.path.basename(ckpt)
+    with open(moved / "report.json") as f:
+        assert len(json.load(f)["lambda_trace"]) == step + 3
+    assert open_checkpoint(str(moved))[1]["step"] == step + 3
+    client = MlflowClient(f"sqlite:///{moved}/mlflow.db")
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == list(range(1, step + 4))
 
 
 def _job(*args: str, env=None) -> subprocess.Popen:
@@ -166,6 +245,9 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
         f.write("garbage")
     empty = tmp_path / "empty"
     empty.mkdir()
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "report.json").write_text("{}")
     run = f"run_dir={tmp_path / 'run'}"
     cases = {
         "cannot reach a Ray cluster at 127.0.0.1": _job("--config", TINY, run, f"ray.address=127.0.0.1:{free_port()}"),
@@ -174,6 +256,8 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
         "is smaller than one batch": _job("--config", TINY, run, "train.buffer_tokens=10"),
         "ray.num_rollout_workers=0 must be an integer >= 1": _job(
             "--config", TINY, run, "ray.num_rollout_workers=0"),
+        "holds another run (report.json)": _job("--config", TINY, f"run_dir={old}"),
+        "drop --config/--phase1/--overwrite": _job("--resume", str(fake), "--overwrite"),
     }
     for expected, proc in cases.items():
         out, err = proc.communicate(timeout=120)

@@ -1,0 +1,63 @@
+"""actors/tracking.py on a local MLflow store: a continued run gets one point per step, a run id
+the store does not know starts a new run with a line saying so, and a run folder moved with its
+own store sends artifacts to where it is now."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+from conftest import ROOT
+
+from actors.tracking import Tracker
+from kdtw.config import load_config
+
+
+def _cfg(run_dir):
+    return load_config(os.path.join(ROOT, "conf", "tiny.yaml"), [f"run_dir={run_dir}"])
+
+
+def test_a_continued_run_logs_each_step_once(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = _cfg(tmp_path / "run")
+    first = Tracker(cfg, run_name="t", log=lambda _: None)
+    for step in range(1, 6):
+        first.metrics({"loss": float(step), "lambda/light": 0.5}, step=step)
+    first.finish("KILLED")
+    lines: list[str] = []
+    again = Tracker(cfg, run_name="t", run_id=first.run_id, log=lines.append)
+    assert again.run_id == first.run_id and not lines
+    for step in range(3, 8):  # a resume from the step-2 checkpoint redoes steps 3-5
+        again.metrics({"loss": 10.0 * step, "lambda/light": 0.5}, step=step)
+    again.finish()
+    hist = {m.step: m.value for m in again.client.get_metric_history(first.run_id, "loss")}
+    assert sorted(hist) == [1, 2, 3, 4, 5, 6, 7] and len(again.client.get_metric_history(first.run_id, "loss")) == 7
+    assert hist[5] == 5.0 and hist[6] == 60.0  # the first session's points stand
+    assert again.client.get_run(first.run_id).info.status == "FINISHED"
+
+
+def test_an_unknown_run_id_starts_a_new_run_with_a_line(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    lines: list[str] = []
+    t = Tracker(_cfg(tmp_path / "run"), run_name="t", run_id="0123456789abcdef0123456789abcdef", log=lines.append)
+    assert t.run_id != "0123456789abcdef0123456789abcdef"
+    assert len(lines) == 1 and "is not in" in lines[0] and "new run" in lines[0]
+    t.metrics({"loss": 1.0}, step=1)
+    assert [m.step for m in t.client.get_metric_history(t.run_id, "loss")] == [1]
+
+
+def test_a_moved_run_folder_keeps_its_artifacts_where_it_is(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    old_dir, new_dir = tmp_path / "a" / "run", tmp_path / "b" / "run"
+    first = Tracker(_cfg(old_dir), run_name="t", log=lambda _: None)
+    (tmp_path / "note.txt").write_text("x")
+    first.artifact(str(tmp_path / "note.txt"))
+    first.finish("KILLED")
+    shutil.copytree(old_dir, new_dir)
+    shutil.rmtree(old_dir)
+    lines: list[str] = []
+    again = Tracker(_cfg(new_dir), run_name="t", run_id=first.run_id, log=lines.append)
+    again.artifact(str(tmp_path / "note.txt"), "more")
+    assert not old_dir.exists() and len(lines) == 1 and "moved" in lines[0]
+    assert {a.path for a in again.client.list_artifacts(first.run_id)} == {"note.txt", "more"}
+    assert again.client.get_run(first.run_id).info.artifact_uri.startswith(str(new_dir / "mlartifacts"))
