@@ -41,3 +41,10 @@ class TeacherActor:
 
     def forwards(self) -> int:
         return self.service.forwards
+
+    def rng_state(self):
+        """The generator of sampled teacher tokens (``teacher_do_sample``), for checkpoints."""
+        return self.service.gen.get_state()
+
+    def set_rng_state(self, state) -> None:
+        self.service.gen.set_state(state)

@@ -352,6 +352,7 @@ class Phase2:
                  self.buffer.load.remote(data, d["buffer"])])
         self.workers = [self._make_worker(i) for i in range(self.cfg.ray.num_rollout_workers)]
         ray.get([w.set_rng_state.remote(st) for w, st in zip(self.workers, d["workers"]) if st is not None])
+        ray.get([t.set_rng_state.remote(st) for t, st in zip(self.replicas, d.get("teachers") or []) if st is not None])
         self.step = int(manifest["step"])
         self.state.__dict__.update(d["loop"])
         self.initial = d["initial"]
@@ -556,12 +557,13 @@ class Phase2:
         from actors.common import unpack_weights
 
         lstate, (bdata, bstate) = ray.get([self.learner.state.remote(), self.buffer.save.remote()])
-        wstates = []
-        for w in self.workers:
-            try:
-                wstates.append(ray.get(w.rng_state.remote(), timeout=60))
-            except Exception:  # a worker being replaced: it starts from a fresh seed on resume
-                wstates.append(None)
+        wstates, tstates = [], []
+        for actors, states in ((self.workers, wstates), (self.replicas, tstates)):
+            for a in actors:
+                try:
+                    states.append(ray.get(a.rng_state.remote(), timeout=60))
+                except Exception:  # an actor being replaced: it starts from a fresh seed on resume
+                    states.append(None)
         unpack_weights(self.student, lstate["student"])
         best = self.state.best
 
@@ -571,8 +573,9 @@ class Phase2:
             with open(os.path.join(tmp, "buffer.parquet"), "wb") as f:
                 f.write(bdata)
             loop = {k: v for k, v in asdict(self.state).items()}
-            save_state({"torch_rng": lstate["torch_rng"], "cuda_rng": lstate.get("cuda_rng"), "buffer": bstate, "workers": wstates, "loop": loop,
-                        "initial": self.initial, "counters": self.counters}, os.path.join(tmp, "driver.pt"))
+            save_state({"torch_rng": lstate["torch_rng"], "cuda_rng": lstate.get("cuda_rng"), "buffer": bstate,
+                        "workers": wstates, "teachers": tstates, "loop": loop, "initial": self.initial, "counters": self.counters},
+                       os.path.join(tmp, "driver.pt"))
             self.cfg.save(os.path.join(tmp, "config.yaml"))
             if best is not None and os.path.exists(best["dir"]):
                 shutil.copytree(best["dir"], os.path.join(tmp, "candidate"))

@@ -135,6 +135,10 @@ def test_killed_driver_resumes_exactly(ray_session, tmp_path):
         weights = Student.load(os.path.join(ckpt, "student")).state_dict()
         for k, v in weights.items():
             assert torch.equal(torch.tensor(snap["student"][k]), v), k
+        driver = load_state(os.path.join(ckpt, "driver.pt"))
+        assert len(driver["teachers"]) == len(system.replicas) and driver["teachers"][0] is not None
+        for t, st in zip(system.replicas, driver["teachers"]):  # sampled teacher tokens go on in step
+            assert torch.equal(ray.get(t.rng_state.remote()), st)
         stored = from_table(pq.read_table(os.path.join(ckpt, "buffer.parquet")))
         assert len(stored) > 0 and [_fields(t) for t in snap["buffer"]] == [_fields(t) for t in stored]
         report = system.run()
