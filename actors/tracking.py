@@ -17,12 +17,16 @@ _BAD = re.compile(r"[^\w\-. :/]")
 PARAM_MAX = 6000
 
 
+def _own_store(run_dir: str) -> str:
+    return "sqlite:///" + os.path.abspath(os.path.join(run_dir, "mlflow.db"))
+
+
 def tracking_uri(run_dir: str) -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
     os.makedirs(run_dir, exist_ok=True)
-    return "sqlite:///" + os.path.abspath(os.path.join(run_dir, "mlflow.db"))
+    return _own_store(run_dir)
 
 
 def relocate(uri: str, run_dir: str) -> list[str]:
@@ -31,9 +35,8 @@ def relocate(uri: str, run_dir: str) -> list[str]:
     locations). Re-point every location under another ``.../mlartifacts`` to this run folder's
     ``mlartifacts`` (copied along with the store), so nothing is written to the old place.
     Returns the old locations changed. Other stores (``MLFLOW_TRACKING_URI``) are left alone."""
-    own = "sqlite:///" + os.path.abspath(os.path.join(run_dir, "mlflow.db"))
     db = uri[len("sqlite:///"):]
-    if uri != own or not os.path.exists(db):
+    if uri != _own_store(run_dir) or not os.path.exists(db):
         return []
     import sqlite3
 

@@ -56,7 +56,14 @@ for _p in (ROOT, os.path.dirname(os.path.abspath(__file__))):
 import torch  # noqa: E402
 
 from kdtw.atomic import make_tmp_dir, remove_dir, replace_dir, write_json_atomic  # noqa: E402
-from kdtw.checkpoint import CheckpointError, load_state, open_checkpoint, save_state, write_checkpoint  # noqa: E402
+from kdtw.checkpoint import (  # noqa: E402
+    CheckpointError,
+    load_state,
+    open_checkpoint,
+    run_folder,
+    save_state,
+    write_checkpoint,
+)
 from kdtw.config import Config, load_config  # noqa: E402
 from kdtw.factory import budget_table, load_splits, load_student  # noqa: E402
 from kdtw.local import (  # noqa: E402
@@ -721,7 +728,7 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
             ckpt, manifest = open_checkpoint(args.resume)
             for name in STATE_FILES:  # a crafted or unreadable state file is refused before Ray starts
                 load_state(os.path.join(ckpt, name))
-            here = run_folder(ckpt)  # where the run is now, not where it was made
+            here = run_folder(ckpt)  # where the run is now, not where it was made (None: the config's)
             cfg = load_config(os.path.join(ckpt, "config.yaml"),
                               ([f"run_dir={here}"] if here else []) + list(args.overrides)).with_absolute_paths()
             resume = (ckpt, manifest)
@@ -750,13 +757,6 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
         return 0
 
     return guarded(body)
-
-
-def run_folder(ckpt: str) -> str | None:
-    """The run folder a checkpoint lies in (``<run>/checkpoints/step_N``), as the path is now;
-    None for a checkpoint folder kept elsewhere (its config's run_dir is used)."""
-    parent = os.path.dirname(os.path.abspath(ckpt))
-    return os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else None
 
 
 if __name__ == "__main__":

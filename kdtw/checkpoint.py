@@ -31,6 +31,7 @@ from .atomic import clean_tmp, crash_point, make_tmp_dir, recover_dir, remove_di
 META = "kdtw_checkpoint.json"
 FORMAT = 2  # 2: state files hold tensors and plain data only (1 pickled dataclasses)
 LATEST = "latest"
+CHECKPOINTS = "checkpoints"  # <run_dir>/checkpoints/step_NNNNNNN/
 Log = Callable[[str], None]
 
 
@@ -124,7 +125,7 @@ def write_checkpoint(run_dir: str, step: int, write: Callable[[str], dict], *, k
     """Create ``checkpoints/step_<step>``: ``write(tmp_folder)`` fills it and returns metadata
     (JSON-able) for the manifest. Returns the final folder. Keeps the newest ``keep`` (always the
     new one); stale ``.tmp-*`` leftovers of killed writers are deleted first."""
-    root = os.path.join(run_dir, "checkpoints")
+    root = os.path.join(run_dir, CHECKPOINTS)
     os.makedirs(root, exist_ok=True)
     for name in {n.split(".old")[0] for n in os.listdir(root) if ".old" in n}:
         recover_dir(os.path.join(root, name))  # a step set aside by a killed rewrite of it
@@ -170,7 +171,7 @@ def open_checkpoint(path: str, *, log: Log = print) -> tuple[str, dict]:
         raise CheckpointError(f"resume path {path!r} is a file; give a run folder or a checkpoint folder")
     if os.path.exists(os.path.join(path, META)):
         return path, _verify(path)
-    root = os.path.join(path, "checkpoints")
+    root = os.path.join(path, CHECKPOINTS)
     steps = sorted((d for d in _listdir(root) if _is_step(d)), reverse=True)
     latest = os.path.join(root, LATEST)
     named = None
@@ -229,3 +230,10 @@ def _verify(ckpt: str) -> dict:
         if _sha256(p) != digest:
             raise CheckpointError(f"checkpoint {ckpt} is corrupt: {rel} does not match its checksum")
     return manifest
+
+
+def run_folder(ckpt: str) -> str | None:
+    """The run folder a checkpoint lies in (``<run>/checkpoints/step_N``), as the path is now;
+    None for a checkpoint folder kept elsewhere."""
+    parent = os.path.dirname(os.path.abspath(ckpt))
+    return os.path.dirname(parent) if os.path.basename(parent) == CHECKPOINTS else None
