@@ -7,7 +7,7 @@
                   [--call-rules argmax,sample,threshold] [--no-oracle] [--calib-n N] [--thresholds FILE]
     kdtw decode   --mode budgeted|student|teacher|speculative [--budget light] [--k 3] [--strict]
                   [--config ...] [--input FILE|-] [key=value ...]
-    kdtw data bible-en-es [--out data/bible_en_es] [--debs DIR] [--check]   (kdtw/bible.py)
+    kdtw data bible-en-es [--out data/bible_en_es] [--debs DIR] [--check]   (kdtw/prep/bible.py)
 
 Errors print one line (``kdtw: error: ...``) and exit with status 2: bad flags, config values,
 files and output folders are refused before any model loads or anything is written.
@@ -86,7 +86,7 @@ def cmd_pretrain(args) -> int:
 def _read_inputs(path: str) -> list[str]:
     """The non-empty lines of ``path`` (``-``: stdin), read as UTF-8 bytes (not in the locale's
     encoding), so that other bytes are one clear error whatever the terminal."""
-    from .data import DataError
+    from .examples import DataError
 
     if path == "-":
         where = "stdin"
@@ -114,8 +114,8 @@ def _read_inputs(path: str) -> list[str]:
 
 
 def cmd_decode(args) -> int:
-    from .data import Example
     from .decoding import generate, speculative_generate
+    from .examples import Example
     from .factory import budget_table, load_pair, load_teacher, prompts_for
 
     cfg = _config(args)
@@ -258,7 +258,7 @@ def cmd_report(args) -> int:
 
 def cmd_data_bible(args) -> int:
     """Build (or with --check verify) the English→Spanish Bible Parquet files."""
-    from .bible import main as bible_main
+    from .prep.bible import main as bible_main
 
     argv = ["check" if args.check else "build", "--out", args.out]
     if args.debs and not args.check:
@@ -312,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="English→Spanish Bible verse pairs (WEB / RV1909, public domain) as Parquet",
         description="Fetch the two SWORD .deb files with apt-get download (or take them from "
         "--debs), align the verses and write train/validation/test Parquet files and "
-        "checksums.json (kdtw/bible.py; ~20 s).",
+        "checksums.json (kdtw/prep/bible.py; ~20 s).",
     )
     dp.add_argument("--out", default="data/bible_en_es", help="output folder (default: data/bible_en_es)")
     dp.add_argument("--debs", default=None, help="folder with the .deb files (skips apt-get download)")
@@ -326,7 +326,7 @@ def errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input: printed as one line, exit status 2."""
     from .budgets import BudgetError
     from .config import ConfigError
-    from .data import DataError
+    from .examples import DataError
     from .models import ModelError
 
     return (ConfigError, BudgetError, DataError, ModelError, OSError, ValueError, FloatingPointError)

@@ -19,7 +19,8 @@ from typing import Any
 
 from .budgets import BudgetTable
 from .config import Config, ModelConfig
-from .data import Example, build_word_tokenizer, load_task, task_vocabulary
+from .data import load_task
+from .examples import Example
 from .models import (
     LM,
     STUDENT_META,
@@ -31,6 +32,8 @@ from .models import (
     make_student,
 )
 from .sources import cut_student, gguf_wheel_model, narrow_student, num_layers
+from .tokenizer import build_word_tokenizer
+from .toy_tasks import task_vocabulary
 
 GENERATED = ("toy_translation", "toy_summarisation")
 # Sources built from files on this machine under <models_dir>/source/ (kdtw/sources.py);

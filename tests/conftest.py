@@ -25,8 +25,8 @@ warnings.filterwarnings("ignore")
 torch.set_num_threads(1)
 
 from kdtw.config import ModelConfig  # noqa: E402
-from kdtw.data import build_word_tokenizer  # noqa: E402
 from kdtw.models import LM, init_model, make_student  # noqa: E402
+from kdtw.tokenizer import build_word_tokenizer  # noqa: E402
 
 WORDS = [f"w{i}" for i in range(40)] + "With no light full teacher use , do :".split()
 PROMPTS = [

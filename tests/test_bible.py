@@ -7,15 +7,16 @@ import random
 import shutil
 import struct
 import subprocess
+import sys
 import zlib
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-from kdtw import bible
-from kdtw.bible import Pair, Verse
-from kdtw.data import load_dataset_source
+from kdtw.dataset_sources import load_dataset_source
+from kdtw.prep import bible
+from kdtw.prep.bible import Pair, Verse
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "data" / "bible_en_es"
@@ -298,3 +299,16 @@ def test_build_from_deb_files_writes_verified_splits(tmp_path):
     if gen11:  # the split is a hash of the reference
         assert gen11[0]["target"] == "En el principio crió Dios los cielos y la tierra."
     assert bible.main(["check", "--out", str(tmp_path / "out")]) == 0
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+def test_training_does_not_import_the_data_builders():
+    """kdtw.prep (the Bible builder) runs under `kdtw data` only: training imports none of it."""
+    code = (
+        "import sys, kdtw.local, kdtw.factory, kdtw.phase1, kdtw.pretrain, kdtw.evaluation, kdtw.cli;"
+        "print(sorted(m for m in sys.modules if m.startswith('kdtw.prep')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.stdout.strip() == "[]", out.stderr[-2000:]

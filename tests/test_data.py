@@ -7,8 +7,10 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
-from kdtw import data
-from kdtw.data import DataError, Example
+from kdtw import data, dataset_sources, toy_tasks
+from kdtw.dataset_sources import load_dataset_source
+from kdtw.examples import SPLITS, DataError, Example
+from kdtw.tokenizer import build_word_tokenizer
 
 WORD = re.compile(r"[a-z]+")
 SMALL = dict(n_train=300, n_validation=50, n_test=50)
@@ -24,34 +26,34 @@ def datasets_cache(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def translation():
-    return data.toy_translation()
+    return toy_tasks.toy_translation()
 
 
 @pytest.fixture(scope="module")
 def summarisation():
-    return data.toy_summarisation()
+    return toy_tasks.toy_summarisation()
 
 
 # ----------------------------------------------------------------------------- generators
 
 
-@pytest.mark.parametrize("gen", [data.toy_translation, data.toy_summarisation])
+@pytest.mark.parametrize("gen", [toy_tasks.toy_translation, toy_tasks.toy_summarisation])
 def test_same_seed_same_data_other_seed_other_data(gen):
     a, b, c = gen(seed=3, **SMALL), gen(seed=3, **SMALL), gen(seed=4, **SMALL)
     assert a == b
-    for split in data.SPLITS:
+    for split in SPLITS:
         assert a[split] != c[split]
 
 
-@pytest.mark.parametrize("gen", [data.toy_translation, data.toy_summarisation])
+@pytest.mark.parametrize("gen", [toy_tasks.toy_translation, toy_tasks.toy_summarisation])
 def test_split_sizes(gen):
     d = gen(seed=0, n_train=123, n_validation=7, n_test=0)
     assert set(d) == {"train", "validation", "test"}
-    assert [len(d[s]) for s in data.SPLITS] == [123, 7, 0]
+    assert [len(d[s]) for s in SPLITS] == [123, 7, 0]
     assert all(isinstance(ex, Example) for ex in d["train"])
 
 
-@pytest.mark.parametrize("gen", [data.toy_translation, data.toy_summarisation])
+@pytest.mark.parametrize("gen", [toy_tasks.toy_translation, toy_tasks.toy_summarisation])
 def test_splits_come_from_their_own_streams(gen):
     small, large = gen(seed=0, **SMALL), gen(seed=0, **{**SMALL, "n_train": 600})
     # Validation and test do not depend on how much train data was drawn ...
@@ -95,17 +97,17 @@ def test_translation_words_are_letters_and_languages_are_disjoint(translation):
 
 
 def test_translation_rare_words_at_defaults(translation):
-    share = data.rare_token_share(
-        translation["train"], translation["validation"], data.content_words("toy_translation")
+    share = toy_tasks.rare_token_share(
+        translation["train"], translation["validation"], toy_tasks.content_words("toy_translation")
     )
     # Bounded by 20 * lexicon_size / train content tokens; see the toy_translation docstring.
     assert 0.05 <= share <= 0.2
 
 
 def test_translation_rare_words_with_a_larger_lexicon():
-    d = data.toy_translation(lexicon_size=4000)
-    words = data.content_words("toy_translation", lexicon_size=4000)
-    assert 0.18 <= data.rare_token_share(d["train"], d["validation"], words) <= 0.40
+    d = toy_tasks.toy_translation(lexicon_size=4000)
+    words = toy_tasks.content_words("toy_translation", lexicon_size=4000)
+    assert 0.18 <= toy_tasks.rare_token_share(d["train"], d["validation"], words) <= 0.40
     # Zipfian: the most frequent lemma is far more frequent than the median one.
     counts = Counter(w for ex in d["train"] for w in ex.target.split() if w in words)
     ranked = sorted(counts.values(), reverse=True)
@@ -130,23 +132,23 @@ def test_summarisation_shape_and_facts(summarisation):
 
 
 def test_summarisation_rare_entities(summarisation):
-    share = data.rare_token_share(
+    share = toy_tasks.rare_token_share(
         summarisation["train"],
         summarisation["validation"],
-        data.content_words("toy_summarisation"),
+        toy_tasks.content_words("toy_summarisation"),
     )
     assert 0.1 <= share <= 0.4
 
 
 def test_bad_knobs_raise_data_error():
     with pytest.raises(DataError, match="min_len"):
-        data.toy_translation(min_len=9, max_len=3, **SMALL)
+        toy_tasks.toy_translation(min_len=9, max_len=3, **SMALL)
     with pytest.raises(DataError, match="n_train"):
-        data.toy_summarisation(n_train=-1)
+        toy_tasks.toy_summarisation(n_train=-1)
     with pytest.raises(DataError, match="lexicon_siz"):
-        data.task_vocabulary("toy_translation", lexicon_siz=10)
+        toy_tasks.task_vocabulary("toy_translation", lexicon_siz=10)
     with pytest.raises(DataError, match="toy_translation"):
-        data.task_vocabulary("nope")
+        toy_tasks.task_vocabulary("nope")
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -155,9 +157,9 @@ def test_bad_knobs_raise_data_error():
 @pytest.mark.parametrize("kind", ["toy_translation", "toy_summarisation"])
 def test_tokenizer_round_trips_every_validation_text(kind, translation, summarisation):
     splits = translation if kind == "toy_translation" else summarisation
-    vocab = data.task_vocabulary(kind)
+    vocab = toy_tasks.task_vocabulary(kind)
     assert vocab == sorted(set(vocab))
-    tok = data.build_word_tokenizer(vocab)
+    tok = build_word_tokenizer(vocab)
     assert len(tok) == len(vocab) + 4
     for ex in splits["validation"]:
         for text in (ex.source, ex.target):
@@ -170,7 +172,7 @@ def test_tokenizer_round_trips_every_validation_text(kind, translation, summaris
 
 
 def test_tokenizer_specials_and_prompt_words():
-    tok = data.build_word_tokenizer(["zeta", "alpha", "alpha", "use,", "With light:"])
+    tok = build_word_tokenizer(["zeta", "alpha", "alpha", "use,", "With light:"])
     ids = {t: tok.convert_tokens_to_ids(t) for t in ["<pad>", "</s>", "<unk>", "<s>"]}
     assert ids == {"<pad>": 0, "</s>": 1, "<unk>": 2, "<s>": 3}
     assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id, tok.bos_token_id) == (0, 1, 2, 3)
@@ -185,15 +187,15 @@ def test_tokenizer_specials_and_prompt_words():
 
 
 def test_tokenizer_adds_no_specials():
-    tok = data.build_word_tokenizer(["a", "b"])
+    tok = build_word_tokenizer(["a", "b"])
     for ids in (tok("a b").input_ids, tok(["b a"]).input_ids[0], tok.encode("a b")):
         assert not set(ids) & {0, 1, 2, 3}
         assert len(ids) == 2
 
 
 def test_tokenizer_save_load_round_trip(tmp_path):
-    vocab = data.task_vocabulary("toy_summarisation", n_entities=50)
-    tok = data.build_word_tokenizer(vocab + ["summarise:"])
+    vocab = toy_tasks.task_vocabulary("toy_summarisation", n_entities=50)
+    tok = build_word_tokenizer(vocab + ["summarise:"])
     tok.save_pretrained(tmp_path)
     loaded = AutoTokenizer.from_pretrained(tmp_path)
     text = "summarise: " + " ".join(vocab[::7])
@@ -243,14 +245,14 @@ def expected(rows):
 )
 def test_single_local_file_loads_as_train(tmp_path, name, writer):
     path = writer(tmp_path / name, ROWS)
-    out = data.load_dataset_source(str(path), splits={"train": "train"}, **COLS)
+    out = load_dataset_source(str(path), splits={"train": "train"}, **COLS)
     assert out == {"train": expected(ROWS)}
 
 
 def test_data_files_map_splits_and_max_examples(tmp_path):
     write_csv(tmp_path / "tr.csv", ROWS)
     write_csv(tmp_path / "va.csv", ROWS[:2])
-    out = data.load_dataset_source(
+    out = load_dataset_source(
         str(tmp_path),
         data_files={"train": "tr.csv", "dev": "va.csv"},
         splits={"train": "train", "validation": "dev"},
@@ -272,13 +274,13 @@ def test_local_folder_with_split_files(tmp_path):
 def test_missing_column_names_it_and_the_config_key(tmp_path):
     path = write_json(tmp_path / "d.jsonl", ROWS)
     with pytest.raises(DataError) as e:
-        data.load_dataset_source(
+        load_dataset_source(
             str(path), source_column="src", target_column="en", splits={"train": "train"}
         )
     msg = str(e.value)
     assert "'src'" in msg and "task.source_column" in msg and "'de'" in msg
     with pytest.raises(DataError, match="task.target_column"):
-        data.load_dataset_source(
+        load_dataset_source(
             str(path), source_column="de", target_column="tgt", splits={"train": "train"}
         )
 
@@ -286,7 +288,7 @@ def test_missing_column_names_it_and_the_config_key(tmp_path):
 def test_missing_split_lists_available_ones(tmp_path):
     path = write_json(tmp_path / "d.jsonl", ROWS)
     with pytest.raises(DataError, match=r"'validation'.*\['train'\].*task.splits"):
-        data.load_dataset_source(str(path), splits={"validation": "validation"}, **COLS)
+        load_dataset_source(str(path), splits={"validation": "validation"}, **COLS)
 
 
 def test_empty_split(tmp_path, monkeypatch):
@@ -294,9 +296,9 @@ def test_empty_split(tmp_path, monkeypatch):
 
     # `datasets` cannot load an empty local split, but a hub dataset can have one.
     empty = Dataset.from_dict({"de": [], "en": []})
-    monkeypatch.setattr(data, "_load_raw", lambda *a: {"train": empty})
+    monkeypatch.setattr(dataset_sources, "_load_raw", lambda *a: {"train": empty})
     with pytest.raises(DataError, match="split 'train' .* is empty"):
-        data.load_dataset_source("owner/name", splits={"train": "train"}, **COLS)
+        load_dataset_source("owner/name", splits={"train": "train"}, **COLS)
 
 
 def test_empty_local_files(tmp_path):
@@ -307,7 +309,7 @@ def test_empty_local_files(tmp_path):
     splits = {"train": "train", "validation": "validation"}
     for files in ({"train": "tr.csv", "validation": "va.csv"}, {"train": "zero.csv"}):
         with pytest.raises(DataError, match="empty"):
-            data.load_dataset_source(str(tmp_path), data_files=files, splits=splits, **COLS)
+            load_dataset_source(str(tmp_path), data_files=files, splits=splits, **COLS)
 
 
 def test_saved_to_disk_folder(tmp_path):
@@ -316,7 +318,7 @@ def test_saved_to_disk_folder(tmp_path):
     DatasetDict(train=Dataset.from_list(ROWS), test=Dataset.from_list(ROWS[:1])).save_to_disk(
         str(tmp_path)
     )
-    out = data.load_dataset_source(str(tmp_path), splits={"train": "train", "test": "test"}, **COLS)
+    out = load_dataset_source(str(tmp_path), splits={"train": "train", "test": "test"}, **COLS)
     assert out == {"train": expected(ROWS), "test": expected(ROWS[:1])}
 
 
@@ -325,9 +327,9 @@ def test_non_string_value_names_the_row(tmp_path):
     rows[2]["en"] = None
     path = write_json(tmp_path / "d.jsonl", rows)
     with pytest.raises(DataError, match=r"row 2 .*'en'"):
-        data.load_dataset_source(str(path), splits={"train": "train"}, **COLS)
+        load_dataset_source(str(path), splits={"train": "train"}, **COLS)
     with pytest.raises(DataError, match=r"row 0 .*'id'"):
-        data.load_dataset_source(
+        load_dataset_source(
             str(path), source_column="id", target_column="en", splits={"train": "train"}
         )
 
@@ -335,16 +337,16 @@ def test_non_string_value_names_the_row(tmp_path):
 def test_nonexistent_paths(tmp_path):
     for missing in (str(tmp_path / "nope.json"), "./nope/train.csv", "nope.parquet"):
         with pytest.raises(DataError, match="does not exist"):
-            data.load_dataset_source(missing, splits={"train": "train"}, **COLS)
+            load_dataset_source(missing, splits={"train": "train"}, **COLS)
     with pytest.raises(DataError, match="does not exist"):
-        data.load_dataset_source(
+        load_dataset_source(
             str(tmp_path), data_files={"train": "nope.csv"}, splits={"train": "train"}, **COLS
         )
 
 
 def test_load_task_dispatch():
-    assert data.load_task("toy_translation", **SMALL) == data.toy_translation(**SMALL)
-    assert data.load_task("toy_summarisation", seed=2, **SMALL) == data.toy_summarisation(
+    assert data.load_task("toy_translation", **SMALL) == toy_tasks.toy_translation(**SMALL)
+    assert data.load_task("toy_summarisation", seed=2, **SMALL) == toy_tasks.toy_summarisation(
         seed=2, **SMALL
     )
     with pytest.raises(DataError, match="toy_translation.*toy_summarisation.*datasets"):
@@ -358,9 +360,9 @@ def test_dotted_column_paths_select_a_field_of_a_mapping_column(tmp_path):
 
     f = tmp_path / "wmt.jsonl"
     f.write_text("\n".join(json.dumps({"translation": {"en": f"hi {i}", "de": f"hallo {i}"}}) for i in range(3)))
-    splits = data.load_dataset_source(str(f), source_column="translation.en", target_column="translation.de",
+    splits = load_dataset_source(str(f), source_column="translation.en", target_column="translation.de",
                                  splits={"train": "train"})
     assert splits["train"][1] == Example("hi 1", "hallo 1")
     with pytest.raises(DataError, match="no field 'fr'"):
-        data.load_dataset_source(str(f), source_column="translation.fr", target_column="translation.de",
+        load_dataset_source(str(f), source_column="translation.fr", target_column="translation.de",
                             splits={"train": "train"})

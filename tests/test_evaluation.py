@@ -16,10 +16,10 @@ import pytest
 
 from kdtw.calibration import load_thresholds, save_thresholds
 from kdtw.config import load_config
-from kdtw.data import build_word_tokenizer
 from kdtw.evaluation import LEARNED_RULES, evaluate_frontier, frontier_verdict, pareto_front
 from kdtw.factory import load_student, load_teacher, task_tokenizer
 from kdtw.models import LM, ModelError, init_model
+from kdtw.tokenizer import build_word_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOB = os.path.join(ROOT, "jobs", "evaluate.py")

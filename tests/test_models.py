@@ -12,7 +12,6 @@ import torch
 
 from conftest import PROMPTS, ROOT
 from kdtw.config import ModelConfig
-from kdtw.data import build_word_tokenizer
 from kdtw.models import (
     TAU_TOKEN,
     LM,
@@ -24,6 +23,7 @@ from kdtw.models import (
     load_lm,
     make_student,
 )
+from kdtw.tokenizer import build_word_tokenizer
 
 
 def test_tau_reuses_a_spare_row_when_there_is_one(tok):
@@ -122,7 +122,8 @@ def test_tokenizer_mismatch_is_a_clear_error(tok):
 
 def test_kdtw_imports_neither_ray_nor_mlflow():
     code = (
-        "import sys, kdtw, kdtw.config, kdtw.budgets, kdtw.models, kdtw.data, kdtw.decoding, kdtw.losses,"
+        "import sys, kdtw, kdtw.config, kdtw.budgets, kdtw.models, kdtw.data, kdtw.examples, kdtw.toy_tasks,"
+        " kdtw.tokenizer, kdtw.dataset_sources, kdtw.decoding, kdtw.losses,"
         " kdtw.oracle, kdtw.metrics, kdtw.local, kdtw.learner, kdtw.buffer, kdtw.rollout, kdtw.factory,"
         " kdtw.pretrain, kdtw.cli, kdtw.evaluation;"
         "print(sorted(m for m in ('ray', 'mlflow') if m in sys.modules))"

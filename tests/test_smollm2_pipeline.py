@@ -245,7 +245,7 @@ def test_kdtw_data_lists_and_wires_bible_en_es(capsys, monkeypatch, tmp_path):
     out = capsys.readouterr().out
     assert "--out" in out and "--debs" in out and "--check" in out
 
-    from kdtw import bible
+    from kdtw.prep import bible
 
     calls = []
     with monkeypatch.context() as m:

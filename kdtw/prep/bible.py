@@ -1,7 +1,7 @@
 """English→Spanish Bible verse pairs from two public-domain SWORD modules, built offline.
 
-    python -m kdtw.bible build --out data/bible_en_es     # ~20 s; needs apt-get and dpkg-deb
-    python -m kdtw.bible check --out data/bible_en_es     # sha256 and row counts of the files
+    python -m kdtw.prep.bible build --out data/bible_en_es     # ~20 s; needs apt-get and dpkg-deb
+    python -m kdtw.prep.bible check --out data/bible_en_es     # sha256 and row counts of the files
 
 English is the World English Bible (Debian package ``sword-text-web``, module engWEB2015eb,
 NRSVA versification with the deuterocanon); Spanish is the Reina-Valera 1909 (``sword-text-sparv``,
@@ -52,7 +52,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .atomic import make_tmp_dir, recover_dir, remove_dir, replace_dir
+from ..atomic import make_tmp_dir, recover_dir, remove_dir, replace_dir
 
 # The 66 books both modules share, in canonical order (OSIS ids).
 CANON = (
@@ -449,12 +449,12 @@ def verify(folder: str | os.PathLike) -> dict:
     folder = Path(folder)
     meta_path = folder / CHECKSUMS
     if not meta_path.exists():
-        raise BibleError(f"{meta_path} is missing: run `python -m kdtw.bible build --out {folder}`")
+        raise BibleError(f"{meta_path} is missing: run `python -m kdtw.prep.bible build --out {folder}`")
     meta = json.loads(meta_path.read_text())
     for name, info in meta["files"].items():
         path = folder / name
         if not path.exists():
-            raise BibleError(f"{path} is missing: rebuild with `python -m kdtw.bible build`")
+            raise BibleError(f"{path} is missing: rebuild with `python -m kdtw.prep.bible build`")
         digest = sha256_file(path)
         if digest != info["sha256"]:
             raise BibleError(f"{path}: sha256 {digest} != {info['sha256']} in {CHECKSUMS}")
@@ -554,7 +554,7 @@ def build(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kdtw.bible", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m kdtw.prep.bible", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="fetch the two .deb files and write the Parquet splits")
     b.add_argument("--out", default="data/bible_en_es", help="output folder")
@@ -571,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
             meta = verify(args.out)
             print(json.dumps({n: f["rows"] for n, f in meta["files"].items()}))
     except BibleError as e:
-        print(f"kdtw.bible: error: {e}", file=sys.stderr)
+        print(f"kdtw.prep.bible: error: {e}", file=sys.stderr)
         return 2
     return 0
 
