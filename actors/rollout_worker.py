@@ -19,7 +19,8 @@ import torch
 from actors.common import on_device, setup_threads, unpack_weights
 from actors.teacher_pool import PoolClient
 from kdtw.factory import budget_table, load_splits, load_student
-from kdtw.teacher_service import RemoteTeacher, collect_batch, use_by_budget
+from kdtw.rollout import collect, demo_generator
+from kdtw.teacher_service import RemoteTeacher, use_by_budget
 
 
 @ray.remote
@@ -35,11 +36,13 @@ class RolloutWorker:
         seed = cfg.seed + 1000 * worker_id + 7919 * incarnation
         self.rng = random.Random(seed)
         self.gen = torch.Generator().manual_seed(seed)
+        self.demo_gen = demo_generator(seed)
         self.train_set = load_splits(cfg)["train"]
         self.table = budget_table(cfg)
 
     def _demos_on_teacher(self, prompts, budget_ids, gen):
-        """Start the demonstrations on a replica; the returned function waits for them."""
+        """Start the demonstrations on a replica (decoded there while this worker runs its
+        student rollouts); the returned function waits for them."""
         d = self.cfg.decoding
         ref = self.pool.demos.remote(prompts, budget_ids, max_new_tokens=d.max_new_tokens, batch_size=d.batch_size,
                                      gen_state=gen.get_state(), version=self.version, worker_id=self.worker_id)
@@ -59,20 +62,24 @@ class RolloutWorker:
             unpack_weights(self.student, ray.get(weights[0]))
             self.version = version
         t1 = time.perf_counter()
-        trajs, demos = collect_batch(
+        trajs, demos = collect(
             self.cfg, self.student, self.teacher, self.train_set, self.table, rng=self.rng, gen=self.gen,
-            version=self.version, worker_id=self.worker_id,
-            teacher_side_demos=self._demos_on_teacher if self.cfg.ray.teacher_side_demos else None,
+            demo_gen=self.demo_gen, version=self.version, worker_id=self.worker_id,
+            demos_elsewhere=self._demos_on_teacher if self.cfg.ray.teacher_side_demos else None,
         )
         t2 = time.perf_counter()
         ray.get(self.buffer.add.remote(trajs + demos))
-        return {"worker_id": self.worker_id, "version": self.version, "paths": len(trajs) + len(demos),
-                "tokens": sum(len(t) for t in trajs + demos), "use": use_by_budget(trajs, len(self.table)),
+        paths = trajs + demos
+        return {"worker_id": self.worker_id, "version": self.version, "paths": len(paths),
+                "tokens": sum(len(t) for t in paths), "prompt_tokens": sum(len(t.source_ids) for t in paths),
+                "use": use_by_budget(trajs, len(self.table)), "session_misses": self.teacher.misses,
                 "seconds": {"sync": t1 - t0, "rollout": t2 - t1, "push": time.perf_counter() - t2}}
 
     def rng_state(self) -> dict:
-        return {"rng": self.rng.getstate(), "gen": self.gen.get_state()}
+        return {"rng": self.rng.getstate(), "gen": self.gen.get_state(), "demo_gen": self.demo_gen.get_state()}
 
     def set_rng_state(self, state: dict) -> None:
         self.rng.setstate(state["rng"])
         self.gen.set_state(state["gen"])
+        if "demo_gen" in state:  # checkpoints written before demonstrations had their own stream
+            self.demo_gen.set_state(state["demo_gen"])

@@ -2,12 +2,16 @@
 
 A replica given more than one GPU loads the teacher across them (accelerate ``device_map``,
 bfloat16); one GPU puts it on ``cuda``; none keeps the config's device. ``ray.teacher_latency_ms``
-makes it sleep before answering each batch (the remote-latency benchmark knob).
+makes it sleep before answering each batch (the remote-latency benchmark knob). It keeps the KV
+caches of open teacher sessions within ``ray.teacher_cache_mb``. Each answer carries the teacher
+positions computed since the previous answer, by tag (the pool adds them up: a replica that
+dies loses none it has answered).
 """
 
 from __future__ import annotations
 
 import copy
+from collections import Counter
 
 import ray
 
@@ -28,16 +32,29 @@ class TeacherActor:
                 cfg.teacher.dtype = "bfloat16"
         self.replica_id = replica_id
         self.service = TeacherService(load_teacher(cfg), max_batch=cfg.ray.teacher_max_batch,
-                                      latency_s=cfg.ray.teacher_latency_ms / 1000.0, seed=cfg.seed + 101 * (replica_id + 1))
+                                      latency_s=cfg.ray.teacher_latency_ms / 1000.0, seed=cfg.seed + 101 * (replica_id + 1),
+                                      cache_mb=cfg.ray.teacher_cache_mb)
+        self._reported: Counter = Counter()
 
     def spec(self) -> dict:
         return self.service.spec()
 
-    def run(self, items: list) -> list:
-        return self.service.run_mixed(items)
+    def _positions(self) -> dict:
+        new = self.service.positions - self._reported
+        self._reported = self.service.positions.copy()
+        return dict(new)
+
+    def run(self, items: list) -> tuple[list, dict]:
+        """Answers to ``items`` and the teacher positions computed since the last answer."""
+        return self.service.run_mixed(items), self._positions()
 
     def demos(self, prompts, budget_ids, **kw):
-        return self.service.demos(prompts, budget_ids, **kw)
+        trajs, state = self.service.demos(prompts, budget_ids, **kw)
+        return trajs, state, self._positions()
+
+    def sessions(self) -> dict:
+        s = self.service.sessions
+        return {"open": len(s), "bytes": s.bytes, "evictions": s.evictions, "misses": self.service.misses}
 
     def forwards(self) -> int:
         return self.service.forwards

@@ -1,37 +1,123 @@
 """TeacherPool: M teacher replicas behind one asyncio actor.
 
-Requests from every rollout worker (and the driver's validation) go to the pool; one
-`kdtw.teacher_service.DynamicBatcher` merges them, whatever their kind (next-token logits,
-scoring, next tokens), into batches of at most ``ray.teacher_max_batch`` sequences: a batch
-leaves once the clients of the previous batch (or every worker) have a request in, or
-``ray.teacher_max_wait_ms`` after its first request, and only when a replica is free (one batch in flight per replica; requests keep
-joining while all are busy). A `kdtw.teacher_service.Router` sends each batch to the
-least-loaded replica and retries it on another when one fails. `PoolClient` is the blocking
-client `kdtw.teacher_service.RemoteTeacher` talks to.
+Teacher sessions (kdtw/teacher_service.py) are pinned: a session's first request picks its
+replica and every later one goes there, where its KV cache is. A client (rollout worker, the
+driver) has a home replica, the one with the fewest clients when it first came, so its sessions
+share one replica's batches. Each replica has its own `kdtw.teacher_service.DynamicBatcher`:
+requests of every client homed there (session steps, scoring, next tokens) are merged into
+batches of at most ``ray.teacher_max_batch`` sequences; a batch leaves once the replica's
+clients (or those of its previous batch) have a request in, or ``ray.teacher_max_wait_ms`` after
+its first request, and only when the replica is free (one batch in flight per replica).
+
+When a replica fails, its sessions' requests answer `kdtw.teacher_service.MISS` and the client
+sends the whole prefix again, which lands on a live replica (its clients are re-homed); requests
+without a session are retried on another replica by a `kdtw.teacher_service.Router`. The pool
+adds up the teacher positions the replicas report with each answer, by tag. `PoolClient` is the
+blocking client `kdtw.teacher_service.RemoteTeacher` talks to.
 """
 
 from __future__ import annotations
 
+import time
+from collections import Counter
+from functools import partial
+
 import ray
 
 from actors.common import RETRY_ERRORS
-from kdtw.teacher_service import BatchStats, DynamicBatcher, Router
+from kdtw.teacher_service import MISS, BatchStats, DynamicBatcher, Router
 
 
 @ray.remote(num_cpus=0, max_concurrency=1000)
 class TeacherPool:
-    def __init__(self, replicas: list, *, max_batch: int, max_wait_ms: float, expected: int) -> None:
+    def __init__(self, replicas: list, *, max_batch: int, max_wait_ms: float) -> None:
         self.replicas = list(replicas)
         self.router = Router(len(self.replicas))
-        self.batcher = DynamicBatcher(self._run, max_batch=max_batch, max_wait_s=max_wait_ms / 1000.0,
-                                      slots=len(self.replicas), expected=expected)
+        self.batchers = [DynamicBatcher(partial(self._run, i), max_batch=max_batch, max_wait_s=max_wait_ms / 1000.0,
+                                        slots=1) for i in range(len(self.replicas))]
+        self.pinned: dict[str, int] = {}  # session id -> replica
+        self.home: dict = {}  # client -> replica
+        self.positions: Counter = Counter()
+        self.misses = 0
 
-    async def _run(self, items: list) -> list:
-        rows = sum(len(payload[0]) for _, payload in items)
-        return await self.router.call(lambda i: self.replicas[i].run.remote(items), rows, RETRY_ERRORS)
+    # -- placement
+
+    def _home(self, client) -> int:
+        i = self.home.get(client)
+        now = time.monotonic()
+        if i is None or self.router.down_until[i] > now:
+            up = [j for j in range(len(self.replicas)) if self.router.down_until[j] <= now] or range(len(self.replicas))
+            clients = Counter(self.home.values())
+            i = min(up, key=lambda j: (clients[j], j))
+            self.home[client] = i
+            counts = Counter(self.home.values())
+            for j, b in enumerate(self.batchers):  # a batch waits for every client homed there
+                b.expected = counts[j]
+        return i
+
+    def _down(self, i: int) -> None:
+        now = time.monotonic()
+        if self.router.down_until[i] <= now:  # once per failure, not once per request it held
+            self.router.failures += 1
+        self.router.down_until[i] = now + self.router.cooldown_s
+        for sid in [s for s, j in self.pinned.items() if j == i]:
+            del self.pinned[sid]
+        for c in [c for c, j in self.home.items() if j == i]:
+            del self.home[c]
+
+    async def _run(self, i: int, items: list) -> list:
+        results, positions = await self.replicas[i].run.remote(items)
+        self.positions.update(positions)
+        return results
+
+    @staticmethod
+    def _rows(kind: str, payload: tuple) -> int:
+        return len(payload[3]) if kind == "step" else len(payload[0])
+
+    # -- requests
+
+    async def step(self, payload: tuple, client=None):
+        """A teacher-session step (`kdtw.teacher_service.TeacherService.step`'s arguments)."""
+        sid, rows, start = payload[0], payload[1], payload[2]
+        if start == 0 and rows is not None:
+            self.pinned[sid] = self._home(client)
+        i = self.pinned.get(sid)
+        if i is None:  # a session this pool no longer places: the client sends it all again
+            self.misses += 1
+            return MISS
+        self.router.load[i] += len(payload[3])
+        try:
+            res = await self.batchers[i].submit(("step", payload), len(payload[3]), client)
+        except RETRY_ERRORS:
+            self._down(i)
+            self.misses += 1
+            return MISS
+        finally:
+            self.router.load[i] -= len(payload[3])
+        if isinstance(res, str) and res == MISS:
+            self.misses += 1
+            self.pinned.pop(sid, None)
+        elif payload[5]:  # closed with this step
+            self.pinned.pop(sid, None)
+        return res
+
+    async def close(self, sid: str) -> None:
+        i = self.pinned.pop(sid, None)
+        if i is not None:
+            try:
+                await self.replicas[i].run.remote([("close", (sid,))])
+            except RETRY_ERRORS:
+                pass
 
     async def _submit(self, kind: str, payload: tuple, client):
-        return await self.batcher.submit((kind, payload), len(payload[0]), client)
+        """A request without a session: the client's home replica, another if it fails."""
+        rows = self._rows(kind, payload)
+        first = self._home(client)
+
+        async def on(i: int):
+            return await self.batchers[i].submit((kind, payload), rows, client)
+
+        return await self.router.call(on, rows, RETRY_ERRORS, first=first)
 
     async def next_logits(self, prompt_rows, prefixes, client=None):
         return await self._submit("next", (prompt_rows, prefixes), client)
@@ -46,20 +132,31 @@ class TeacherPool:
         return await self._submit("token", (prompt_rows, prefixes, do_sample), client)
 
     async def demos(self, prompts, budget_ids, **kw):
-        return await self.router.call(lambda i: self.replicas[i].demos.remote(prompts, budget_ids, **kw),
-                                      len(prompts), RETRY_ERRORS)
+        trajs, state, positions = await self.router.call(
+            lambda i: self.replicas[i].demos.remote(prompts, budget_ids, **kw), len(prompts), RETRY_ERRORS)
+        self.positions.update(positions)
+        return trajs, state
 
     async def spec(self) -> dict:
         return await self.router.call(lambda i: self.replicas[i].spec.remote(), 0, RETRY_ERRORS)
 
+    def where(self, sid: str) -> int | None:
+        """The replica session ``sid`` is pinned to (None: not placed)."""
+        return self.pinned.get(sid)
+
     def stats(self, reset: bool = True) -> dict:
-        """Batches, requests and sequences per batch (since the last reset); router counters."""
-        out = {"batch": self.batcher.stats.as_dict(),
-               "router": {"failures": self.router.failures, "retries": self.router.retries,
-                          "load": list(self.router.load)}}
-        if reset:
-            self.batcher.stats = BatchStats()
-        return out
+        """Batches, requests and sequences per batch (since the last reset); router counters;
+        teacher positions computed, by tag (since the start); sessions."""
+        total = BatchStats()
+        for b in self.batchers:
+            for k in ("batches", "requests", "rows"):
+                setattr(total, k, getattr(total, k) + getattr(b.stats, k))
+            if reset:
+                b.stats = BatchStats()
+        return {"batch": total.as_dict(), "positions": dict(self.positions),
+                "router": {"failures": self.router.failures, "retries": self.router.retries,
+                           "load": list(self.router.load)},
+                "sessions": {"open": len(self.pinned), "misses": self.misses}}
 
 
 class PoolClient:
@@ -67,6 +164,12 @@ class PoolClient:
 
     def __init__(self, pool, client_id) -> None:
         self.pool, self.client_id = pool, client_id
+
+    def step(self, *payload):
+        return ray.get(self.pool.step.remote(payload, self.client_id))
+
+    def close(self, sid):
+        self.pool.close.remote(sid)  # nothing to wait for
 
     def next_logits(self, prompt_rows, prefixes):
         return ray.get(self.pool.next_logits.remote(prompt_rows, prefixes, self.client_id))

@@ -3,12 +3,15 @@
     python benchmarks/throughput.py [--config conf/default.yaml] [--scaling-config conf/tiny.yaml] \
         [--steps 40] [--workers 1,2,4,8] [--latency-ms 50] [key=value ...]
 
-Prints four figures (goals from issue 4 in brackets):
+Prints four figures (goals from issues 4 and 12 in brackets):
 
-1. trajectories/s of the asynchronous Ray loop (``--ray-workers`` rollout workers and
-   ``--ray-replicas`` teacher replicas, no added latency) and of the single-process loop
-   (`LocalLoop.collect` + `learn`, 1 and 2 torch threads, the faster counts), on ``--config``
-   (the embedded default with its pretrained models when they exist) [≥ 1.6×];
+1. trajectories/s of the Ray job as a user runs it (its own local Ray, the profile's resources;
+   only Phase 1 and validation are left out, in every loop alike) against the single-process
+   loop (`LocalLoop.collect` + `learn`, 1 and 2 torch threads, the faster counts), on
+   ``--config`` (the embedded default with its pretrained models when they exist): the
+   synchronous loop with one worker and one replica [≥ 1.0×], and the asynchronous setting
+   ``--async`` (printed beside its figure) [≥ 1.6×]; with the teacher positions the replicas
+   computed per rollout token (prompt + output; 1.0 = each position once);
 2. scaling: trajectories/s with N = 1, 2, 4, 8 rollout workers against one teacher replica that
    sleeps ``--latency-ms`` before answering each batch (``ray.teacher_latency_ms``), on
    ``--scaling-config``, relative to N = 1 [≥ 0.8·N]; teacher demonstrations go token by token
@@ -74,15 +77,22 @@ def buffer_bytes(cfg, batches: list) -> tuple[float, float, int]:
     return buf.nbytes() / buf.tokens, traced / buf.tokens, buf.tokens
 
 
-def ray_run(cfg) -> dict:
+def ray_run(cfg, *, own_ray: bool = False) -> dict:
+    """One Phase-2 run of the job; ``own_ray``: in a local Ray of its own, as the job starts one."""
+    import ray
     import train_pcl
 
-    report, _ = train_pcl.train(cfg, log=lambda _: None, track=False)
+    try:
+        report, _ = train_pcl.train(cfg, log=lambda _: None, track=False)
+    finally:
+        if own_ray:
+            ray.shutdown()
     r = report["ray"]
     warm_s, warm_n = r.get("warm_seconds", 0.0), r.get("warm_trajectories", 0)
     nb = max(r["teacher_batches"], 1)
     return {"traj_per_s": (r["trajectories"] - warm_n) / max(r["seconds"] - warm_s, 1e-9),
-            "requests_per_batch": r["teacher_requests"] / nb, "rows_per_batch": r["teacher_rows"] / nb}
+            "requests_per_batch": r["teacher_requests"] / nb, "rows_per_batch": r["teacher_rows"] / nb,
+            "positions_per_token": r.get("rollout_teacher_positions", 0) / max(r.get("rollout_tokens", 0), 1)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,22 +104,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scaling-config", default=tiny, help="profile of the latency runs (2-3)")
     ap.add_argument("--steps", type=int, default=40, help="learner steps per run (scaling runs: max(steps, 6N))")
     ap.add_argument("--workers", default="1,2,4,8")
-    ap.add_argument("--ray-workers", type=int, default=2, help="rollout workers of comparison 1")
-    ap.add_argument("--ray-replicas", type=int, default=2, help="teacher replicas of comparison 1")
+    ap.add_argument("--async", dest="async_", default="train.max_staleness=8,ray.num_rollout_workers=2,"
+                    "ray.num_teacher_replicas=2", help="the asynchronous setting of comparison 1 (comma-separated key=value)")
     ap.add_argument("--latency-ms", type=float, default=50.0)
     ap.add_argument("--max-wait-ms", type=float, default=None,
                     help="ray.teacher_max_wait_ms of the latency runs (default: half the latency)")
     ap.add_argument("--skip-compare", action="store_true", help="only the latency runs (2-3)")
+    ap.add_argument("--skip-scaling", action="store_true", help="only comparisons 1 and 4")
     ap.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     args = ap.parse_args(argv)
     ns = [int(x) for x in args.workers.split(",")]
     run_dir = os.path.join(ROOT, "runs", "bench_throughput")
-    base = [f"run_dir={run_dir}", "train.phase1_steps=0", "train.val_examples=2", "train.log_every=100000",
-            "ray.checkpoint_every=0", "ray.rollout_worker_cpus=0.1", "ray.teacher_cpus=0.1", "ray.learner_cpus=0.1",
-            "train.max_staleness=8", *args.overrides]
+    # comparison 1 runs the job as a user does: the profile's resources, its own local Ray
+    user = [f"run_dir={run_dir}", "train.phase1_steps=0", "train.val_examples=2", "train.log_every=100000",
+            "ray.checkpoint_every=0", *args.overrides]
+    # the latency runs put N workers on the cores' logical CPUs (they sleep on the teacher)
+    base = [*user, "ray.rollout_worker_cpus=0.1", "ray.teacher_cpus=0.1", "ray.learner_cpus=0.1", "train.max_staleness=8"]
+    async_set = [x for x in args.async_.split(",") if x]
 
-    def cfg(path, *extra):
-        return load_config(path, [*base, *extra])
+    def cfg(path, *extra, over=base):
+        return load_config(path, [*over, *extra])
 
     # 1 (local) and 4 first, before Ray's processes exist
     local_by_threads, batches = {}, None
@@ -120,14 +134,20 @@ def main(argv: list[str] | None = None) -> int:
         local = max(local_by_threads.values())
         cols, traced, n_tokens = buffer_bytes(cfg(args.config), batches)
 
+    sync = fast = None
+    if not args.skip_compare:  # each run starts and stops its own Ray, as the job does
+        steps = [f"train.phase2_steps={args.steps}", f"train.validate_every={10 * args.steps}"]
+        sync = ray_run(cfg(args.config, *steps, "train.max_staleness=0", "ray.num_rollout_workers=1",
+                           "ray.num_teacher_replicas=1", over=user), own_ray=True)
+        fast = ray_run(cfg(args.config, *steps, *async_set, over=user), own_ray=True)
+    if args.skip_scaling:
+        ns = []
+
     import ray
 
-    ray.init(num_cpus=max(ns) + 6, include_dashboard=False, logging_level="warning",
+    ray.init(num_cpus=max(ns, default=1) + 6, include_dashboard=False, logging_level="warning",
              runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
     try:
-        fast = None if args.skip_compare else ray_run(cfg(args.config, f"train.phase2_steps={args.steps}", f"train.validate_every={args.steps}",
-                           f"ray.num_rollout_workers={args.ray_workers}",
-                           f"ray.num_teacher_replicas={args.ray_replicas}"))
         wait = args.latency_ms / 2 if args.max_wait_ms is None else args.max_wait_ms
         scaling = {}
         for n in ns:
@@ -142,15 +162,21 @@ def main(argv: list[str] | None = None) -> int:
     rel = lambda p: os.path.relpath(p, ROOT)  # noqa: E731
     print(f"\n{os.cpu_count()} CPU cores; {args.steps} learner steps per run (start-up excluded)")
     if fast is not None:
-        print(f"\n1. rollout throughput, {rel(args.config)}, no added latency       traj/s   ratio   goal")
+        print(f"\n1. rollout throughput, {rel(args.config)}, the profile's resources, no added latency"
+              f"              traj/s   ratio   goal   teacher positions / rollout token")
         for t, v in local_by_threads.items():
-            print(f"   single-process loop (kdtw/local.py), {t} torch thread(s)  {v:>8.1f}")
-        print(f"   async Ray loop, {args.ray_workers} workers, {args.ray_replicas} teacher replicas        "
-              f"{fast['traj_per_s']:>8.1f}  {fast['traj_per_s'] / local:>5.2f}x  >= 1.6x")
-    one = scaling[ns[0]]["traj_per_s"] / ns[0]
-    print(f"\n2-3. {rel(args.scaling_config)}, teacher latency {args.latency_ms:.0f} ms per batch, one replica, "
-          f"ray.teacher_max_wait_ms={wait:g}")
-    print("   workers    traj/s   speed-up   /N (goal >= 0.8)   teacher batch / workers (goal >= 0.7)")
+            print(f"   single-process loop (kdtw/local.py), {t} torch thread(s)                   {v:>8.1f}")
+        print(f"   sync Ray loop (max_staleness 0), 1 worker, 1 teacher replica            "
+              f"{sync['traj_per_s']:>8.1f}  {sync['traj_per_s'] / local:>5.2f}x  >= 1.0x  {sync['positions_per_token']:.3f}")
+        print(f"   async Ray loop ({' '.join(async_set)})".ljust(75) +
+              f"{fast['traj_per_s']:>8.1f}  {fast['traj_per_s'] / local:>5.2f}x  >= 1.6x  {fast['positions_per_token']:.3f}")
+    if not scaling:
+        ns = []
+    one = scaling[ns[0]]["traj_per_s"] / ns[0] if ns else 0.0
+    if ns:
+        print(f"\n2-3. {rel(args.scaling_config)}, teacher latency {args.latency_ms:.0f} ms per batch, one replica, "
+              f"ray.teacher_max_wait_ms={wait:g}")
+        print("   workers    traj/s   speed-up   /N (goal >= 0.8)   teacher batch / workers (goal >= 0.7)")
     for n, r in scaling.items():
         up = r["traj_per_s"] / one
         print(f"   {n:>7} {r['traj_per_s']:>9.1f} {up:>9.2f}x {up / n:>10.2f}         "

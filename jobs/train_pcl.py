@@ -259,12 +259,11 @@ class Phase2:
             TeacherActor.options(**options(cfg, "teacher", restarts=True, placement=self._bundle(i))).remote(cfg, i)
             for i in range(r.num_teacher_replicas)
         ]
-        self.pool = TeacherPool.remote(self.replicas, max_batch=r.teacher_max_batch, max_wait_ms=r.teacher_max_wait_ms,
-                                       expected=r.num_rollout_workers)
+        self.pool = TeacherPool.remote(self.replicas, max_batch=r.teacher_max_batch, max_wait_ms=r.teacher_max_wait_ms)
         self.buffer = ReplayBufferActor.remote(cfg)
         self.student = load_student(cfg)  # the driver's copy: validation, selection, checkpoints
         spec = ray.get(self.pool.spec.remote())
-        self.teacher = RemoteTeacher(PoolClient(self.pool, "driver"), self.student.lm.tokenizer, spec)
+        self.teacher = RemoteTeacher(PoolClient(self.pool, "driver"), self.student.lm.tokenizer, spec, tag="validation")
         self.learner = None
         self.workers: list = []
         self.incarnations = [0] * r.num_rollout_workers
@@ -274,7 +273,11 @@ class Phase2:
         self.initial: dict | None = None
         self.published: tuple[int, list] | None = None
         self.counters = {"worker_failures": 0, "trajectories": 0, "rollout_batches": 0, "seconds": 0.0,
-                         "teacher_batches": 0, "teacher_requests": 0, "teacher_rows": 0}
+                         "teacher_batches": 0, "teacher_requests": 0, "teacher_rows": 0,
+                         # teacher positions the replicas computed for Phase-2 rollouts (calls, scoring,
+                         # demonstrations) and the prompt + output tokens of those paths
+                         "rollout_teacher_positions": 0, "rollout_tokens": 0}
+        self._positions_seen = 0  # the pool's running count of rollout positions at the last look
         self.hooks: list[Callable[["Phase2", int], None]] = []
         self.stopper: Stopper | None = None  # set by `train`: a signal ends the loop with a checkpoint
         self._stats_at = 0.0
@@ -440,6 +443,7 @@ class Phase2:
                 batches += 1
                 learner_waits = False
                 unconsumed += res["tokens"]
+                self.counters["rollout_tokens"] += res["tokens"] + res["prompt_tokens"]
                 self.counters["trajectories"] += res["paths"]
                 self.counters["rollout_batches"] += 1
                 for k, v in res["seconds"].items():
@@ -512,9 +516,12 @@ class Phase2:
             nxt = pool["batch"]
             for k in ("batches", "requests", "rows"):
                 self.counters[f"teacher_{k}"] += nxt[k]
+            self._count_positions(pool)
             self._last_stats = {"buffer_fill": buf["fill"], "buffer_bytes_per_token": buf["bytes"] / max(buf["tokens"], 1),
                                 "teacher_batch_requests": nxt["requests_per_batch"],
-                                "teacher_batch_rows": nxt["rows_per_batch"], "teacher_failures": pool["router"]["failures"]}
+                                "teacher_batch_rows": nxt["rows_per_batch"], "teacher_failures": pool["router"]["failures"],
+                                "teacher_positions_per_token": self.counters["rollout_teacher_positions"]
+                                / max(self.counters["rollout_tokens"], 1)}
             out.update(self._last_stats)
         sys_stats = self._last_stats
         for k, v in m.items():
@@ -533,6 +540,13 @@ class Phase2:
             self.log(f"[phase 2] step {self.step}/{tc.phase2_steps} " + format_step(m, res["lam"])
                      + f" traj/s {out['trajectories_per_s']:.1f} lag {res['policy_lag']:.2f} "
                      f"buffer {sys_stats['buffer_fill']:.2f} teacher batch {sys_stats['teacher_batch_requests']:.2f}")
+
+    def _count_positions(self, pool_stats: dict) -> None:
+        """Add the rollout positions the pool counted since the last look (its count starts at
+        zero with each pool; the run's total lives in the counters, which checkpoints keep)."""
+        now = pool_stats["positions"].get("rollout", 0)
+        self.counters["rollout_teacher_positions"] += now - self._positions_seen
+        self._positions_seen = now
 
     def _validate_now(self, lam: list[float], key: str) -> None:
         import ray
@@ -605,6 +619,7 @@ class Phase2:
             _copy_dir(best["dir"], selected_dir)
             remove_dir(best["dir"])
         pool, buf = ray.get([self.pool.stats.remote(reset=False), self.buffer.stats.remote()])
+        self._count_positions(pool)
         report = run_report(c, self.initial, self.state, self.table, selected_dir,
                             seconds={"phase2": self.counters["seconds"]})
         report["ray"] = {**self.counters, "buffer": buf, "teacher_pool": pool,

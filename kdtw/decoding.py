@@ -44,6 +44,8 @@ class DecodeOutput:
     extra: dict = field(default_factory=dict)
     # π(<τ> | s_t) of the decoding policy at each output step (budgeted mode; empty otherwise)
     tau_prob: list[list[float]] = field(default_factory=list)
+    # teacher log p(x_t | s_t) of every output token (``score_teacher``; empty otherwise)
+    teacher_logp: list[list[float]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -121,8 +123,15 @@ def generate(
     generator: torch.Generator | None = None,
     call_rule: str = "argmax",
     call_threshold: float | list[float] | None = None,
+    score_teacher: bool = False,
 ) -> DecodeOutput:
     """Decode ``prompts`` (full input texts, budget instruction included).
+
+    ``score_teacher``: also return the teacher's log p of every output token
+    (``teacher_logp``), computed on the teacher's decode state: the positions fed for calls are
+    scored as they are fed, and the rest of each path (the tail after the last call) in one more
+    forward at the end, so each output position costs the teacher one position in all (what a
+    rollout needs: its calls and its scoring, DESIGN.md §3).
 
     ``budgets``: the target fraction per prompt (or one for all); needed for ``strict``. A prompt
     whose budget is 0 decodes with <τ> masked (DESIGN.md §5 revision: the zero budget is masked,
@@ -182,6 +191,7 @@ def generate(
                 generator=generator,
                 call_rule=call_rule,
                 thresholds=None if call_threshold is None else call_threshold[s : s + batch_size],
+                score_teacher=score_teacher,
             )
         )
     out = DecodeOutput(
@@ -197,13 +207,14 @@ def generate(
         batch_teacher_forwards=sum(p.batch_teacher_forwards for p in parts),
         mode=mode,
         tau_prob=[t for p in parts for t in p.tau_prob],
+        teacher_logp=[t for p in parts for t in p.teacher_logp],
     )
     return out
 
 
 def _generate_batch(student, teacher, prompts, *, mode, budgets, max_new_tokens, do_sample,
                     temperature, teacher_do_sample, strict, tau_bias, generator, call_rule="argmax",
-                    thresholds=None) -> DecodeOutput:
+                    thresholds=None, score_teacher=False) -> DecodeOutput:
     lm = student.lm if student is not None else teacher
     ref = teacher if teacher is not None else lm
     B = len(prompts)
@@ -215,10 +226,13 @@ def _generate_batch(student, teacher, prompts, *, mode, budgets, max_new_tokens,
         s_state = student.lm.start(*student.lm.encode_prompts(prompts))
         s_logits = student.lm.extend(s_state, torch.empty((B, 0), dtype=torch.long, device=dev))[:, -1]
         V = student.vocab_size
-    if mode != "student":
+    if score_teacher and teacher is None:
+        raise ValueError("score_teacher needs a teacher")
+    if mode != "student" or score_teacher:
         t_ids, t_mask = teacher.encode_prompts(prompts)
         t_state = teacher.start(t_ids.to(teacher.device), t_mask.to(teacher.device))
-        V = teacher.vocab_size
+        if mode != "student":
+            V = teacher.vocab_size
     budget_t = torch.tensor(budgets, dtype=torch.float32, device=dev) if budgets is not None else None
     b_index = student.budget_index(budgets) if (student is not None and budgets is not None) else None
     theta = torch.tensor(thresholds, dtype=torch.float32, device=dev) if thresholds is not None else None
@@ -229,6 +243,7 @@ def _generate_batch(student, teacher, prompts, *, mode, budgets, max_new_tokens,
     blogp = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=dev)
     gtau = torch.zeros((B, max_new_tokens), dtype=torch.bool, device=dev)
     ptau = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=dev)
+    t_logp = torch.zeros((B, max_new_tokens), dtype=torch.float32)  # teacher log p, filled as fed
     length = torch.full((B,), max_new_tokens, dtype=torch.long, device=dev)  # final length
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     n_calls = torch.zeros(B, dtype=torch.long, device=dev)
@@ -272,7 +287,9 @@ def _generate_batch(student, teacher, prompts, *, mode, budgets, max_new_tokens,
                     call = (logpol[:, V].exp() >= theta) & torch.isfinite(pol[:, V])
                 else:  # oracle: the teacher sees every step
                     new = out[:, teacher_seen:t].to(teacher.device)
-                    oracle_logits = teacher.extend(t_state, new)[:, -1, :V].float().to(dev)  # [B, V]
+                    last, lp = teacher.extend_logp(t_state, new)
+                    oracle_logits = last[:, :V].float().to(dev)  # [B, V]
+                    t_logp[:, teacher_seen:t] = lp.cpu()
                     teacher_seen = t
                     batch_fwd += 1
                     t_forwards += (~done).long()
@@ -291,7 +308,9 @@ def _generate_batch(student, teacher, prompts, *, mode, budgets, max_new_tokens,
             tok = torch.where(want, x, tok)
         elif want.any():
             new = out[:, teacher_seen:t].to(teacher.device)
-            t_logits = teacher.extend(t_state, new)[:, -1, :V].float()  # [B, V] predicts x_t
+            last, lp = teacher.extend_logp(t_state, new)
+            t_logits = last[:, :V].float()  # [B, V] predicts x_t
+            t_logp[:, teacher_seen:t] = lp.cpu()
             teacher_seen = t
             batch_fwd += 1
             t_forwards += want.long()
@@ -312,11 +331,18 @@ def _generate_batch(student, teacher, prompts, *, mode, budgets, max_new_tokens,
 
     # the teacher computed output positions 0..teacher_seen once each (if it ran at all)
     computed = teacher_seen + 1 if batch_fwd else 0
+    if score_teacher:  # the tail: scored, the last token not fed (nothing comes after it)
+        _, lp = teacher.extend_logp(t_state, out[:, teacher_seen:T].to(teacher.device), feed_last=False, close=True)
+        t_logp[:, teacher_seen:T] = lp.cpu()
+    elif t_state is not None:
+        teacher.close(t_state)
     t_tokens = torch.minimum(length, torch.full_like(length, computed))
     lengths = torch.minimum(length, torch.tensor(T, device=dev)).tolist()
-    toks, masks, lps, gts, pts = [], [], [], [], []
+    toks, masks, lps, gts, pts, tlp = [], [], [], [], [], []
     for i in range(B):
         L = lengths[i]
+        if score_teacher:
+            tlp.append(t_logp[i, :L].tolist())
         toks.append(out[i, :L].tolist())
         masks.append(calls[i, :L].tolist())
         lps.append(blogp[i, :L].tolist())
@@ -335,6 +361,7 @@ def _generate_batch(student, teacher, prompts, *, mode, budgets, max_new_tokens,
         batch_teacher_forwards=batch_fwd,
         mode=mode,
         tau_prob=pts,
+        teacher_logp=tlp,
     )
 
 

@@ -8,7 +8,6 @@ math): `run_local(cfg)` or `kdtw train --local --config conf/default.yaml`.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -22,13 +21,13 @@ from .budgets import BudgetTable
 from .atomic import replace_dir, write_json_atomic
 from .buffer import ReplayBuffer
 from .config import Config, check_writable_dir
-from .data import Example
 from .decoding import generate
+from .examples import Example
 from .factory import budget_table, load_pair, load_splits
 from .learner import Learner
 from .metrics import primary_metric, task_metrics
 from .models import LM, Student
-from .rollout import prompt_ids, sample_tasks, student_rollouts, teacher_demos
+from .rollout import collect, demo_generator, prompt_ids, sample_tasks, teacher_demos
 from .trajectory import Trajectory
 
 Log = Callable[[str], None]
@@ -157,6 +156,7 @@ class LocalLoop:
         torch.manual_seed(cfg.seed)
         self.rng = random.Random(cfg.seed)
         self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.demo_gen = demo_generator(cfg.seed)
         if teacher is None or student is None:
             teacher, student = load_pair(cfg)
         self.teacher, self.student = teacher, student
@@ -182,22 +182,10 @@ class LocalLoop:
                              batch_size=c.decoding.batch_size, generator=self.gen)
 
     def collect(self) -> tuple[list[Trajectory], list[Trajectory]]:
-        """On-policy student paths and teacher demonstrations for one learner step."""
-        c, tc = self.cfg, self.cfg.train
-        n_demo = round(tc.batch_size * tc.demo_ratio)
-        n_on = tc.batch_size - n_demo
-        prompts, bids, _ = sample_tasks(self.train_set, self.table, n_on, self.rng, c.task.instruction)
-        trajs, _ = student_rollouts(
-            self.student, self.teacher, prompts, bids, max_new_tokens=c.decoding.max_new_tokens,
-            use_tau=tc.use_tau, temperature=tc.rollout_temperature, batch_size=c.decoding.batch_size,
-            generator=self.gen, version=self.learner.version, budgets=[self.table.targets[b] for b in bids],
-        )
-        demos: list[Trajectory] = []
-        if n_demo:
-            d_prompts, d_bids, _ = sample_tasks(self.train_set, self.table, n_demo, self.rng, c.task.instruction)
-            demos = teacher_demos(self.teacher, d_prompts, d_bids, max_new_tokens=c.decoding.max_new_tokens,
-                                  batch_size=c.decoding.batch_size, generator=self.gen, version=self.learner.version)
-        return trajs, demos
+        """On-policy student paths and teacher demonstrations for one learner step
+        (`kdtw.rollout.collect`, the collector a Ray rollout worker runs too)."""
+        return collect(self.cfg, self.student, self.teacher, self.train_set, self.table, rng=self.rng, gen=self.gen,
+                       demo_gen=self.demo_gen, version=self.learner.version)
 
     def learn(self, trajs: list[Trajectory], demos: list[Trajectory]) -> dict[str, float]:
         self.buffer.add(trajs + demos)

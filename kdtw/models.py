@@ -212,6 +212,23 @@ class LM:
         state.last_hidden = hid[:, -1] if hid is not None else None
         return (logits, hid) if hidden else logits
 
+    def extend_logp(self, state: DecodeState, tokens: torch.Tensor, *, feed_last: bool = True,
+                    close: bool = False) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Advance over ``tokens`` [B, n] and return their log-probs under this model, computed
+        on the way: ``(logits [B, V] predicting the next position, log p(tokens) [B, n])``. With
+        ``feed_last=False`` the last token is scored (from the logits that predict it) but not
+        fed, and no next-position logits are returned: scoring a finished path this way computes
+        each of its positions once. (Log-softmax over the tokenizer's ``vocab_size``, as
+        `kdtw.rollout.score_batch` does.) ``close``: the state is not used again (see `close`)."""
+        n = tokens.shape[1]
+        fed = tokens if feed_last or n == 0 else tokens[:, : n - 1]
+        logits = self.extend(state, fed)[..., : self.vocab_size].float()  # [B, m + 1, V]
+        logp = torch.log_softmax(logits[:, :n], -1).gather(-1, tokens[..., None].to(logits.device)).squeeze(-1)
+        return (logits[:, -1] if feed_last else None), logp
+
+    def close(self, state: DecodeState) -> None:
+        """The decode ``state`` is no longer needed (a remote teacher frees its session)."""
+
     def rollback(self, state: DecodeState, n_keep: int, last_logits: torch.Tensor) -> None:
         """Keep the first ``n_keep`` fed output tokens; ``last_logits`` [B, Vm] predicts ``n_keep``."""
         if n_keep > state.n_fed:

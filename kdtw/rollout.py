@@ -4,12 +4,13 @@ scoring of finished paths. Produces `Trajectory` records (DESIGN.md §8)."""
 from __future__ import annotations
 
 import random
+from typing import Callable
 
 import torch
 
 from .budgets import BudgetTable
-from .data import Example
 from .decoding import DecodeOutput, generate
+from .examples import Example
 from .models import LM, Student
 from .trajectory import Trajectory
 
@@ -72,14 +73,16 @@ def student_rollouts(
     worker_id: int = 0,
     budgets: list[float] | None = None,
 ) -> tuple[list[Trajectory], DecodeOutput]:
-    """Sampled on-policy paths (teacher tokens sampled at <τ>), scored by the teacher.
+    """Sampled on-policy paths (teacher tokens sampled at <τ>), scored by the teacher on its
+    decode state (``generate(score_teacher=True)``: each output position computed once).
     ``budgets``: each prompt's target (a zero budget decodes with <τ> masked)."""
     out = generate(
         student, teacher, prompts, mode="budgeted" if use_tau else "student",
         max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
         teacher_do_sample=True, batch_size=batch_size, generator=generator, budgets=budgets,
+        score_teacher=True,
     )
-    t_logp = score_paths(teacher, prompts, out.tokens, batch_size=batch_size)
+    t_logp = out.teacher_logp
     src = prompt_ids(student.lm, prompts)
     trajs = [
         Trajectory(
@@ -104,10 +107,11 @@ def teacher_demos(
     version: int = 0,
     worker_id: int = 0,
 ) -> list[Trajectory]:
-    """Teacher-sampled paths x ~ p(· | Y): actions are their tokens, c_t = 0 (DESIGN.md §3)."""
+    """Teacher-sampled paths x ~ p(· | Y): actions are their tokens, c_t = 0 (DESIGN.md §3); their
+    log p is the one computed while they were decoded (no second teacher pass)."""
     out = generate(None, teacher, prompts, mode="teacher", max_new_tokens=max_new_tokens,
-                   teacher_do_sample=True, batch_size=batch_size, generator=generator)
-    t_logp = score_paths(teacher, prompts, out.tokens, batch_size=batch_size)
+                   teacher_do_sample=True, batch_size=batch_size, generator=generator, score_teacher=True)
+    t_logp = out.teacher_logp
     src = prompt_ids(teacher, prompts)
     return [
         Trajectory(
@@ -117,3 +121,46 @@ def teacher_demos(
         )
         for i in range(len(prompts))
     ]
+
+
+DemoFn = Callable[[list[str], list[int], torch.Generator], Callable[[], list[Trajectory]]]
+
+
+def demo_generator(seed: int) -> torch.Generator:
+    """The random stream of a collector's teacher demonstrations (its own, so that they can be
+    decoded elsewhere while the student's rollouts run; seeded apart from the rollout stream)."""
+    return torch.Generator().manual_seed(seed + 7_777_777)
+
+
+def collect(cfg, student: Student, teacher: LM, train_set: list[Example], table: BudgetTable, *,
+            rng: random.Random, gen: torch.Generator, demo_gen: torch.Generator, version: int, worker_id: int = 0,
+            demos_elsewhere: DemoFn | None = None) -> tuple[list[Trajectory], list[Trajectory]]:
+    """One rollout batch, the collector of both transports (`kdtw.local.LocalLoop` with a local
+    teacher, a Ray rollout worker with a `kdtw.teacher_service.RemoteTeacher`):
+    ``train.batch_size`` paths, ``round(batch_size·demo_ratio)`` of them teacher demonstrations.
+    Tasks are drawn from ``rng`` (on-policy ones, then demonstration ones), student actions and
+    teacher tokens at calls from ``gen``, demonstrations from ``demo_gen``: the same seeds give the
+    same batch on either transport. ``demos_elsewhere(prompts, budget_ids, demo_gen)`` starts the
+    demonstrations on the teacher's side and returns a function that waits for them: they are
+    decoded there while the student's rollouts run here. Without it they are decoded through
+    ``teacher`` after the rollouts."""
+    c, tc = cfg, cfg.train
+    n_demo = round(tc.batch_size * tc.demo_ratio)
+    n_on = tc.batch_size - n_demo
+    prompts, bids, _ = sample_tasks(train_set, table, n_on, rng, c.task.instruction)
+    d_prompts, d_bids, _ = sample_tasks(train_set, table, n_demo, rng, c.task.instruction)
+    pending = demos_elsewhere(d_prompts, d_bids, demo_gen) if (n_demo and demos_elsewhere is not None) else None
+    trajs, _ = student_rollouts(
+        student, teacher, prompts, bids, max_new_tokens=c.decoding.max_new_tokens, use_tau=tc.use_tau,
+        temperature=tc.rollout_temperature, batch_size=c.decoding.batch_size, generator=gen, version=version,
+        worker_id=worker_id, budgets=[table.targets[b] for b in bids],
+    )
+    if pending is not None:
+        demos = pending()
+    elif n_demo:
+        demos = teacher_demos(teacher, d_prompts, d_bids, max_new_tokens=c.decoding.max_new_tokens,
+                              batch_size=c.decoding.batch_size, generator=demo_gen, version=version,
+                              worker_id=worker_id)
+    else:
+        demos = []
+    return trajs, demos

@@ -1,44 +1,49 @@
 """The teacher as a service: what the Ray teacher pool and replicas run, without Ray.
 
-- :class:`TeacherService` answers merged batches of requests on one teacher `LM`: next-token
-  logits of output prefixes (the <τ> calls), per-position log p of finished paths (scoring),
-  greedy/sampled next tokens, and teacher demonstrations.
+- :class:`TeacherService` answers merged batches of requests on one teacher `LM`: steps of
+  teacher **sessions** (the <τ> calls and the scoring of a rollout), per-position log p of finished
+  paths (sessionless scoring), greedy/sampled next tokens, and teacher demonstrations.
+- :class:`SessionStore`: the KV caches of open sessions on a replica, least recently used evicted
+  beyond a byte budget (``ray.teacher_cache_mb``).
 - :class:`DynamicBatcher` (asyncio) merges requests from many callers into one batch: at most
   ``max_batch`` sequences, leaving when full, when every expected caller has a request in, or
   ``max_wait`` after its first request; while every replica is busy, requests keep collecting.
 - :class:`Router`: least-loaded choice among replicas, and a failed replica's batch retried on
   another.
 - :class:`RemoteTeacher`: an `LM` stand-in for `kdtw.decoding.generate` whose forwards run
-  elsewhere (any client with ``next_logits``/``score``, e.g. the Ray pool).
-- :func:`collect_batch`: one rollout batch exactly as `LocalLoop.collect` makes it (same random
-  streams in the same order), with the teacher behind a client.
+  elsewhere (any client with ``step``/``close``/``score``, e.g. the Ray pool).
 
-A remote teacher keeps no KV cache per request: each ``extend`` sends the whole output prefix and
-the replica recomputes it in one teacher-forced forward (correct for any batch mix and any
-replica, stateless so a retry anywhere is safe; it costs O(T²) teacher work per sequence instead
-of O(T), which is small next to the round trip at the output lengths kdtw trains on).
+A rollout batch through a remote teacher is `kdtw.rollout.collect` with a :class:`RemoteTeacher`:
+the same collector as the single-process loop's.
+
+Teacher sessions. A decode batch (one `generate` chunk) is one session: the replica that serves
+its first request keeps the teacher's decode state (KV cache) under the session id, and each
+later request carries only the output tokens since the previous one. The replica computes each
+position once and returns the log p of the tokens it was fed (what scoring needs), so a rollout
+costs the teacher its prompt once plus one position per output token, calls and scoring together
+(`generate(score_teacher=True)`). A replica that does not hold the session (restarted, evicted,
+or a different one after a failure) answers :data:`MISS`; the client then sends the whole prefix
+again, which any replica can serve: a retry anywhere stays correct.
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
 import time
-from collections import deque
+import uuid
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Protocol
 
 import numpy as np
 import torch
 
-from .budgets import BudgetTable
-from .data import Example
-from .decoding import generate
-from .models import LM, DecodeState, Student
-from .rollout import prompt_ids, sample_tasks, score_batch, teacher_demos
+from .models import LM, DecodeState
+from .rollout import prompt_ids, score_batch, teacher_demos
 from .trajectory import Trajectory
 
-KINDS = ("next", "score", "topk", "token")
+KINDS = ("next", "score", "topk", "token", "step", "close")
+MISS = "session-miss"  # the answer to a session step the replica cannot continue
 
 
 # ----------------------------------------------------------------------------- the service
@@ -70,16 +75,90 @@ def score_rows(teacher: LM, prompt_rows: list[list[int]], paths: list[list[int]]
     return out
 
 
+def _nbytes(obj: Any, seen: set | None = None, depth: int = 0) -> int:
+    """Bytes of the tensors reachable from ``obj`` (a decode state: caches, masks, logits)."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen or depth > 6:
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v, seen, depth + 1) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v, seen, depth + 1) for v in obj)
+    if hasattr(obj, "__dict__") and not isinstance(obj, (type, torch.nn.Module)):
+        return sum(_nbytes(v, seen, depth + 1) for v in vars(obj).values())
+    return 0
+
+
+@dataclass
+class Session:
+    """One decode batch's teacher state on a replica."""
+
+    state: DecodeState
+    ended: torch.Tensor  # [B] bool: the row has been fed its EOS (later positions are padding)
+    tag: str = "rollout"
+    nbytes: int = 0
+
+    @property
+    def fed(self) -> int:
+        return self.state.n_fed
+
+
+class SessionStore:
+    """Open sessions by id, least recently used first; beyond ``max_bytes`` the oldest are
+    evicted (their next request is a :data:`MISS`), never the one just used."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._s: OrderedDict[str, Session] = OrderedDict()
+        self.bytes = 0
+        self.evictions = 0
+
+    def __len__(self) -> int:
+        return len(self._s)
+
+    def get(self, sid: str) -> Session | None:
+        sess = self._s.get(sid)
+        if sess is not None:
+            self._s.move_to_end(sid)
+        return sess
+
+    def put(self, sid: str, sess: Session) -> None:
+        old = self._s.pop(sid, None)
+        self.bytes -= old.nbytes if old is not None else 0
+        sess.nbytes = _nbytes(sess.state)
+        self._s[sid] = sess
+        self.bytes += sess.nbytes
+        while self.bytes > self.max_bytes and len(self._s) > 1:
+            _, gone = self._s.popitem(last=False)
+            self.bytes -= gone.nbytes
+            self.evictions += 1
+
+    def pop(self, sid: str) -> None:
+        old = self._s.pop(sid, None)
+        if old is not None:
+            self.bytes -= old.nbytes
+
+
 class TeacherService:
     """One teacher answering merged request batches. ``latency_s`` (a benchmark knob) is slept
-    before each batch is answered, as a remote teacher's network and queueing would add."""
+    before each batch is answered, as a remote teacher's network and queueing would add.
+    ``cache_mb`` bounds the KV caches of open sessions. ``positions`` counts, per request tag
+    (``rollout``, ``validation``, ...), the teacher positions computed: prompt tokens when a
+    session starts, then every output token fed up to its row's EOS (batch padding not counted)."""
 
-    def __init__(self, teacher: LM, *, max_batch: int = 256, latency_s: float = 0.0, seed: int = 0):
+    def __init__(self, teacher: LM, *, max_batch: int = 256, latency_s: float = 0.0, seed: int = 0,
+                 cache_mb: float = 1024.0):
         self.teacher = teacher
         self.max_batch = max_batch
         self.latency_s = latency_s
         self.gen = torch.Generator().manual_seed(seed)
         self.forwards = 0
+        self.sessions = SessionStore(int(cache_mb * 2**20))
+        self.positions: Counter = Counter()
+        self.misses = 0
 
     def spec(self) -> dict:
         t = self.teacher
@@ -120,6 +199,12 @@ class TeacherService:
     def _compute(self, kind: str, requests: list[tuple]) -> list[Any]:
         if kind not in KINDS:
             raise ValueError(f"unknown teacher request kind {kind!r}: use one of {KINDS}")
+        if kind == "step":  # one forward per session: their caches differ in length
+            return [self.step(*r) for r in requests]
+        if kind == "close":
+            for (sid,) in requests:
+                self.sessions.pop(sid)
+            return [None] * len(requests)
         sizes = [len(r[0]) for r in requests]
         rows = [row for r in requests for row in r[0]]
         if kind == "score":
@@ -146,6 +231,33 @@ class TeacherService:
                 out.append(part.argmax(-1).tolist())
         return out
 
+    @torch.no_grad()
+    def step(self, sid: str, rows: list[list[int]] | None, start: int, tokens: list[list[int]], feed_last: bool = True,
+             close: bool = False, tag: str = "rollout") -> tuple[np.ndarray | None, np.ndarray] | str:
+        """Continue session ``sid`` from output position ``start`` with ``tokens`` [B][n]: returns
+        (next-token logits [B, V] or None when ``feed_last`` is false, log p of the n tokens
+        [B, n]), see `LM.extend_logp`. ``rows`` (unpadded prompt ids) open the session when
+        ``start`` is 0 (and restart it if it exists); a session this replica does not hold at
+        ``start`` answers :data:`MISS`. ``close`` frees it after this step."""
+        sess = self.sessions.get(sid)
+        if start == 0 and rows is not None:
+            ids, mask = self.teacher.pad_left(rows)
+            sess = Session(self.teacher.start(ids, mask), torch.zeros(len(rows), dtype=torch.bool), tag)
+            self.positions[tag] += int(mask.sum())
+        elif sess is None or sess.fed != start:
+            self.sessions.pop(sid)
+            self.misses += 1
+            return MISS
+        t = torch.tensor(tokens, dtype=torch.long).reshape(len(sess.ended), -1)
+        fed = t if feed_last or t.shape[1] == 0 else t[:, :-1]
+        self.positions[tag] += _real_positions(fed, sess.ended, self.teacher.eos_id)
+        last, logp = self.teacher.extend_logp(sess.state, t.to(self.teacher.device), feed_last=feed_last)
+        if close:
+            self.sessions.pop(sid)
+        else:
+            self.sessions.put(sid, sess)
+        return (None if last is None else last.cpu().numpy()), logp.cpu().numpy()
+
     def demos(self, prompts: list[str], budget_ids: list[int], *, max_new_tokens: int, batch_size: int,
               gen_state: torch.Tensor, version: int = 0, worker_id: int = 0) -> tuple[list[Trajectory], torch.Tensor]:
         """Teacher demonstrations (`kdtw.rollout.teacher_demos`) decoded here with KV caches: one
@@ -159,7 +271,24 @@ class TeacherService:
         g.set_state(gen_state)
         trajs = teacher_demos(self.teacher, prompts, budget_ids, max_new_tokens=max_new_tokens,
                               batch_size=batch_size, generator=g, version=version, worker_id=worker_id)
+        # decoded with score_teacher: prompt once, each output position once (the last only scored)
+        for s in range(0, len(trajs), batch_size):
+            chunk = trajs[s : s + batch_size]
+            T = max(len(t.tokens) for t in chunk)
+            self.positions["rollout"] += sum(len(t.source_ids) + min(len(t.tokens), T - 1) for t in chunk)
         return trajs, g.get_state()
+
+
+def _real_positions(fed: torch.Tensor, ended: torch.Tensor, eos: int) -> int:
+    """Tokens of ``fed`` [B, n] up to and including each row's EOS (rows that already fed theirs
+    count nothing); updates ``ended`` in place."""
+    if fed.shape[1] == 0:
+        return 0
+    is_eos = (fed == eos).long()
+    before = is_eos.cumsum(1) - is_eos  # EOS tokens strictly before each position
+    live = (~ended)[:, None] & (before == 0)
+    ended |= is_eos.bool().any(1)
+    return int(live.sum())
 
 
 def _bounds(sizes: list[int]) -> list[tuple[int, int]]:
@@ -323,13 +452,16 @@ class Router:
         up = [i for i in free if self.down_until[i] <= now] or free
         return min(up, key=lambda i: (self.load[i], self.down_until[i]))
 
-    async def call(self, fn: Callable[[int], Awaitable[Any]], rows: int, retry_on: tuple[type[BaseException], ...]) -> Any:
+    async def call(self, fn: Callable[[int], Awaitable[Any]], rows: int, retry_on: tuple[type[BaseException], ...],
+                   first: int | None = None) -> Any:
+        """``fn(i)`` on a replica: ``first`` if given, else the least loaded; on a failure the
+        next least loaded."""
         tried: set[int] = set()
         for attempt in range(self.attempts):
             if len(tried) == len(self.load):
                 tried.clear()
                 await asyncio.sleep(self.backoff_s)
-            i = self.pick(tried)
+            i = first if (attempt == 0 and first is not None) else self.pick(tried)
             self.load[i] += rows
             try:
                 return await fn(i)
@@ -349,7 +481,10 @@ class Router:
 
 
 class TeacherClient(Protocol):
-    def next_logits(self, prompt_rows: list[list[int]], prefixes: list[list[int]]) -> np.ndarray: ...
+    def step(self, sid: str, rows: list[list[int]] | None, start: int, tokens: list[list[int]], feed_last: bool,
+             close: bool, tag: str) -> Any: ...
+
+    def close(self, sid: str) -> None: ...
 
     def score(self, prompt_rows: list[list[int]], paths: list[list[int]]) -> list[list[float]]: ...
 
@@ -360,8 +495,11 @@ class LocalClient:
     def __init__(self, service: TeacherService) -> None:
         self.service = service
 
-    def next_logits(self, prompt_rows, prefixes):
-        return self.service.run_batch("next", [(prompt_rows, prefixes)])[0]
+    def step(self, *payload):
+        return self.service.run_batch("step", [payload])[0]
+
+    def close(self, sid):
+        self.service.run_batch("close", [(sid,)])
 
     def score(self, prompt_rows, paths):
         return self.service.run_batch("score", [(prompt_rows, paths)])[0]
@@ -370,23 +508,31 @@ class LocalClient:
 @dataclass
 class RemoteState(DecodeState):
     rows: list[list[int]] = field(default_factory=list)  # unpadded prompt ids per sequence
-    fed: torch.Tensor | None = None  # [B, n_fed] output tokens sent so far
+    fed: torch.Tensor | None = None  # [B, n_fed] output tokens the session has been fed
+    sid: str = ""
+    opened: bool = False  # a replica has been sent the prompt
 
 
 class RemoteTeacher(LM):
     """An `LM` whose forwards run behind ``client``: tokenizer work (prompts, decoding) happens
-    here, each ``extend`` sends the prompt and the whole output prefix and gets the next-token
-    logits back. ``extend`` returns only the last logit row ([B, 1, V]: what `generate` reads);
-    use :meth:`score_paths` for teacher-forced log-probs. No speculative decoding through it."""
+    here; each decode batch is a teacher session (module docstring) whose requests carry only the
+    tokens since the last one, and get the next-token logits and the fed tokens' log p back.
+    ``extend`` returns only the last logit row ([B, 1, V]: what `generate` reads). No speculative
+    decoding through it. ``tag`` labels the replicas' position counts (``rollout``,
+    ``validation``)."""
 
-    def __init__(self, client: TeacherClient, tokenizer: Any, spec: dict) -> None:
+    attempts = 8  # full-prefix resends after a miss, while replicas restart
+
+    def __init__(self, client: TeacherClient, tokenizer: Any, spec: dict, *, tag: str = "rollout") -> None:
         # no model here: set what LM.__init__ would derive from one
         self.client = client
         self.model = None
         self.tokenizer = tokenizer
+        self.tag = tag
         self.is_encoder_decoder = bool(spec["is_encoder_decoder"])
         self.vocab_size = int(spec["vocab_size"])
         self.eos_id, self.pad_id, self.bos_id = spec["eos_id"], spec["pad_id"], spec["bos_id"]
+        self.misses = 0
 
     @property
     def device(self) -> torch.device:
@@ -398,18 +544,44 @@ class RemoteTeacher(LM):
     def start(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> RemoteState:
         rows = [r[m.bool()].tolist() for r, m in zip(prompt_ids.cpu(), prompt_mask.cpu())]
         fed = torch.zeros((len(rows), 0), dtype=torch.long)
-        return RemoteState(prompt_ids=prompt_ids, prompt_mask=prompt_mask, rows=rows, fed=fed)
+        return RemoteState(prompt_ids=prompt_ids, prompt_mask=prompt_mask, rows=rows, fed=fed, sid=uuid.uuid4().hex)
+
+    def extend_logp(self, state: RemoteState, tokens: torch.Tensor, *, feed_last: bool = True,
+                    close: bool = False) -> tuple[torch.Tensor | None, torch.Tensor]:
+        tokens = tokens.cpu().long()
+        n = tokens.shape[1]
+        res = self.client.step(state.sid, None if state.opened else state.rows, state.n_fed, tokens.tolist(),
+                               feed_last, close, self.tag)
+        state.opened = True
+        for attempt in range(self.attempts):
+            if not (isinstance(res, str) and res == MISS):
+                break
+            # the replica lost the session (restarted, evicted, another replica): send it all again
+            self.misses += 1
+            if attempt:
+                time.sleep(0.5)
+            full = torch.cat([state.fed, tokens], dim=1)
+            res = self.client.step(state.sid, state.rows, 0, full.tolist(), feed_last, close, self.tag)
+        else:
+            raise RuntimeError(f"teacher session {state.sid} could not be served after {self.attempts} resends")
+        last, logp = res
+        logp = torch.from_numpy(np.array(logp, dtype=np.float32)).reshape(tokens.shape[0], -1)
+        logp = logp[:, logp.shape[1] - n :]  # after a resend: the log p of these n tokens
+        state.fed = torch.cat([state.fed, tokens if feed_last or n == 0 else tokens[:, :-1]], dim=1)
+        state.n_fed = state.fed.shape[1]
+        if last is not None:
+            state.last_logits = torch.from_numpy(np.array(last, dtype=np.float32))  # [B, V]
+        return state.last_logits if last is not None else None, logp
 
     def extend(self, state: RemoteState, tokens: torch.Tensor, *, hidden: bool = False):
         if hidden:
             raise NotImplementedError("a remote teacher returns no hidden states")
-        n = tokens.shape[1]
-        if n or not state.started:
-            state.fed = torch.cat([state.fed, tokens.cpu().long()], dim=1)
-            logits = np.array(self.client.next_logits(state.rows, state.fed.tolist()), dtype=np.float32)
-            state.last_logits = torch.from_numpy(logits)  # [B, V]
-        state.n_fed += n
+        if tokens.shape[1] or not state.started:
+            self.extend_logp(state, tokens)
         return state.last_logits[:, None]
+
+    def close(self, state: RemoteState) -> None:
+        self.client.close(state.sid)
 
     def rollback(self, state, n_keep, last_logits):
         raise NotImplementedError("speculative decoding needs a local teacher")
@@ -421,85 +593,7 @@ class RemoteTeacher(LM):
         return self.client.score(prompt_ids(self, prompts), paths)
 
 
-# ----------------------------------------------------------------------------- rollouts
-
-
-def remote_student_rollouts(student: Student, teacher: RemoteTeacher, prompts: list[str], budget_ids: list[int], *,
-                            max_new_tokens: int, use_tau: bool, temperature: float, batch_size: int,
-                            generator: torch.Generator, version: int, worker_id: int,
-                            budgets: list[float] | None = None) -> list[Trajectory]:
-    """`kdtw.rollout.student_rollouts` with the teacher behind a client (same streams)."""
-    out = generate(student, teacher, prompts, mode="budgeted" if use_tau else "student",
-                   max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
-                   teacher_do_sample=True, batch_size=batch_size, generator=generator, budgets=budgets)
-    return _student_paths(student, teacher, prompts, budget_ids, out, version=version, worker_id=worker_id)
-
-
-def _student_paths(student: Student, teacher: RemoteTeacher, prompts: list[str], budget_ids: list[int], out, *,
-                   version: int, worker_id: int) -> list[Trajectory]:
-    """Decoded student paths, scored by the teacher, as trajectory records."""
-    t_logp = teacher.score_paths(prompts, out.tokens)
-    src = prompt_ids(student.lm, prompts)
-    return [
-        Trajectory(source_ids=src[i], budget_id=budget_ids[i], tokens=out.tokens[i], actions_tau=out.call_mask[i],
-                   behaviour_logp=out.behaviour_logp[i], teacher_logp=t_logp[i], origin="student",
-                   policy_version=version, worker_id=worker_id, greedy_tau=out.greedy_tau[i],
-                   tau_prob=out.tau_prob[i])
-        for i in range(len(prompts))
-    ]
-
-
-def remote_teacher_demos(teacher: RemoteTeacher, prompts: list[str], budget_ids: list[int], *, max_new_tokens: int,
-                         batch_size: int, generator: torch.Generator, version: int, worker_id: int) -> list[Trajectory]:
-    """`kdtw.rollout.teacher_demos` with the teacher behind a client (same streams)."""
-    out = generate(None, teacher, prompts, mode="teacher", max_new_tokens=max_new_tokens,
-                   teacher_do_sample=True, batch_size=batch_size, generator=generator)
-    t_logp = teacher.score_paths(prompts, out.tokens)
-    src = prompt_ids(teacher, prompts)
-    return [
-        Trajectory(source_ids=src[i], budget_id=budget_ids[i], tokens=out.tokens[i],
-                   actions_tau=[False] * len(out.tokens[i]), behaviour_logp=t_logp[i], teacher_logp=t_logp[i],
-                   origin="teacher_demo", policy_version=version, worker_id=worker_id)
-        for i in range(len(prompts))
-    ]
-
-
-DemoFn = Callable[[list[str], list[int], torch.Generator], Callable[[], list[Trajectory]]]
-
-
-def collect_batch(cfg, student: Student, teacher: RemoteTeacher, train_set: list[Example], table: BudgetTable, *,
-                  rng: random.Random, gen: torch.Generator, version: int, worker_id: int = 0,
-                  teacher_side_demos: DemoFn | None = None) -> tuple[list[Trajectory], list[Trajectory]]:
-    """One rollout batch: ``train.batch_size`` paths, ``round(batch_size·demo_ratio)`` of them
-    teacher demonstrations; the draws (tasks from ``rng``, actions and teacher tokens from
-    ``gen``) happen in `LocalLoop.collect`'s order, so worker 0 seeded like the local loop
-    produces the same paths. ``teacher_side_demos(prompts, budget_ids, gen)`` starts decoding
-    the demonstrations on a replica (`TeacherService.demos`, which continues ``gen``'s stream)
-    and returns a function that waits for them; the student paths are scored meanwhile. (The
-    demonstration tasks are drawn before scoring, which draws nothing, so the order of draws is
-    the local loop's.) Without it they are decoded token by token through ``teacher``."""
-    c, tc = cfg, cfg.train
-    n_demo = round(tc.batch_size * tc.demo_ratio)
-    n_on = tc.batch_size - n_demo
-    prompts, bids, _ = sample_tasks(train_set, table, n_on, rng, c.task.instruction)
-    out = generate(student, teacher, prompts, mode="budgeted" if tc.use_tau else "student",
-                   max_new_tokens=c.decoding.max_new_tokens, do_sample=True, temperature=tc.rollout_temperature,
-                   teacher_do_sample=True, batch_size=c.decoding.batch_size, generator=gen,
-                   budgets=[table.targets[b] for b in bids])
-    pending = None
-    if n_demo:
-        d_prompts, d_bids, _ = sample_tasks(train_set, table, n_demo, rng, c.task.instruction)
-        if teacher_side_demos is not None:
-            pending = teacher_side_demos(d_prompts, d_bids, gen)
-    trajs = _student_paths(student, teacher, prompts, bids, out, version=version, worker_id=worker_id)
-    demos: list[Trajectory] = []
-    if pending is not None:
-        demos = pending()
-    elif n_demo:
-        demos = remote_teacher_demos(teacher, d_prompts, d_bids, max_new_tokens=c.decoding.max_new_tokens,
-                                     batch_size=c.decoding.batch_size, generator=gen, version=version,
-                                     worker_id=worker_id)
-    return trajs, demos
+# ----------------------------------------------------------------------------- rollout figures
 
 
 def use_by_budget(trajs: list[Trajectory], n_budgets: int) -> dict[str, list[float]]:

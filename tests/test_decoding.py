@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from conftest import PROMPTS
-from kdtw.data import build_word_tokenizer
 from kdtw.decoding import forward_time_ratio, generate, speculative_generate
 from kdtw.models import LM, encode_outputs, init_model, make_student
 from kdtw.config import ModelConfig
+from kdtw.tokenizer import build_word_tokenizer
 
 
 def _hf_greedy(lm: LM, prompts, max_new, suppress=()):
@@ -121,6 +121,40 @@ def test_64_token_output_each_token_once_in_the_teacher(llama_close):
     finally:
         h.remove()
 
+
+
+@pytest.mark.parametrize("mode,bias", [("budgeted", 3.0), ("student", 0.0), ("teacher", 0.0)])
+def test_score_teacher_is_score_paths_with_each_position_computed_once(pair, mode, bias):
+    """A rollout's teacher log-probs come from the teacher's decode state (calls scored as fed,
+    the tail in one forward at the end): equal to a separate teacher-forced scoring pass, with the
+    prompt and each output position computed once (the last token only scored, never fed)."""
+    from kdtw.rollout import score_paths
+
+    teacher, student = pair
+    fed = []
+
+    def count(module, args, kwargs):
+        ids = kwargs.get("input_ids", kwargs.get("decoder_input_ids"))
+        fed.append(ids.shape[1])
+
+    h = teacher.model.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        out = generate(student if mode != "teacher" else None, teacher, PROMPTS, mode=mode, max_new_tokens=12,
+                       tau_bias=bias, do_sample=True, teacher_do_sample=True, score_teacher=True,
+                       generator=torch.Generator().manual_seed(1))
+    finally:
+        h.remove()
+    ref = score_paths(teacher, PROMPTS, out.tokens)
+    assert [len(x) for x in out.teacher_logp] == out.lengths
+    for a, b in zip(out.teacher_logp, ref):
+        assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5)
+    T = max(out.lengths)
+    # decoder positions: the (padded) prompt, or T5's decoder start token, then T - 1 outputs
+    P = 1 if teacher.is_encoder_decoder else teacher.encode_prompts(PROMPTS)[0].shape[1]
+    assert sum(fed) == P + T - 1, (fed, T)
+    if mode == "budgeted":
+        assert any(map(any, out.call_mask))
+    assert generate(student, teacher, PROMPTS, max_new_tokens=4).teacher_logp == []
 
 def test_strict_never_exceeds_the_budget(pair):
     teacher, student = pair

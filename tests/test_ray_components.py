@@ -23,9 +23,8 @@ from kdtw.buffer import ReplayBuffer
 from kdtw.checkpoint import CheckpointError, open_checkpoint, write_checkpoint
 from kdtw.decoding import generate
 from kdtw.local import LocalLoop
-from kdtw.rollout import score_paths
-from kdtw.teacher_service import (DynamicBatcher, LocalClient, RemoteTeacher, Router, TeacherService, collect_batch,
-                                  next_logits)
+from kdtw.rollout import collect, demo_generator, prompt_ids, score_paths
+from kdtw.teacher_service import MISS, DynamicBatcher, LocalClient, RemoteTeacher, Router, TeacherService, next_logits
 from kdtw.trajectory import Trajectory
 
 
@@ -79,8 +78,9 @@ def test_remote_teacher_decodes_and_scores_like_the_local_one(pair):
     assert all(a >= b for r in tl for a, b in zip(r, r[1:])) and max(max(r) for r in tl) <= 0
 
 
-def test_collect_batch_is_the_local_loops_collect(tmp_path):
-    """Worker 0's rollout batch through a remote teacher equals LocalLoop.collect (same streams)."""
+def test_collect_through_a_remote_teacher_is_the_local_loops_collect(tmp_path):
+    """`kdtw.rollout.collect` with the teacher behind a client (worker 0 of the Ray loop) makes
+    `LocalLoop.collect`'s batch: same streams, same paths, same teacher log-probs."""
     cfg = tiny(tmp_path, "train.phase1_steps=0")
     loop = LocalLoop(cfg, log=lambda _: None)
     student = copy.deepcopy(loop.student)
@@ -97,18 +97,91 @@ def test_collect_batch_is_the_local_loops_collect(tmp_path):
 
         return wait
 
-    streams = {fn: (random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed)) for fn in (None, on_replica)}
+    streams = {fn: (random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed), demo_generator(cfg.seed))
+               for fn in (None, on_replica)}
     for _ in range(2):  # a second batch: the streams go on in step
         l_trajs, l_demos = loop.collect()
-        for fn, (rng, gen) in streams.items():
-            trajs, demos = collect_batch(cfg, student, proxy, loop.train_set, loop.table, rng=rng, gen=gen,
-                                         version=0, teacher_side_demos=fn)
+        for fn, (rng, gen, dgen) in streams.items():
+            trajs, demos = collect(cfg, student, proxy, loop.train_set, loop.table, rng=rng, gen=gen, demo_gen=dgen,
+                                   version=0, demos_elsewhere=fn)
             assert len(trajs) + len(demos) == cfg.train.batch_size and len(demos) == len(l_demos) > 0
             for a, b in zip(trajs + demos, l_trajs + l_demos):
                 assert (a.source_ids, a.budget_id, a.tokens, a.actions_tau, a.origin) == \
                        (b.source_ids, b.budget_id, b.tokens, b.actions_tau, b.origin)
-                assert torch.allclose(torch.tensor(a.teacher_logp), torch.tensor(b.teacher_logp), atol=1e-6)
-                assert torch.allclose(torch.tensor(a.behaviour_logp), torch.tensor(b.behaviour_logp), atol=1e-6)
+                assert a.teacher_logp == b.teacher_logp and a.behaviour_logp == b.behaviour_logp
+    assert len(service.sessions) == 0  # every rollout closed its session
+
+
+def _real_output_positions(paths: list[list[int]], batch_size: int) -> int:
+    """Output positions a scored rollout feeds the teacher: every token up to its EOS, except the
+    last token of the longest row of each decode batch (scored, never fed)."""
+    out = 0
+    for s in range(0, len(paths), batch_size):
+        chunk = paths[s : s + batch_size]
+        T = max(map(len, chunk))
+        out += sum(min(len(p), T - 1) for p in chunk)
+    return out
+
+
+def test_teacher_sessions_compute_each_position_once_and_survive_a_lost_session(pair):
+    """Through a session, a rollout costs the teacher its prompt once plus one position per output
+    token (calls and scoring together), where resending the prefix at every call cost O(T²); a
+    replica that lost the session (evicted or restarted) answers MISS and the client's resend of
+    the whole prefix gives the same paths and log-probs."""
+    teacher, student = pair
+    prompts = PROMPTS * 2
+
+    def rollouts(t, seed=5):  # what student_rollouts decodes, with calls made likely
+        return generate(student, t, prompts, max_new_tokens=10, batch_size=4, do_sample=True, teacher_do_sample=True,
+                        tau_bias=3.0, score_teacher=True, generator=torch.Generator().manual_seed(seed))
+
+    ref = rollouts(teacher)
+    proxy, service = _proxy(teacher, student)
+    got = rollouts(proxy)
+    assert any(map(any, got.call_mask)) and not all(map(all, got.call_mask))
+    assert got.tokens == ref.tokens and got.teacher_logp == ref.teacher_logp
+    src = sum(map(len, prompt_ids(teacher, prompts)))
+    assert service.positions["rollout"] == src + _real_output_positions(got.tokens, 4)
+    assert len(service.sessions) == 0
+
+    class Forgetful(LocalClient):  # the replica loses the session at every third step
+        steps = 0
+
+        def step(self, sid, rows, start, tokens, *rest):
+            Forgetful.steps += 1
+            if Forgetful.steps % 3 == 0:
+                self.service.sessions.pop(sid)
+            return super().step(sid, rows, start, tokens, *rest)
+
+    lossy = TeacherService(teacher)
+    proxy2 = RemoteTeacher(Forgetful(lossy), student.lm.tokenizer, lossy.spec())
+    again = rollouts(proxy2)
+    assert proxy2.misses > 0 and lossy.misses == proxy2.misses
+    assert again.tokens == ref.tokens and again.call_mask == ref.call_mask
+    for a, b in zip(again.teacher_logp, ref.teacher_logp):
+        assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5)
+    # a step the replica cannot continue is a miss, not a wrong answer
+    assert lossy.step("nope", None, 3, [[1]] * 2) == MISS
+
+
+def test_session_store_evicts_the_least_recently_used_within_its_bytes(pair):
+    teacher, student = pair
+    service = TeacherService(teacher, cache_mb=1e-9)  # room for one session only
+    proxy = RemoteTeacher(LocalClient(service), student.lm.tokenizer, service.spec())
+    ids, mask = teacher.encode_prompts(PROMPTS)
+    s1, s2 = proxy.start(ids, mask), proxy.start(ids, mask)
+    x = torch.tensor([[5], [6], [7]])
+    proxy.extend_logp(s1, x)
+    proxy.extend_logp(s2, x)  # evicts s1
+    assert len(service.sessions) == 1 and service.sessions.evictions == 1 and service.sessions.bytes > 0
+    last, lp = proxy.extend_logp(s1, x)  # s1's replica state is gone: resent whole, same answer
+    assert proxy.misses == 1
+    fresh = teacher.start(ids, mask)
+    ref_last, ref_lp = teacher.extend_logp(fresh, torch.cat([x, x], 1))
+    assert torch.allclose(last, ref_last, atol=1e-5) and torch.allclose(lp, ref_lp[:, 1:], atol=1e-5)
+    proxy.close(s1)
+    proxy.close(s2)
+    assert len(service.sessions) == 0 and service.sessions.bytes == 0
 
 
 # ----------------------------------------------------------------------------- batching, routing

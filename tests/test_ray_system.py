@@ -53,6 +53,69 @@ def test_sync_parity_with_the_local_loop(ray_session, tmp_path):
     assert report["ray"]["rollout_batches"] == 20 and report["ray"]["worker_failures"] == 0
 
 
+def test_teacher_sessions_through_the_pool_one_position_per_token_with_a_replica_killed(ray_session, tmp_path):
+    """Rollouts through the Ray pool: each decode batch is a session pinned to a replica; the
+    replicas compute the prompt once and one position per output token (calls and scoring), as
+    counted by the pool. The replica holding a session is killed mid-session: the next step is
+    a miss, the client resends the prefix, and paths and teacher log-probs equal a local run."""
+    ray = ray_session
+    from actors.teacher import TeacherActor
+    from actors.teacher_pool import PoolClient, TeacherPool
+    from kdtw.decoding import generate
+    from kdtw.factory import load_pair
+    from kdtw.rollout import prompt_ids
+    from kdtw.teacher_service import RemoteTeacher
+
+    cfg = tiny(tmp_path, "ray.teacher_cpus=0")
+    teacher, student = load_pair(cfg)  # the replicas load the same teacher from the same config
+    replicas = [TeacherActor.options(num_cpus=0, max_restarts=2).remote(cfg, i) for i in range(2)]
+    pool = TeacherPool.remote(replicas, max_batch=256, max_wait_ms=1.0)
+    spec = ray.get(pool.spec.remote())
+    prompts = [f"With full teacher use, translate to French: {w}" for w in ("the cat sleeps", "a dog runs", "we eat")] * 2
+    killed = []
+
+    class Killer(PoolClient):  # kills the replica of the first session before its third step
+        steps = 0
+
+        def step(self, *payload):
+            Killer.steps += 1
+            if Killer.steps == 3 and not killed:
+                i = ray.get(pool.where.remote(payload[0]))
+                ray.kill(replicas[i], no_restart=False)  # Ray restarts it, without its sessions
+                killed.append(i)
+            return super().step(*payload)
+
+    def rollouts(t):
+        return generate(student, t, prompts, max_new_tokens=12, batch_size=3, do_sample=True, teacher_do_sample=True,
+                        tau_bias=2.0, score_teacher=True, generator=torch.Generator().manual_seed(11))
+
+    ref = rollouts(teacher)
+    for client, kill in ((PoolClient(pool, "w0"), False), (Killer(pool, "w1"), True)):
+        before = ray.get(pool.stats.remote(reset=False))["positions"].get("rollout", 0)
+        proxy = RemoteTeacher(client, student.lm.tokenizer, spec)
+        got = rollouts(proxy)
+        assert any(map(any, got.call_mask))
+        assert got.tokens == ref.tokens and got.call_mask == ref.call_mask
+        for a, b in zip(got.teacher_logp, ref.teacher_logp):
+            assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5)
+        stats = ray.get(pool.stats.remote(reset=False))
+        positions = stats["positions"]["rollout"] - before
+        prompt = sum(map(len, prompt_ids(teacher, prompts)))
+        output = sum(min(len(p), max(map(len, got.tokens[s : s + 3])) - 1)
+                     for s in range(0, len(prompts), 3) for p in got.tokens[s : s + 3])
+        calls = sum(map(sum, got.call_mask))
+        print(f"teacher positions: {positions} for {prompt} prompt + {output} output tokens "
+              f"({calls} calls; resending the prefix at every call would compute more), misses {proxy.misses}")
+        if not kill:
+            assert positions == prompt + output and proxy.misses == 0
+        else:  # the lost session's prompt and prefix computed once more
+            assert killed and proxy.misses >= 1
+            assert prompt + output < positions <= prompt + output + proxy.misses * (prompt + 12 * 3)
+        assert stats["sessions"]["open"] == 0
+    for a in [pool, *replicas]:
+        ray.kill(a)
+
+
 def test_killed_workers_and_teacher_replica_do_not_stop_the_run(ray_session, tmp_path):
     """Rollout workers killed three times and a teacher replica once; the run completes."""
     ray = ray_session
@@ -66,7 +129,7 @@ def test_killed_workers_and_teacher_replica_do_not_stop_the_run(ray_session, tmp
         if step in (2, 4, 6):
             ray.kill(system.workers[(step // 2 + 1) % 2])  # w0, w1, then w0's replacement
             killed["workers"] += 1
-        if step == 3:  # kill replica 0 while it serves a batch: its requests must move to replica 1
+        if step == 3:  # kill replica 0 while it serves a batch: its sessions must move to replica 1
             deadline = time.time() + 30
             while ray.get(system.pool.stats.remote(reset=False))["router"]["load"][0] == 0 and time.time() < deadline:
                 time.sleep(0.002)
@@ -78,8 +141,10 @@ def test_killed_workers_and_teacher_replica_do_not_stop_the_run(ray_session, tmp
     assert system.step == 12 and len(system.state.losses) == 12
     assert all(torch.isfinite(torch.tensor(system.state.losses)))
     assert report["ray"]["worker_failures"] == 3
-    router = report["ray"]["teacher_pool"]["router"]
-    assert router["failures"] >= 1 and router["retries"] >= 1
+    pool = report["ray"]["teacher_pool"]
+    # the killed replica's sessions answered MISS and were resent whole to a live replica
+    assert pool["router"]["failures"] >= 1 and pool["sessions"]["misses"] >= 1
+    assert report["ray"]["rollout_teacher_positions"] > 0 and report["ray"]["rollout_tokens"] > 0
     assert report["selected"] is not None and os.path.exists(tmp_path / "student" / "kdtw_student.json")
 
 
