@@ -38,15 +38,11 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import socket
 import sys
-import threading
 import time
 from dataclasses import asdict
 from types import SimpleNamespace
 from typing import Callable
-from urllib.parse import urlparse
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 for _p in (ROOT, os.path.dirname(os.path.abspath(__file__))):
@@ -55,9 +51,9 @@ for _p in (ROOT, os.path.dirname(os.path.abspath(__file__))):
 
 import torch  # noqa: E402
 
+from actors.cluster import Interrupted, Stopper, connect, guarded, load  # noqa: E402
 from kdtw.atomic import make_tmp_dir, remove_dir, replace_dir, write_json_atomic  # noqa: E402
 from kdtw.checkpoint import (  # noqa: E402
-    CheckpointError,
     load_state,
     open_checkpoint,
     run_folder,
@@ -81,143 +77,9 @@ from kdtw.models import Student  # noqa: E402
 from kdtw.phase1 import check_phase1  # noqa: E402
 
 PROG = "python jobs/train_pcl.py"
+STATUS_EVERY_S = 30.0
 STATE_FILES = ("learner.pt", "driver.pt")  # checkpoint files read with `load_state` (no pickle code)
 Log = Callable[[str], None]
-
-
-class ClusterError(RuntimeError):
-    """Ray could not be reached or started; the message says what to do."""
-
-
-class Interrupted(Exception):
-    """Phase 2 stopped on a signal, after the step in flight and a checkpoint."""
-
-    def __init__(self, signame: str, step: int, ckpt: str, run_dir: str) -> None:
-        super().__init__(f"{signame} at Phase-2 step {step}")
-        self.signame, self.step, self.ckpt, self.run_dir = signame, step, ckpt, run_dir
-
-
-class Stopper:
-    """SIGINT and SIGTERM for the job's main thread. Inside Phase 2's loop (``deferring``) the
-    first signal asks the loop to stop after the step in flight, with a checkpoint; a second
-    signal, or one anywhere else, raises KeyboardInterrupt at once (exit 130, nothing saved
-    beyond the last checkpoint)."""
-
-    def __init__(self) -> None:
-        self.requested: str | None = None
-        self.deferring = False
-        self._old: dict = {}
-
-    def install(self) -> "Stopper":
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def restore(self) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-        self._old.clear()
-
-    def _handle(self, signum, frame) -> None:
-        name = signal.Signals(signum).name
-        if self.deferring and self.requested is None:
-            self.requested = name
-            print(f"kdtw: {name}: stopping after the step in flight, with a checkpoint "
-                  "(send it again to stop at once)", file=sys.stderr, flush=True)
-            return
-        raise KeyboardInterrupt
-
-
-# ----------------------------------------------------------------------------- setup
-
-
-def load(path: str | None, overrides: list[str]) -> Config:
-    if path is None:
-        from kdtw.cli import DEFAULT_CONFIG
-
-        path = DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None
-    # absolute paths: Ray Train workers run in their own folder, not this one
-    return load_config(path, overrides).with_absolute_paths()
-
-
-def _reachable(address: str) -> None:
-    """Refuse an address nothing listens on, at once (ray.init would retry for a minute)."""
-    url = urlparse(address if "://" in address else f"tcp://{address}")
-    if not url.hostname or url.port is None:
-        raise ClusterError(f"ray.address={address!r}: give host:port (a head's GCS port, e.g. 127.0.0.1:6379), "
-                           "'auto', or leave it unset to start a local Ray")
-    try:
-        socket.create_connection((url.hostname, url.port), timeout=5).close()
-    except OSError as e:
-        raise ClusterError(f"cannot reach a Ray cluster at {address} ({e.strerror or e}): start one with "
-                           "`ray start --head`, fix ray.address, or leave it unset to start a local Ray") from None
-
-
-def _loopback_only() -> None:
-    """A local Ray that listens on 127.0.0.1 only. ``ray.init`` turns a loopback node address
-    into the machine's external one (its GCS, raylet, workers and agents then listen on every
-    interface); Ray's switch for a single-machine Ray (its default on macOS and Windows) makes the
-    node address loopback instead. ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` is read when Ray is
-    imported, so the constant is set too (Ray 2.60: ray._private.ray_constants)."""
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    try:
-        import ray._private.ray_constants as constants
-
-        constants.ENABLE_RAY_CLUSTER = False
-    except ImportError:  # another Ray layout: the environment variable still reaches a fresh import
-        pass
-
-
-def connect(cfg: Config) -> bool:
-    """Join the Ray of `ray job submit`, or ``ray.address``, or start a local one; True when a
-    local Ray was started (the caller shuts it down). A local Ray is a new one on loopback
-    (``address="local"``: it never joins a cluster ``ray start`` left on this machine)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    env = {"PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
-    quiet = {"logging_level": "warning", "log_to_driver": True}
-    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:  # a submitted job: its runtime env ships the code
-        ray.init(**quiet)
-        return False
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if address is None:
-        _loopback_only()
-        # the dashboard (loopback only) also serves the state API Ray Train's clean-up relies on
-        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 runtime_env={"env_vars": env}, **quiet)
-        return True
-    if address != "auto":
-        _reachable(address)
-    try:
-        ray.init(address=address, runtime_env={"env_vars": env}, **quiet)
-    except ConnectionError as e:
-        raise ClusterError(f"cannot join the Ray cluster at {address}: {str(e).splitlines()[0]}") from None
-    return False
-
-
-def _errors() -> tuple[type[BaseException], ...]:
-    from kdtw.cli import errors
-
-    return (*errors(), ClusterError, CheckpointError)
-
-
-def guarded(body: Callable[[], int]) -> int:
-    """Run ``body``; bad input prints one line and returns 2 (as `kdtw` does)."""
-    try:
-        return body()
-    except _errors() as e:
-        print(f"kdtw: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    except Interrupted as e:
-        print(f"kdtw: interrupted by {e.signame} at Phase-2 step {e.step}, checkpoint {e.ckpt}; continue with: "
-              f"{PROG} --resume {e.run_dir}", file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:
-        print("kdtw: interrupted (nothing saved since the last checkpoint)", file=sys.stderr)
-        return 130
 
 
 # ----------------------------------------------------------------------------- the system
@@ -282,6 +144,7 @@ class Phase2:
         self.stopper: Stopper | None = None  # set by `train`: a signal ends the loop with a checkpoint
         self._stats_at = 0.0
         self._last_stats = {"buffer_fill": 0.0, "teacher_batch_requests": 0.0}
+        self._logged_at = time.perf_counter()  # a status line at least every STATUS_EVERY_S
 
     # -- placement
 
@@ -536,7 +399,8 @@ class Phase2:
                 out[f"teacher_use/{phrase}"] = use_sum[k] / use_cnt[k]
         if self.tracker is not None:
             self.tracker.metrics(out, step=self.step)
-        if self.step % tc.log_every == 0 or self.step == tc.phase2_steps:
+        if self.step % tc.log_every == 0 or self.step == tc.phase2_steps or now - self._logged_at >= STATUS_EVERY_S:
+            self._logged_at = now
             self.log(f"[phase 2] step {self.step}/{tc.phase2_steps} " + format_step(m, res["lam"])
                      + f" traj/s {out['trajectories_per_s']:.1f} lag {res['policy_lag']:.2f} "
                      f"buffer {sys_stats['buffer_fill']:.2f} teacher batch {sys_stats['teacher_batch_requests']:.2f}")
@@ -701,9 +565,9 @@ def train(cfg: Config, *, resume: tuple[str, dict] | None = None, phase1: str | 
         else:
             system.initial_validation()
             if phase1 is None and cfg.train.phase1_steps:
-                import train_bc
+                from actors.phase1_rank import run_bc
 
-                phase1 = train_bc.run_bc(cfg, tracker=tracker, log=log)
+                phase1 = run_bc(cfg, tracker=tracker, log=log)
             system.start(phase1)
         report = system.run()
         report["mlflow_run_id"] = getattr(tracker, "run_id", None)
@@ -771,7 +635,7 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
                           "mlflow_run_id": report["mlflow_run_id"]}))
         return 0
 
-    return guarded(body)
+    return guarded(body, prog)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ def ray_env(env: dict | None = None) -> dict:
 
 
 def load_job(name: str):
-    """A jobs/ script as a module (jobs/ is not a package; its scripts import each other)."""
+    """A jobs/ script as a module (jobs/ is not a package)."""
     if JOBS not in sys.path:
         sys.path.insert(0, JOBS)
     if name in sys.modules:

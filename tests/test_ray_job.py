@@ -80,3 +80,6 @@ def test_train_bc_finds_models_under_a_relative_models_dir(tmp_path):
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=480)
     assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
     assert os.path.exists(tmp_path / "run" / "phase1" / "student" / "kdtw_student.json")
+    # rank 0's progress lines reach the terminal once each, from the driver, without Ray's prefix
+    lines = [x for x in (job.stdout + job.stderr).splitlines() if "[phase 1] step 2/2" in x]
+    assert len(lines) == 1 and lines[0].startswith("[phase 1] step 2/2 bc loss"), lines

@@ -1,0 +1,156 @@
+"""What every Ray job shares: the config as a job loads it, the Ray connection (a local Ray on
+loopback that never joins another cluster, or ``ray.address``, or the cluster of `ray job
+submit`), signal handling (`Stopper`), and the CLI guard that turns bad input into one line and
+exit status 2 (`guarded`). Used by jobs/train_pcl.py and jobs/train_bc.py, which import nothing
+from each other."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import threading
+from typing import Callable
+from urllib.parse import urlparse
+
+from kdtw.checkpoint import CheckpointError
+from kdtw.config import Config, load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class ClusterError(RuntimeError):
+    """Ray could not be reached or started; the message says what to do."""
+
+
+class Interrupted(Exception):
+    """Phase 2 stopped on a signal, after the step in flight and a checkpoint."""
+
+    def __init__(self, signame: str, step: int, ckpt: str, run_dir: str) -> None:
+        super().__init__(f"{signame} at Phase-2 step {step}")
+        self.signame, self.step, self.ckpt, self.run_dir = signame, step, ckpt, run_dir
+
+
+class Stopper:
+    """SIGINT and SIGTERM for the job's main thread. Inside Phase 2's loop (``deferring``) the
+    first signal asks the loop to stop after the step in flight, with a checkpoint; a second
+    signal, or one anywhere else, raises KeyboardInterrupt at once (exit 130, nothing saved
+    beyond the last checkpoint)."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self.deferring = False
+        self._old: dict = {}
+
+    def install(self) -> "Stopper":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def restore(self) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+        self._old.clear()
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.deferring and self.requested is None:
+            self.requested = name
+            print(f"kdtw: {name}: stopping after the step in flight, with a checkpoint "
+                  "(send it again to stop at once)", file=sys.stderr, flush=True)
+            return
+        raise KeyboardInterrupt
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def load(path: str | None, overrides: list[str]) -> Config:
+    if path is None:
+        from kdtw.cli import DEFAULT_CONFIG
+
+        path = DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None
+    # absolute paths: Ray Train workers run in their own folder, not this one
+    return load_config(path, overrides).with_absolute_paths()
+
+
+def _reachable(address: str) -> None:
+    """Refuse an address nothing listens on, at once (ray.init would retry for a minute)."""
+    url = urlparse(address if "://" in address else f"tcp://{address}")
+    if not url.hostname or url.port is None:
+        raise ClusterError(f"ray.address={address!r}: give host:port (a head's GCS port, e.g. 127.0.0.1:6379), "
+                           "'auto', or leave it unset to start a local Ray")
+    try:
+        socket.create_connection((url.hostname, url.port), timeout=5).close()
+    except OSError as e:
+        raise ClusterError(f"cannot reach a Ray cluster at {address} ({e.strerror or e}): start one with "
+                           "`ray start --head`, fix ray.address, or leave it unset to start a local Ray") from None
+
+
+def _loopback_only() -> None:
+    """A local Ray that listens on 127.0.0.1 only. ``ray.init`` turns a loopback node address
+    into the machine's external one (its GCS, raylet, workers and agents then listen on every
+    interface); Ray's switch for a single-machine Ray (its default on macOS and Windows) makes the
+    node address loopback instead. ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` is read when Ray is
+    imported, so the constant is set too (Ray 2.60: ray._private.ray_constants)."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    try:
+        import ray._private.ray_constants as constants
+
+        constants.ENABLE_RAY_CLUSTER = False
+    except ImportError:  # another Ray layout: the environment variable still reaches a fresh import
+        pass
+
+
+def connect(cfg: Config) -> bool:
+    """Join the Ray of `ray job submit`, or ``ray.address``, or start a local one; True when a
+    local Ray was started (the caller shuts it down). A local Ray is a new one on loopback
+    (``address="local"``: it never joins a cluster ``ray start`` left on this machine)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
+    quiet = {"logging_level": "warning", "log_to_driver": True}
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:  # a submitted job: its runtime env ships the code
+        ray.init(**quiet)
+        return False
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address is None:
+        _loopback_only()
+        # the dashboard (loopback only) also serves the state API Ray Train's clean-up relies on
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 runtime_env={"env_vars": env}, **quiet)
+        return True
+    if address != "auto":
+        _reachable(address)
+    try:
+        ray.init(address=address, runtime_env={"env_vars": env}, **quiet)
+    except ConnectionError as e:
+        raise ClusterError(f"cannot join the Ray cluster at {address}: {str(e).splitlines()[0]}") from None
+    return False
+
+
+def _errors() -> tuple[type[BaseException], ...]:
+    from kdtw.cli import errors
+
+    return (*errors(), ClusterError, CheckpointError)
+
+
+def guarded(body: Callable[[], int], prog: str = "python jobs/train_pcl.py") -> int:
+    """Run ``body``; bad input prints one line and returns 2 (as `kdtw` does); a stop on a
+    signal prints how to resume (``prog --resume``) and returns 130."""
+    try:
+        return body()
+    except _errors() as e:
+        print(f"kdtw: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except Interrupted as e:
+        print(f"kdtw: interrupted by {e.signame} at Phase-2 step {e.step}, checkpoint {e.ckpt}; continue with: "
+              f"{prog} --resume {e.run_dir}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("kdtw: interrupted (nothing saved since the last checkpoint)", file=sys.stderr)
+        return 130
