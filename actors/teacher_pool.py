@@ -27,6 +27,8 @@ import ray
 from actors.common import RETRY_ERRORS
 from kdtw.teacher_service import MISS, BatchStats, DynamicBatcher, Router
 
+ACTIVE_S = 2.0  # a client that sent nothing for this long is not waited for
+
 
 @ray.remote(num_cpus=0, max_concurrency=1000)
 class TeacherPool:
@@ -37,6 +39,7 @@ class TeacherPool:
                                         slots=1) for i in range(len(self.replicas))]
         self.pinned: dict[str, int] = {}  # session id -> replica
         self.home: dict = {}  # client -> replica
+        self.seen: dict = {}  # client -> when it last sent a request
         self.positions: Counter = Counter()
         self.misses = 0
 
@@ -50,9 +53,12 @@ class TeacherPool:
             clients = Counter(self.home.values())
             i = min(up, key=lambda j: (clients[j], j))
             self.home[client] = i
-            counts = Counter(self.home.values())
-            for j, b in enumerate(self.batchers):  # a batch waits for every client homed there
-                b.expected = counts[j]
+        # a batch leaves once every active client homed on its replica has a request in (the
+        # driver's validation client, idle during rollouts, is not waited for)
+        self.seen[client] = now
+        active = Counter(j for c, j in self.home.items() if now - self.seen.get(c, 0.0) < ACTIVE_S)
+        for j, b in enumerate(self.batchers):
+            b.expected = active[j]
         return i
 
     def _down(self, i: int) -> None:
@@ -79,8 +85,9 @@ class TeacherPool:
     async def step(self, payload: tuple, client=None):
         """A teacher-session step (`kdtw.teacher_service.TeacherService.step`'s arguments)."""
         sid, rows, start = payload[0], payload[1], payload[2]
+        home = self._home(client)
         if start == 0 and rows is not None:
-            self.pinned[sid] = self._home(client)
+            self.pinned[sid] = home
         i = self.pinned.get(sid)
         if i is None:  # a session this pool no longer places: the client sends it all again
             self.misses += 1

@@ -65,6 +65,12 @@ def _crop(cache: Any, keep: int) -> None:
         cache.crop(-remove)  # negative = tokens to remove (both old and new transformers)
 
 
+def fed_tokens(tokens: torch.Tensor, feed_last: bool) -> torch.Tensor:
+    """The tokens `LM.extend_logp` feeds: all of them, or all but the last (scored only)."""
+    n = tokens.shape[1]
+    return tokens if feed_last or n == 0 else tokens[:, : n - 1]
+
+
 # ----------------------------------------------------------------------------- LM wrapper
 
 
@@ -220,11 +226,95 @@ class LM:
         fed, and no next-position logits are returned: scoring a finished path this way computes
         each of its positions once. (Log-softmax over the tokenizer's ``vocab_size``, as
         `kdtw.rollout.score_batch` does.) ``close``: the state is not used again (see `close`)."""
+        return self.scored(self.extend(state, fed_tokens(tokens, feed_last)), tokens, feed_last)
+
+    def scored(self, logits: torch.Tensor, tokens: torch.Tensor,
+               feed_last: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """`extend_logp`'s answer from what `extend` returned for ``fed_tokens(tokens, feed_last)``."""
+        logits = logits[..., : self.vocab_size].float()  # [B, m + 1, V]
         n = tokens.shape[1]
-        fed = tokens if feed_last or n == 0 else tokens[:, : n - 1]
-        logits = self.extend(state, fed)[..., : self.vocab_size].float()  # [B, m + 1, V]
         logp = torch.log_softmax(logits[:, :n], -1).gather(-1, tokens[..., None].to(logits.device)).squeeze(-1)
         return (logits[:, -1] if feed_last else None), logp
+
+    def extend_many(self, states: list[DecodeState], tokens: list[torch.Tensor]) -> list[torch.Tensor]:
+        """`extend` of several decode states, in one forward where it can (a teacher replica
+        answers the calls of many rollouts this way). Decoder-only states share a forward when
+        they have not started (their prompt is fed with their tokens) or are fed at least one
+        token: their caches are left-padded to one length and stacked (the padding masked; a state
+        that has not started contributes only padding), their new inputs right-padded, and the
+        cache split back after. The rest run alone. Returns what `extend` returns for each."""
+        from transformers.cache_utils import DynamicCache
+
+        def mergeable(st: DecodeState, t: torch.Tensor) -> bool:
+            if self.is_encoder_decoder:
+                return False
+            if not st.started:
+                return st.cache is None
+            return (t.shape[1] > 0 and type(st.cache) is DynamicCache and st.attn_mask is not None
+                    and st.cache.get_seq_length() == st.attn_mask.shape[1])
+
+        out: list = [None] * len(states)
+        group = [i for i, (st, t) in enumerate(zip(states, tokens)) if mergeable(st, t)]
+        if len(group) < 2:
+            group = []
+        for i in range(len(states)):
+            if i not in group:
+                out[i] = self.extend(states[i], tokens[i])
+        if not group:
+            return out
+        dev, pad = self.device, torch.nn.functional.pad
+        new_ids, new_mask, lens = [], [], []
+        for i in group:
+            st, t = states[i], tokens[i].to(dev)
+            ones = torch.ones(t.shape, dtype=st.prompt_mask.dtype, device=dev)
+            if st.started:  # cache: prompt + fed outputs; new: the tokens
+                lens.append(st.attn_mask.shape[1])
+                new_ids.append(t)
+                new_mask.append(ones)
+            else:  # no cache; new: the (left-padded) prompt, then the tokens
+                lens.append(0)
+                new_ids.append(torch.cat([st.prompt_ids.to(dev), t], 1))
+                new_mask.append(torch.cat([st.prompt_mask.to(dev), ones], 1))
+        L, M = max(lens), max(x.shape[1] for x in new_ids)
+        like = next((states[i].cache for i in group if states[i].started), None)
+        cache = DynamicCache()
+        for layer in range(len(like.layers) if like is not None else 0):
+            ks, vs = [], []
+            for i, n in zip(group, lens):
+                if n:
+                    ks.append(pad(states[i].cache.layers[layer].keys, (0, 0, L - n, 0)))
+                    vs.append(pad(states[i].cache.layers[layer].values, (0, 0, L - n, 0)))
+                else:
+                    k = like.layers[layer].keys
+                    ks.append(k.new_zeros((len(tokens[i]), k.shape[1], L, k.shape[3])))
+                    vs.append(like.layers[layer].values.new_zeros((len(tokens[i]), k.shape[1], L, k.shape[3])))
+            cache.update(torch.cat(ks), torch.cat(vs), layer)
+        attn = torch.cat([torch.cat([pad(states[i].attn_mask, (L - n, 0)) if n else
+                                     torch.zeros((len(tokens[i]), L), dtype=m.dtype, device=dev),
+                                     pad(m, (0, M - m.shape[1]))], 1)
+                          for i, n, m in zip(group, lens, new_mask)])
+        inp = torch.cat([pad(x, (0, M - x.shape[1]), value=self.pad_id) for x in new_ids])
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)[:, -M:]
+        res = self.model(input_ids=inp, attention_mask=attn, position_ids=pos, use_cache=True,
+                         **{self._cache_kw: cache})
+        logits, merged = res.logits.float(), _cache_of(res)
+        r = 0
+        for i, n, x, m in zip(group, lens, new_ids, new_mask):
+            st, B, w, k = states[i], len(tokens[i]), x.shape[1], tokens[i].shape[1]
+            own = DynamicCache()
+            for layer, lay in enumerate(merged.layers):
+                own.update(lay.keys[r : r + B, :, L - n : L + w].clone(), lay.values[r : r + B, :, L - n : L + w].clone(), layer)
+            st.cache = own
+            st.attn_mask = torch.cat([st.attn_mask, m], 1) if n else m
+            if n:
+                full = torch.cat([st.last_logits[:, None], logits[r : r + B, :k]], 1)
+            else:  # from the prompt's last position on
+                full = logits[r : r + B, w - k - 1 : w]
+            st.n_fed += k
+            st.last_logits, st.last_hidden = full[:, -1], None
+            out[i] = full
+            r += B
+        return out
 
     def close(self, state: DecodeState) -> None:
         """The decode ``state`` is no longer needed (a remote teacher frees its session)."""

@@ -38,7 +38,7 @@ from typing import Any, Awaitable, Callable, Protocol
 import numpy as np
 import torch
 
-from .models import LM, DecodeState
+from .models import LM, DecodeState, fed_tokens
 from .rollout import prompt_ids, score_batch, teacher_demos
 from .trajectory import Trajectory
 
@@ -185,7 +185,7 @@ class TeacherService:
         unknown = [k for k, _ in items if k not in KINDS]
         if unknown:
             raise ValueError(f"unknown teacher request kind {unknown[0]!r}: use one of {KINDS}")
-        if self.latency_s:
+        if self.latency_s and any(k != "close" for k, _ in items):  # freeing a session is not a round trip to wait on
             time.sleep(self.latency_s)
         self.forwards += 1
         out: list[Any] = [None] * len(items)
@@ -199,8 +199,8 @@ class TeacherService:
     def _compute(self, kind: str, requests: list[tuple]) -> list[Any]:
         if kind not in KINDS:
             raise ValueError(f"unknown teacher request kind {kind!r}: use one of {KINDS}")
-        if kind == "step":  # one forward per session: their caches differ in length
-            return [self.step(*r) for r in requests]
+        if kind == "step":
+            return self._steps(requests)
         if kind == "close":
             for (sid,) in requests:
                 self.sessions.pop(sid)
@@ -231,7 +231,6 @@ class TeacherService:
                 out.append(part.argmax(-1).tolist())
         return out
 
-    @torch.no_grad()
     def step(self, sid: str, rows: list[list[int]] | None, start: int, tokens: list[list[int]], feed_last: bool = True,
              close: bool = False, tag: str = "rollout") -> tuple[np.ndarray | None, np.ndarray] | str:
         """Continue session ``sid`` from output position ``start`` with ``tokens`` [B][n]: returns
@@ -239,24 +238,38 @@ class TeacherService:
         [B, n]), see `LM.extend_logp`. ``rows`` (unpadded prompt ids) open the session when
         ``start`` is 0 (and restart it if it exists); a session this replica does not hold at
         ``start`` answers :data:`MISS`. ``close`` frees it after this step."""
-        sess = self.sessions.get(sid)
-        if start == 0 and rows is not None:
-            ids, mask = self.teacher.pad_left(rows)
-            sess = Session(self.teacher.start(ids, mask), torch.zeros(len(rows), dtype=torch.bool), tag)
-            self.positions[tag] += int(mask.sum())
-        elif sess is None or sess.fed != start:
-            self.sessions.pop(sid)
-            self.misses += 1
-            return MISS
-        t = torch.tensor(tokens, dtype=torch.long).reshape(len(sess.ended), -1)
-        fed = t if feed_last or t.shape[1] == 0 else t[:, :-1]
-        self.positions[tag] += _real_positions(fed, sess.ended, self.teacher.eos_id)
-        last, logp = self.teacher.extend_logp(sess.state, t.to(self.teacher.device), feed_last=feed_last)
-        if close:
-            self.sessions.pop(sid)
-        else:
-            self.sessions.put(sid, sess)
-        return (None if last is None else last.cpu().numpy()), logp.cpu().numpy()
+        return self._steps([(sid, rows, start, tokens, feed_last, close, tag)])[0]
+
+    @torch.no_grad()
+    def _steps(self, requests: list[tuple]) -> list[Any]:
+        """`step` for a batch of requests; the sessions that can share a forward share one
+        (`LM.extend_many`)."""
+        out: list[Any] = [None] * len(requests)
+        todo = []
+        for j, (sid, rows, start, tokens, feed_last, close, tag) in enumerate(requests):
+            sess = self.sessions.get(sid)
+            if start == 0 and rows is not None:
+                ids, mask = self.teacher.pad_left(rows)
+                sess = Session(self.teacher.start(ids, mask), torch.zeros(len(rows), dtype=torch.bool), tag)
+                self.positions[tag] += int(mask.sum())
+            elif sess is None or sess.fed != start:
+                self.sessions.pop(sid)
+                self.misses += 1
+                out[j] = MISS
+                continue
+            t = torch.tensor(tokens, dtype=torch.long).reshape(len(sess.ended), -1)
+            fed = fed_tokens(t, feed_last)
+            self.positions[tag] += _real_positions(fed, sess.ended, self.teacher.eos_id)
+            todo.append((j, sid, sess, t, fed, feed_last, close))
+        fulls = self.teacher.extend_many([x[2].state for x in todo], [x[4].to(self.teacher.device) for x in todo])
+        for (j, sid, sess, t, _, feed_last, close), full in zip(todo, fulls):
+            last, logp = self.teacher.scored(full, t, feed_last)
+            if close:
+                self.sessions.pop(sid)
+            else:
+                self.sessions.put(sid, sess)
+            out[j] = (None if last is None else last.cpu().numpy()), logp.cpu().numpy()
+        return out
 
     def demos(self, prompts: list[str], budget_ids: list[int], *, max_new_tokens: int, batch_size: int,
               gen_state: torch.Tensor, version: int = 0, worker_id: int = 0) -> tuple[list[Trajectory], torch.Tensor]:

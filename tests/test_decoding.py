@@ -455,3 +455,49 @@ def test_bad_call_rules(pair):
             generate(student, teacher, PROMPTS, call_rule=rule)
     with pytest.raises(ValueError, match="2 call thresholds for 3 prompts"):
         generate(student, teacher, PROMPTS, call_rule="threshold", call_threshold=[0.1, 0.2])
+
+
+def test_extend_many_merges_sessions_into_one_forward_with_the_answers_of_each_alone(pair):
+    """A teacher replica answers the calls of several rollouts in one forward: decode states of
+    different prompt lengths and prefix lengths, fed different numbers of tokens, give the logits
+    they give alone, and each state goes on alone afterwards as if never merged."""
+    teacher, _ = pair
+    prompts = [PROMPTS[:2], PROMPTS[1:], PROMPTS[2:]]
+    feeds = [torch.tensor([[5, 6, 7], [8, 9, 10]]), torch.tensor([[11], [12]]), torch.tensor([[13, 14]])]
+    nxt = [torch.tensor([[3], [4]]), torch.tensor([[5], [6]]), torch.tensor([[7]])]
+
+    def started(i):
+        st = teacher.start(*teacher.encode_prompts(prompts[i]))
+        teacher.extend(st, torch.tensor([[9] * (i + 1)] * len(prompts[i])))  # prefixes of 1, 2, 3 tokens
+        return st
+
+    alone = [started(i) for i in range(3)]
+    ref = [teacher.extend(st, f) for st, f in zip(alone, feeds)]
+    ref2 = [teacher.extend(st, x) for st, x in zip(alone, nxt)]
+    merged = [started(i) for i in range(3)]
+    calls = []
+    h = teacher.model.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        got = teacher.extend_many(merged, feeds)
+    finally:
+        h.remove()
+    assert len(calls) == (3 if teacher.is_encoder_decoder else 1)  # decoder-only: one forward for all
+    got2 = [teacher.extend(st, x) for st, x in zip(merged, nxt)]
+    for a, b, c, d in zip(got, ref, got2, ref2):
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+        assert torch.allclose(c, d, atol=1e-4), (c - d).abs().max()
+    assert [st.n_fed for st in merged] == [st.n_fed for st in alone]
+    # states that have not started (their prompt goes in with their tokens) join the forward too
+    fresh = [teacher.start(*teacher.encode_prompts(p)) for p in prompts]
+    ref3 = [teacher.extend(teacher.start(*teacher.encode_prompts(p)), f) for p, f in zip(prompts, feeds)]
+    mixed = [merged[0], fresh[1], fresh[2]]
+    got3 = teacher.extend_many(mixed, [nxt[0], feeds[1], torch.empty((1, 0), dtype=torch.long)])
+    assert torch.allclose(got3[0], teacher.extend(alone[0], nxt[0]), atol=1e-4)
+    assert torch.allclose(got3[1], ref3[1], atol=1e-4)
+    assert torch.allclose(got3[2], teacher.extend(teacher.start(*teacher.encode_prompts(prompts[2])),
+                                                  torch.empty((1, 0), dtype=torch.long)), atol=1e-4)
+    after = [teacher.extend(st, x) for st, x in zip(mixed[1:], nxt[1:])]
+    ref4 = [teacher.extend(teacher.start(*teacher.encode_prompts(p)), torch.cat([f, x], 1))[:, -1]
+            for p, f, x in zip(prompts[1:], [feeds[1], torch.empty((1, 0), dtype=torch.long)], nxt[1:])]
+    for a, b in zip(after, ref4):
+        assert torch.allclose(a[:, -1], b, atol=1e-4)
