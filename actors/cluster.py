@@ -32,6 +32,10 @@ class Interrupted(Exception):
         self.signame, self.step, self.ckpt, self.run_dir = signame, step, ckpt, run_dir
 
 
+class Phase1Interrupted(KeyboardInterrupt):
+    """Stopped on a signal during Phase 1 (Ray Train), which keeps no checkpoint."""
+
+
 class Stopper:
     """SIGINT and SIGTERM for the job's main thread. Inside Phase 2's loop (``deferring``) the
     first signal asks the loop to stop after the step in flight, with a checkpoint; a second
@@ -150,6 +154,10 @@ def guarded(body: Callable[[], int], prog: str = "python jobs/train_pcl.py") -> 
     except Interrupted as e:
         print(f"kdtw: interrupted by {e.signame} at Phase-2 step {e.step}, checkpoint {e.ckpt}; continue with: "
               f"{prog} --resume {e.run_dir}", file=sys.stderr)
+        return 130
+    except Phase1Interrupted:
+        print("kdtw: interrupted in Phase 1, which keeps no checkpoint (nothing to resume): run the same "
+              "command again with --overwrite", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
         print("kdtw: interrupted (nothing saved since the last checkpoint)", file=sys.stderr)

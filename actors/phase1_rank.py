@@ -90,11 +90,14 @@ def run_bc(cfg, *, tracker=None, log=print) -> str:
         run_config=RunConfig(name=f"phase1-{int(time.time())}", storage_path=os.path.join(run_dir, "ray_train")),
     )
     try:
-        result = trainer.fit()
+        result = _fit(trainer)
     finally:
         stop.set()
         tail.join(timeout=5)
-        ray.kill(lines.actor)
+        try:
+            ray.kill(lines.actor)
+        except Exception:  # Ray already going down (a signal)
+            pass
     if result.checkpoint is None:
         raise RuntimeError(f"Phase 1 produced no checkpoint (Ray Train error: {result.error})")
     out = os.path.join(run_dir, "phase1")
@@ -131,3 +134,26 @@ def _relay(lines, log, stop: threading.Event) -> None:
                 return
         except Exception:  # the queue is gone (Ray shutting down): nothing more to print
             return
+
+
+def _fit(trainer):
+    """``trainer.fit()`` in a helper thread, waited for here. Ray Train replaces the process's
+    SIGINT handler when fit runs in the main thread, for good (a later Ctrl-C in Phase 2 would
+    then reach it instead of the job's `actors.cluster.Stopper`), and its abort ends the job with
+    status 1 and no word; from another thread it leaves signals to the job, whose handler raises
+    KeyboardInterrupt here."""
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as e:  # handed to the waiting thread
+            box["error"] = e
+
+    th = threading.Thread(target=run, name="phase1-fit", daemon=True)
+    th.start()
+    while th.is_alive():
+        th.join(timeout=0.5)
+    if "error" in box:
+        raise box["error"]
+    return box["result"]

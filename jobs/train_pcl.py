@@ -51,7 +51,7 @@ for _p in (ROOT, os.path.dirname(os.path.abspath(__file__))):
 
 import torch  # noqa: E402
 
-from actors.cluster import Interrupted, Stopper, connect, guarded, load  # noqa: E402
+from actors.cluster import Interrupted, Phase1Interrupted, Stopper, connect, guarded, load  # noqa: E402
 from kdtw.atomic import make_tmp_dir, remove_dir, replace_dir, write_json_atomic  # noqa: E402
 from kdtw.checkpoint import (  # noqa: E402
     load_state,
@@ -567,7 +567,10 @@ def train(cfg: Config, *, resume: tuple[str, dict] | None = None, phase1: str | 
             if phase1 is None and cfg.train.phase1_steps:
                 from actors.phase1_rank import run_bc
 
-                phase1 = run_bc(cfg, tracker=tracker, log=log)
+                try:
+                    phase1 = run_bc(cfg, tracker=tracker, log=log)
+                except KeyboardInterrupt:
+                    raise Phase1Interrupted from None
             system.start(phase1)
         report = system.run()
         report["mlflow_run_id"] = getattr(tracker, "run_id", None)

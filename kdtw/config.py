@@ -319,9 +319,9 @@ class RayConfig:
     learner_gpus: NonNegFloat = 0.0
     # Phase-1 data-parallel ranks (Ray Train TorchTrainer: gloo on CPU, nccl on GPU).
     learner_ranks: PosInt = 1
-    # Teacher-pool dynamic batching: most sequences per teacher forward, and how long the first
-    # request of a batch waits for others (a batch also leaves once the clients of the previous
-    # batch, or every worker, have a request in).
+    # Teacher-pool dynamic batching, one batcher per replica: most sequences per batch, and how
+    # long the first request of a batch waits for others (a batch also leaves once the clients of
+    # its previous batch, or every active client homed on the replica, have a request in).
     teacher_max_batch: PosInt = 256
     teacher_max_wait_ms: NonNegFloat = 5.0
     # KV caches of open teacher sessions a replica keeps (MB); beyond it the least recently used

@@ -221,6 +221,42 @@ def test_killed_driver_resumes_exactly(ray_session, tmp_path):
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 
 
+def test_ctrl_c_in_phase_1_stops_at_once_and_says_to_start_again(tmp_path):
+    """SIGINT while Phase 1 runs on Ray Train: exit 130 with one line saying Phase 1 keeps no
+    checkpoint and how to start again, the MLflow run KILLED, and no process of the job's Ray left."""
+    import threading
+
+    import psutil
+    from mlflow.tracking import MlflowClient
+
+    run_dir = tmp_path / "run"
+    env = ray_env(dict(os.environ))
+    for k in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
+        env.pop(k, None)
+    cmd = [sys.executable, os.path.join(ROOT, "jobs", "train_pcl.py"), "--config", TINY, f"run_dir={run_dir}",
+           "train.phase1_steps=100000", "train.val_examples=4", "train.log_every=5", "ray.num_cpus=2"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and not any("[phase 1] step 5/" in ln for ln in lines):
+            time.sleep(0.2)
+        assert any("[phase 1] step 5/" in ln for ln in lines), "".join(lines)[-3000:] + proc.stderr.read()[-3000:]
+        kids = psutil.Process(proc.pid).children(recursive=True)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert "interrupted in Phase 1, which keeps no checkpoint" in err and "--overwrite" in err, err[-2000:]
+    assert not [k for k in kids if k.is_running() and k.status() != psutil.STATUS_ZOMBIE], "Ray processes left"
+    runs = MlflowClient(f"sqlite:///{run_dir}/mlflow.db").search_runs(
+        [e.experiment_id for e in MlflowClient(f"sqlite:///{run_dir}/mlflow.db").search_experiments()])
+    assert [r.info.status for r in runs] == ["KILLED"]
+
+
 def test_ctrl_c_checkpoints_and_a_copied_run_resumes_where_it_is(ray_session, tmp_path, monkeypatch):
     """SIGINT to a running job that started its own Ray: the step in flight finishes, a
     checkpoint is written, the MLflow run is KILLED, the job exits 130 with one line saying how
@@ -239,8 +275,9 @@ def test_ctrl_c_checkpoints_and_a_copied_run_resumes_where_it_is(ray_session, tm
     env = ray_env(dict(os.environ))
     for k in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
         env.pop(k, None)
+    # a short Phase 1 on Ray Train first: the signal in Phase 2 must still reach the job's handler
     cmd = [sys.executable, os.path.join(ROOT, "jobs", "train_pcl.py"), "--config", TINY, f"run_dir={run_dir}", *QUICK,
-           "train.phase2_steps=400", "train.validate_every=1000", "ray.checkpoint_every=1000",
+           "train.phase1_steps=2", "train.phase2_steps=400", "train.validate_every=1000", "ray.checkpoint_every=1000",
            "ray.num_rollout_workers=1", "ray.num_cpus=2"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
