@@ -72,7 +72,7 @@ class RolloutWorker:
         paths = trajs + demos
         return {"worker_id": self.worker_id, "version": self.version, "paths": len(paths),
                 "tokens": sum(len(t) for t in paths), "prompt_tokens": sum(len(t.source_ids) for t in paths),
-                "use": use_by_budget(trajs, len(self.table)), "session_misses": self.teacher.misses,
+                "use": use_by_budget(trajs, len(self.table)),
                 "seconds": {"sync": t1 - t0, "rollout": t2 - t1, "push": time.perf_counter() - t2}}
 
     def rng_state(self) -> dict:

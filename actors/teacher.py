@@ -52,10 +52,6 @@ class TeacherActor:
         trajs, state = self.service.demos(prompts, budget_ids, **kw)
         return trajs, state, self._positions()
 
-    def sessions(self) -> dict:
-        s = self.service.sessions
-        return {"open": len(s), "bytes": s.bytes, "evictions": s.evictions, "misses": self.service.misses}
-
     def forwards(self) -> int:
         return self.service.forwards
 

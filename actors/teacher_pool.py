@@ -126,17 +126,11 @@ class TeacherPool:
 
         return await self.router.call(on, rows, RETRY_ERRORS, first=first)
 
-    async def next_logits(self, prompt_rows, prefixes, client=None):
-        return await self._submit("next", (prompt_rows, prefixes), client)
-
     async def score(self, prompt_rows, paths, client=None):
         return await self._submit("score", (prompt_rows, paths), client)
 
     async def score_topk(self, prompt_rows, paths, k: int, client=None):
         return await self._submit("topk", (prompt_rows, paths, k), client)
-
-    async def next_token(self, prompt_rows, prefixes, do_sample: bool = False, client=None):
-        return await self._submit("token", (prompt_rows, prefixes, do_sample), client)
 
     async def demos(self, prompts, budget_ids, **kw):
         trajs, state, positions = await self.router.call(
@@ -177,9 +171,6 @@ class PoolClient:
 
     def close(self, sid):
         self.pool.close.remote(sid)  # nothing to wait for
-
-    def next_logits(self, prompt_rows, prefixes):
-        return ray.get(self.pool.next_logits.remote(prompt_rows, prefixes, self.client_id))
 
     def score(self, prompt_rows, paths):
         return ray.get(self.pool.score.remote(prompt_rows, paths, self.client_id))

@@ -243,7 +243,16 @@ def _generate_batch(student, teacher, prompts, *, mode, budgets, max_new_tokens,
     blogp = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=dev)
     gtau = torch.zeros((B, max_new_tokens), dtype=torch.bool, device=dev)
     ptau = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=dev)
-    t_logp = torch.zeros((B, max_new_tokens), dtype=torch.float32)  # teacher log p, filled as fed
+    t_logp = torch.zeros((B, max_new_tokens), dtype=torch.float32) if score_teacher else None  # filled as fed
+
+    def advance(new: torch.Tensor, start: int) -> torch.Tensor:
+        """Feed the teacher output positions ``start..`` (``new``); its next-token logits [B, V].
+        Their log p is kept only when the paths are scored (``score_teacher``)."""
+        if not score_teacher:
+            return teacher.extend(t_state, new)[:, -1]
+        last, lp = teacher.extend_logp(t_state, new)
+        t_logp[:, start : start + new.shape[1]] = lp.cpu()
+        return last
     length = torch.full((B,), max_new_tokens, dtype=torch.long, device=dev)  # final length
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     n_calls = torch.zeros(B, dtype=torch.long, device=dev)
@@ -287,9 +296,7 @@ def _generate_batch(student, teacher, prompts, *, mode, budgets, max_new_tokens,
                     call = (logpol[:, V].exp() >= theta) & torch.isfinite(pol[:, V])
                 else:  # oracle: the teacher sees every step
                     new = out[:, teacher_seen:t].to(teacher.device)
-                    last, lp = teacher.extend_logp(t_state, new)
-                    oracle_logits = last[:, :V].float().to(dev)  # [B, V]
-                    t_logp[:, teacher_seen:t] = lp.cpu()
+                    oracle_logits = advance(new, teacher_seen)[:, :V].float().to(dev)  # [B, V]
                     teacher_seen = t
                     batch_fwd += 1
                     t_forwards += (~done).long()
@@ -308,9 +315,7 @@ def _generate_batch(student, teacher, prompts, *, mode, budgets, max_new_tokens,
             tok = torch.where(want, x, tok)
         elif want.any():
             new = out[:, teacher_seen:t].to(teacher.device)
-            last, lp = teacher.extend_logp(t_state, new)
-            t_logits = last[:, :V].float()  # [B, V] predicts x_t
-            t_logp[:, teacher_seen:t] = lp.cpu()
+            t_logits = advance(new, teacher_seen)[:, :V].float()  # [B, V] predicts x_t
             teacher_seen = t
             batch_fwd += 1
             t_forwards += want.long()

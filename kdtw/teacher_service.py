@@ -232,13 +232,13 @@ class TeacherService:
         return out
 
     def step(self, sid: str, rows: list[list[int]] | None, start: int, tokens: list[list[int]], feed_last: bool = True,
-             close: bool = False, tag: str = "rollout") -> tuple[np.ndarray | None, np.ndarray] | str:
+             close: bool = False, tag: str = "rollout", logp: bool = True) -> tuple[np.ndarray | None, Any] | str:
         """Continue session ``sid`` from output position ``start`` with ``tokens`` [B][n]: returns
         (next-token logits [B, V] or None when ``feed_last`` is false, log p of the n tokens
-        [B, n]), see `LM.extend_logp`. ``rows`` (unpadded prompt ids) open the session when
-        ``start`` is 0 (and restart it if it exists); a session this replica does not hold at
-        ``start`` answers :data:`MISS`. ``close`` frees it after this step."""
-        return self._steps([(sid, rows, start, tokens, feed_last, close, tag)])[0]
+        [B, n] or None without ``logp``), see `LM.extend_logp`. ``rows`` (unpadded prompt ids)
+        open the session when ``start`` is 0 (and restart it if it exists); a session this
+        replica does not hold at ``start`` answers :data:`MISS`. ``close`` frees it after this step."""
+        return self._steps([(sid, rows, start, tokens, feed_last, close, tag, logp)])[0]
 
     @torch.no_grad()
     def _steps(self, requests: list[tuple]) -> list[Any]:
@@ -246,7 +246,7 @@ class TeacherService:
         (`LM.extend_many`)."""
         out: list[Any] = [None] * len(requests)
         todo = []
-        for j, (sid, rows, start, tokens, feed_last, close, tag) in enumerate(requests):
+        for j, (sid, rows, start, tokens, feed_last, close, tag, want) in enumerate(requests):
             sess = self.sessions.get(sid)
             if start == 0 and rows is not None:
                 ids, mask = self.teacher.pad_left(rows)
@@ -260,15 +260,18 @@ class TeacherService:
             t = torch.tensor(tokens, dtype=torch.long).reshape(len(sess.ended), -1)
             fed = fed_tokens(t, feed_last)
             self.positions[tag] += _real_positions(fed, sess.ended, self.teacher.eos_id)
-            todo.append((j, sid, sess, t, fed, feed_last, close))
+            todo.append((j, sid, sess, t, fed, feed_last, close, want))
         fulls = self.teacher.extend_many([x[2].state for x in todo], [x[4].to(self.teacher.device) for x in todo])
-        for (j, sid, sess, t, _, feed_last, close), full in zip(todo, fulls):
-            last, logp = self.teacher.scored(full, t, feed_last)
+        for (j, sid, sess, t, _, feed_last, close, want), full in zip(todo, fulls):
+            if want:
+                last, logp = self.teacher.scored(full, t, feed_last)
+            else:  # a call that only needs the next token's logits (decoding, validation)
+                last, logp = full[:, -1, : self.teacher.vocab_size].float(), None
             if close:
                 self.sessions.pop(sid)
             else:
                 self.sessions.put(sid, sess)
-            out[j] = (None if last is None else last.cpu().numpy()), logp.cpu().numpy()
+            out[j] = (None if last is None else last.cpu().numpy()), (None if logp is None else logp.cpu().numpy())
         return out
 
     def demos(self, prompts: list[str], budget_ids: list[int], *, max_new_tokens: int, batch_size: int,
@@ -495,7 +498,7 @@ class Router:
 
 class TeacherClient(Protocol):
     def step(self, sid: str, rows: list[list[int]] | None, start: int, tokens: list[list[int]], feed_last: bool,
-             close: bool, tag: str) -> Any: ...
+             close: bool, tag: str, logp: bool) -> Any: ...
 
     def close(self, sid: str) -> None: ...
 
@@ -561,10 +564,16 @@ class RemoteTeacher(LM):
 
     def extend_logp(self, state: RemoteState, tokens: torch.Tensor, *, feed_last: bool = True,
                     close: bool = False) -> tuple[torch.Tensor | None, torch.Tensor]:
+        return self._step(state, tokens, feed_last=feed_last, close=close, logp=True)
+
+    def _step(self, state: RemoteState, tokens: torch.Tensor, *, feed_last: bool, close: bool,
+              logp: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """One session request (the whole prefix again after a miss); ``logp``: also the fed
+        tokens' log p (scoring), not only the next-token logits."""
         tokens = tokens.cpu().long()
         n = tokens.shape[1]
         res = self.client.step(state.sid, None if state.opened else state.rows, state.n_fed, tokens.tolist(),
-                               feed_last, close, self.tag)
+                               feed_last, close, self.tag, logp)
         state.opened = True
         for attempt in range(self.attempts):
             if not (isinstance(res, str) and res == MISS):
@@ -574,13 +583,14 @@ class RemoteTeacher(LM):
             if attempt:
                 time.sleep(0.5)
             full = torch.cat([state.fed, tokens], dim=1)
-            res = self.client.step(state.sid, state.rows, 0, full.tolist(), feed_last, close, self.tag)
+            res = self.client.step(state.sid, state.rows, 0, full.tolist(), feed_last, close, self.tag, logp)
         else:
             raise RuntimeError(f"teacher session {state.sid} could not be served after {self.attempts} resends")
         last, logp = res
-        logp = torch.from_numpy(np.array(logp, dtype=np.float32)).reshape(tokens.shape[0], -1)
-        logp = logp[:, logp.shape[1] - n :]  # after a resend: the log p of these n tokens
-        state.fed = torch.cat([state.fed, tokens if feed_last or n == 0 else tokens[:, :-1]], dim=1)
+        if logp is not None:
+            logp = torch.from_numpy(np.array(logp, dtype=np.float32)).reshape(tokens.shape[0], -1)
+            logp = logp[:, logp.shape[1] - n :]  # after a resend: the log p of these n tokens
+        state.fed = torch.cat([state.fed, fed_tokens(tokens, feed_last)], dim=1)
         state.n_fed = state.fed.shape[1]
         if last is not None:
             state.last_logits = torch.from_numpy(np.array(last, dtype=np.float32))  # [B, V]
@@ -590,7 +600,7 @@ class RemoteTeacher(LM):
         if hidden:
             raise NotImplementedError("a remote teacher returns no hidden states")
         if tokens.shape[1] or not state.started:
-            self.extend_logp(state, tokens)
+            self._step(state, tokens, feed_last=True, close=False, logp=False)
         return state.last_logits[:, None]
 
     def close(self, state: RemoteState) -> None:
