@@ -25,22 +25,18 @@ class ClusterError(RuntimeError):
 
 
 class Interrupted(Exception):
-    """Phase 2 stopped on a signal, after the step in flight and a checkpoint."""
+    """Phase 1 or 2 stopped on a signal, after the step in flight and a checkpoint."""
 
-    def __init__(self, signame: str, step: int, ckpt: str, run_dir: str) -> None:
-        super().__init__(f"{signame} at Phase-2 step {step}")
-        self.signame, self.step, self.ckpt, self.run_dir = signame, step, ckpt, run_dir
-
-
-class Phase1Interrupted(KeyboardInterrupt):
-    """Stopped on a signal during Phase 1 (Ray Train), which keeps no checkpoint."""
+    def __init__(self, signame: str, step: int, ckpt: str, run_dir: str, phase: int = 2) -> None:
+        super().__init__(f"{signame} at Phase-{phase} step {step}")
+        self.signame, self.step, self.ckpt, self.run_dir, self.phase = signame, step, ckpt, run_dir, phase
 
 
 class Stopper:
-    """SIGINT and SIGTERM for the job's main thread. Inside Phase 2's loop (``deferring``) the
-    first signal asks the loop to stop after the step in flight, with a checkpoint; a second
-    signal, or one anywhere else, raises KeyboardInterrupt at once (exit 130, nothing saved
-    beyond the last checkpoint)."""
+    """SIGINT and SIGTERM for the job's main thread. Inside Phase 1's or Phase 2's loop
+    (``deferring``) the first signal asks the loop to stop after the step in flight, with a
+    checkpoint; a second signal, or one anywhere else (loading, validation before training),
+    raises KeyboardInterrupt at once (exit 130, nothing saved beyond the last checkpoint)."""
 
     def __init__(self) -> None:
         self.requested: str | None = None
@@ -152,12 +148,8 @@ def guarded(body: Callable[[], int], prog: str = "python jobs/train_pcl.py") -> 
         print(f"kdtw: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except Interrupted as e:
-        print(f"kdtw: interrupted by {e.signame} at Phase-2 step {e.step}, checkpoint {e.ckpt}; continue with: "
-              f"{prog} --resume {e.run_dir}", file=sys.stderr)
-        return 130
-    except Phase1Interrupted:
-        print("kdtw: interrupted in Phase 1, which keeps no checkpoint (nothing to resume): run the same "
-              "command again with --overwrite", file=sys.stderr)
+        print(f"kdtw: interrupted by {e.signame} at Phase-{e.phase} step {e.step}, checkpoint {e.ckpt}; continue "
+              f"with: {prog} --resume {e.run_dir}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
         print("kdtw: interrupted (nothing saved since the last checkpoint)", file=sys.stderr)

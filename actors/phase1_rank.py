@@ -1,15 +1,14 @@
 """Phase 1 on Ray Train. `train_loop` is one rank (`TorchTrainer`): `kdtw.phase1.run_phase1` on
-this rank (torch.distributed is already set up by Ray Train), rank 0's result reported as a Ray
-Train checkpoint (``student/``, ``learner.pt`` and the per-step metrics). `run_bc` is the driver
-side (jobs/train_bc.py, and jobs/train_pcl.py before Phase 2): it runs the trainer and writes
-``<run_dir>/phase1/`` atomically."""
+this rank (torch.distributed is already set up by Ray Train). Rank 0 writes ``<run_dir>/phase1/`` (``student/``, ``learner.pt``, every rank's random state
+and the per-step metrics) atomically every ``ray.checkpoint_every`` steps, on a stop request and at
+the end; its marker says how many steps it holds. `run_bc` is the driver side (jobs/train_bc.py,
+and jobs/train_pcl.py before Phase 2): it runs the trainer, passes a Ctrl-C on to the ranks, and
+continues an unfinished Phase 1 from that folder."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import threading
 import time
 
@@ -17,7 +16,7 @@ import ray.train
 import torch
 
 from actors.common import on_device
-from kdtw.phase1 import run_phase1, save_phase1
+from kdtw.phase1 import check_phase1, is_complete, read_phase1, run_phase1, write_phase1
 
 METRICS_FILE = "phase1_metrics.jsonl"
 STATUS_EVERY_S = 30.0  # a status line at least this often, between the log_every lines
@@ -28,11 +27,16 @@ def train_loop(config: dict) -> None:
     torch.set_num_threads(cfg.ray.torch_threads)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    out, resume = config["out"], config.get("resume")
     rows: list[dict] = []
-    t0 = time.perf_counter()
+    if resume and rank == 0 and os.path.exists(os.path.join(resume, METRICS_FILE)):
+        with open(os.path.join(resume, METRICS_FILE)) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    t0 = time.perf_counter() - (rows[-1]["seconds"] if rows else 0.0)
     # rank 0 sends its lines to the driver, which prints them: a print here would reach the
     # terminal through Ray's log forwarding, with a prefix, among Ray's own lines (and twice)
     lines = config.get("lines") if rank == 0 else None
+    control = config.get("control")
     logged_at = [time.perf_counter()]
 
     def log(line: str) -> None:
@@ -46,71 +50,83 @@ def train_loop(config: dict) -> None:
         if now - logged_at[0] >= STATUS_EVERY_S:
             log(f"[phase 1] step {step}/{cfg.train.phase1_steps} bc loss {m['bc/loss']:.3f} ({now - t0:.0f} s)")
 
-    loop = run_phase1(cfg, rank=rank, world=world, log=log, on_metrics=on_metrics)
+    def stopping() -> bool:  # the driver puts one item in the control queue on Ctrl-C / SIGTERM
+        return control is not None and not control.empty()
+
+    def checkpoint(loop, rngs: list[dict]) -> None:
+        # written by rank 0 straight into <run_dir>/phase1 (the run folder is on storage every
+        # node reaches, as Ray Train's own storage_path is), atomically: a kill leaves the last one
+        write(loop, rngs)
+        log(f"[phase 1] checkpoint at step {loop.learner.step} -> {out}")
+
+    def write(loop, rngs: list[dict] | None) -> None:
+        write_phase1(loop, out, world=world, rngs=rngs, extra=config.get("meta"),
+                     files={METRICS_FILE: "".join(json.dumps(r) + "\n" for r in rows)})
+
+    loop = run_phase1(cfg, rank=rank, world=world, log=log, on_metrics=on_metrics, resume=resume,
+                      checkpoint_every=cfg.ray.checkpoint_every, should_stop=stopping, on_checkpoint=checkpoint)
     last = {k: v for k, v in (rows[-1] if rows else {}).items() if isinstance(v, (int, float))}
-    if rank != 0:
-        ray.train.report(last)
-        return
-    tmp = tempfile.mkdtemp(prefix="kdtw-phase1-")
-    try:
-        save_phase1(loop, tmp, world=world)
-        with open(os.path.join(tmp, METRICS_FILE), "w") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
-        ray.train.report(last, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if rank == 0 and loop.learner.step >= cfg.train.phase1_steps:
+        write(loop, None)  # finished: no rank's random state is needed again
+    ray.train.report(last)
 
 
-def run_bc(cfg, *, tracker=None, log=print) -> str:
-    """Run Phase 1 on ``ray.learner_ranks`` ranks; returns ``<run_dir>/phase1``."""
+def run_bc(cfg, *, tracker=None, log=print, resume: str | None = None, stopper=None, meta: dict | None = None) -> str:
+    """Run Phase 1 on ``ray.learner_ranks`` ranks (from the Phase-1 checkpoint ``resume``, if
+    given); returns ``<run_dir>/phase1``. With a ``stopper`` (actors/cluster.py), the first
+    signal lets the step in flight finish, writes a checkpoint there and raises `Interrupted`.
+    ``meta`` goes into the folder's marker (the MLflow run, the validation before training)."""
     from ray.train import RunConfig, ScalingConfig
     from ray.util.queue import Queue
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from kdtw.atomic import make_tmp_dir, recover_dir, remove_dir, replace_dir
+    from actors.cluster import Interrupted
 
     r = cfg.ray
     run_dir = os.path.abspath(cfg.run_dir)
+    out = os.path.join(run_dir, "phase1")
     use_gpu = r.learner_gpus > 0
     resources = {"CPU": r.learner_cpus, **({"GPU": r.learner_gpus} if use_gpu else {})}
     log(f"[phase 1] {cfg.train.phase1_steps} BC steps on {r.learner_ranks} Ray Train rank(s) "
-        f"({'nccl' if use_gpu else 'gloo'})")
+        f"({'nccl' if use_gpu else 'gloo'}), a checkpoint every {r.checkpoint_every or 'no'} steps")
     t0 = time.perf_counter()
     lines = Queue(actor_options={"num_cpus": 0})  # rank 0's log lines, printed here as they come
+    control = Queue(actor_options={"num_cpus": 0})  # one item: stop after the step in flight
     stop = threading.Event()
     tail = threading.Thread(target=_relay, args=(lines, log, stop), daemon=True)
     tail.start()
     trainer = TorchTrainer(
         train_loop,
         # the ranks run in Ray Train's own folders: relative paths must not reach them
-        train_loop_config={"cfg": cfg.with_absolute_paths(), "lines": lines},
+        train_loop_config={"cfg": cfg.with_absolute_paths(), "lines": lines, "control": control, "out": out,
+                           "resume": None if resume is None else os.path.abspath(resume), "meta": meta or {}},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=r.learner_ranks, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=f"phase1-{int(time.time())}", storage_path=os.path.join(run_dir, "ray_train")),
     )
+    if stopper is not None:
+        stopper.deferring = True
     try:
-        result = _fit(trainer)
+        result = _fit(trainer, stopper, control)
     finally:
+        if stopper is not None:
+            stopper.deferring = False
         stop.set()
         tail.join(timeout=5)
-        try:
-            ray.kill(lines.actor)
-        except Exception:  # Ray already going down (a signal)
-            pass
-    if result.checkpoint is None:
-        raise RuntimeError(f"Phase 1 produced no checkpoint (Ray Train error: {result.error})")
-    out = os.path.join(run_dir, "phase1")
-    recover_dir(out)
-    tmp = make_tmp_dir(out)
-    try:
-        with result.checkpoint.as_directory() as d:
-            shutil.copytree(d, tmp, dirs_exist_ok=True)
-        replace_dir(tmp, out)  # an earlier Phase-1 result is set aside, never deleted first
-    except BaseException:
-        remove_dir(tmp)
-        raise
+        for q in (lines, control):
+            try:
+                ray.kill(q.actor)
+            except Exception:  # Ray already going down (a signal)
+                pass
+    if result.error is not None:
+        raise RuntimeError(f"Phase 1 failed on Ray Train: {result.error}")
+    check_phase1(out, complete=False)
+    done = read_phase1(out)
     seconds = time.perf_counter() - t0
+    if stopper is not None and stopper.requested:  # also when the signal came as the last step ended
+        raise Interrupted(stopper.requested, int(done["steps"]), out, run_dir, phase=1)
+    if not is_complete(done):
+        raise RuntimeError(f"Phase 1 ended at step {done['steps']} of {done['of']} without a stop request")
     if tracker is not None:
         with open(os.path.join(out, METRICS_FILE)) as f:
             for line in f:
@@ -136,12 +152,13 @@ def _relay(lines, log, stop: threading.Event) -> None:
             return
 
 
-def _fit(trainer):
+def _fit(trainer, stopper=None, control=None):
     """``trainer.fit()`` in a helper thread, waited for here. Ray Train replaces the process's
     SIGINT handler when fit runs in the main thread, for good (a later Ctrl-C in Phase 2 would
     then reach it instead of the job's `actors.cluster.Stopper`), and its abort ends the job with
-    status 1 and no word; from another thread it leaves signals to the job, whose handler raises
-    KeyboardInterrupt here."""
+    status 1 and no word; from another thread it leaves signals to the job. The first signal
+    (``stopper.requested``) is passed to the ranks through ``control``: they finish the step in
+    flight, write a checkpoint and return; a second one raises KeyboardInterrupt here."""
     box: dict = {}
 
     def run() -> None:
@@ -152,8 +169,12 @@ def _fit(trainer):
 
     th = threading.Thread(target=run, name="phase1-fit", daemon=True)
     th.start()
+    told = False
     while th.is_alive():
         th.join(timeout=0.5)
+        if stopper is not None and stopper.requested and not told and control is not None:
+            control.put("stop")
+            told = True
     if "error" in box:
         raise box["error"]
     return box["result"]

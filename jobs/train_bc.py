@@ -1,6 +1,7 @@
 """Phase 1 (behaviour cloning with the KL oracle) on Ray Train, data-parallel over R ranks.
 
     python jobs/train_bc.py --config conf/default.yaml [key=value ...]
+    python jobs/train_bc.py --resume runs/default [key=value ...]
     RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
         python jobs/train_bc.py --config conf/default.yaml ray.learner_ranks=2
 
@@ -9,6 +10,10 @@ each rank (actors/phase1_rank.py, which also holds the driver side, `run_bc`) ru
 batches; gradients averaged over ranks). Rank 0's result is written to ``<run_dir>/phase1/``
 (``student/``, ``learner.pt``): `jobs/train_pcl.py --phase1 <run_dir>/phase1` starts Phase 2 from it, and train_pcl.py runs this
 itself when no Phase-1 folder is given. One MLflow run per job (see actors/tracking.py).
+
+Rank 0 writes that folder every ``ray.checkpoint_every`` steps as well. Ctrl-C or SIGTERM: the
+step in flight finishes, the folder is written, the MLflow run is marked KILLED and the job exits
+130 with the ``--resume`` line that continues it (the same steps as a run never stopped).
 
 Errors print one line (``kdtw: error: ...``) and exit with status 2.
 """
@@ -30,29 +35,59 @@ PROG = "python jobs/train_bc.py"
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     p.add_argument("--config", help="YAML profile (default: conf/default.yaml)")
+    p.add_argument("--resume", help="continue a stopped Phase 1: its run folder (holding phase1/ and config.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. ray.learner_ranks=2")
     return p
 
 
 def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
-    from actors.cluster import connect, guarded, load  # the shared Ray connection and error handling
+    from actors.cluster import Interrupted, Stopper, connect, guarded, load  # shared by the jobs
     from actors.phase1_rank import run_bc
 
     args = build_parser(prog).parse_args(argv)
 
     def body() -> int:
-        cfg = load(args.config, args.overrides)
-        connect(cfg)
-        from actors.tracking import Tracker
+        from kdtw.checkpoint import CheckpointError
+        from kdtw.config import load_config
+        from kdtw.phase1 import check_phase1, read_phase1
 
-        tracker = Tracker(cfg, run_name="train_bc")
+        meta = None
+        if args.resume:
+            if args.config:
+                raise ValueError("--resume continues a run with its own config: drop --config "
+                                 "(key=value overrides still apply)")
+            here = os.path.abspath(args.resume)
+            if not os.path.exists(os.path.join(here, "config.yaml")):
+                raise CheckpointError(f"{args.resume!r} is not a run folder of jobs/train_bc.py (no config.yaml)")
+            check_phase1(os.path.join(here, "phase1"), complete=False)
+            meta = read_phase1(os.path.join(here, "phase1"))
+            cfg = load_config(os.path.join(here, "config.yaml"), [f"run_dir={here}", *args.overrides])
+            cfg = cfg.with_absolute_paths()
+        else:
+            cfg = load(args.config, args.overrides)
+        stopper = Stopper().install()
+        started = False
         try:
-            out = run_bc(cfg, tracker=tracker)
-            tracker.artifact(out, "phase1")
-        except BaseException:
-            tracker.finish("FAILED")
-            raise
-        tracker.finish()
+            started = connect(cfg)
+            from actors.tracking import Tracker
+
+            os.makedirs(cfg.run_dir, exist_ok=True)
+            cfg.save(os.path.join(cfg.run_dir, "config.yaml"))
+            tracker = Tracker(cfg, run_name="train_bc", run_id=(meta or {}).get("mlflow_run_id"))
+            try:
+                out = run_bc(cfg, tracker=tracker, resume=os.path.join(cfg.run_dir, "phase1") if meta else None,
+                             stopper=stopper, meta={"mlflow_run_id": tracker.run_id})
+                tracker.artifact(out, "phase1")
+            except BaseException as e:
+                tracker.finish("KILLED" if isinstance(e, (Interrupted, KeyboardInterrupt)) else "FAILED")
+                raise
+            tracker.finish()
+        finally:
+            stopper.restore()
+            if started:
+                import ray
+
+                ray.shutdown()
         print(json.dumps({"phase1_dir": out, "mlflow_run_id": tracker.run_id}))
         return 0
 

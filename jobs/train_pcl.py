@@ -25,9 +25,9 @@ plain data only and are read without running pickle code, and ``--resume`` on a 
 back to the newest intact checkpoint when ``checkpoints/latest`` is missing or corrupt. A resumed
 run writes into the folder ``--resume`` names (a moved or copied run stays where it is now).
 
-Ctrl-C or SIGTERM in Phase 2: the step in flight finishes, a checkpoint is written, the MLflow
-run is marked KILLED, and the job exits 130 with one line saying how to resume (a second signal
-stops at once); a local Ray this job started is shut down on every exit. A ``run_dir`` that holds
+Ctrl-C or SIGTERM in Phase 1 or 2: the step in flight finishes, a checkpoint is written (Phase 1's
+is ``<run_dir>/phase1/``, actors/phase1_rank.py), the MLflow run is marked KILLED, and the job exits
+130 with one line saying how to resume (a second signal stops at once); a local Ray this job started is shut down on every exit. A ``run_dir`` that holds
 another run is refused unless ``--overwrite``. Errors print one line (``kdtw: error: ...``) and
 exit with status 2.
 """
@@ -51,7 +51,7 @@ for _p in (ROOT, os.path.dirname(os.path.abspath(__file__))):
 
 import torch  # noqa: E402
 
-from actors.cluster import Interrupted, Phase1Interrupted, Stopper, connect, guarded, load  # noqa: E402
+from actors.cluster import Interrupted, Stopper, connect, guarded, load  # noqa: E402
 from kdtw.atomic import make_tmp_dir, remove_dir, replace_dir, write_json_atomic  # noqa: E402
 from kdtw.checkpoint import (  # noqa: E402
     load_state,
@@ -74,7 +74,7 @@ from kdtw.local import (  # noqa: E402
 )
 from kdtw.metrics import primary_metric  # noqa: E402
 from kdtw.models import Student  # noqa: E402
-from kdtw.phase1 import check_phase1  # noqa: E402
+from kdtw.phase1 import check_phase1, phase1_to_resume, read_phase1  # noqa: E402
 
 PROG = "python jobs/train_pcl.py"
 STATUS_EVERY_S = 30.0
@@ -544,15 +544,19 @@ def _copy_dir(src: str, dst: str) -> None:
 
 
 def train(cfg: Config, *, resume: tuple[str, dict] | None = None, phase1: str | None = None, log: Log = print,
-          hooks: list | None = None, track: bool = True, stopper: Stopper | None = None) -> tuple[dict, Phase2]:
+          hooks: list | None = None, track: bool = True, stopper: Stopper | None = None,
+          resume_phase1: str | None = None) -> tuple[dict, Phase2]:
     """The whole job in this process (Ray already connected): returns the report and the
-    (closed) system. With a ``stopper``, a signal in Phase 2 ends it with a checkpoint and
-    `Interrupted`; the MLflow run is then marked KILLED (FAILED on an error)."""
+    (closed) system. ``resume``: a Phase-2 checkpoint; ``resume_phase1``: the run's Phase-1
+    checkpoint (finished or not), from which Phase 1 goes on, or Phase 2 starts. With a
+    ``stopper``, a signal in Phase 1 or 2 ends it with a checkpoint and `Interrupted`; the MLflow
+    run is then marked KILLED (FAILED on an error)."""
     from actors.tracking import Tracker
 
     os.makedirs(cfg.run_dir, exist_ok=True)
     cfg.save(os.path.join(cfg.run_dir, "config.yaml"))
-    run_id = resume[1].get("mlflow_run_id") if resume else None
+    meta1 = read_phase1(resume_phase1) if resume_phase1 else None
+    run_id = resume[1].get("mlflow_run_id") if resume else (meta1 or {}).get("mlflow_run_id")
     tracker = Tracker(cfg, run_name="train_pcl", run_id=run_id, log=log) if track else None
     if tracker is not None:
         log(f"[mlflow] run {tracker.run_id} ({tracker.uri})")
@@ -563,14 +567,19 @@ def train(cfg: Config, *, resume: tuple[str, dict] | None = None, phase1: str | 
         if resume is not None:
             system.restore(*resume)
         else:
-            system.initial_validation()
+            if meta1 is not None and meta1.get("initial"):
+                system.initial = meta1["initial"]  # the validation before training, made by the first session
+            else:
+                system.initial_validation()
             if phase1 is None and cfg.train.phase1_steps:
-                from actors.phase1_rank import run_bc
+                if meta1 is not None and int(meta1["steps"]) >= cfg.train.phase1_steps:
+                    log(f"[resume] Phase 1 finished ({meta1['steps']} steps, {resume_phase1}): Phase 2 starts")
+                    phase1 = resume_phase1
+                else:
+                    from actors.phase1_rank import run_bc
 
-                try:
-                    phase1 = run_bc(cfg, tracker=tracker, log=log)
-                except KeyboardInterrupt:
-                    raise Phase1Interrupted from None
+                    phase1 = run_bc(cfg, tracker=tracker, log=log, resume=resume_phase1, stopper=stopper,
+                                    meta={"mlflow_run_id": getattr(tracker, "run_id", None), "initial": system.initial})
             system.start(phase1)
         report = system.run()
         report["mlflow_run_id"] = getattr(tracker, "run_id", None)
@@ -602,11 +611,16 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
     def body() -> int:
         from kdtw.cli import _check_run_dir, _clear_run
 
-        resume, old = None, []
+        resume, resume_phase1, old = None, None, []
         if args.resume:
             if args.config or args.phase1 or args.overwrite:
                 raise ValueError("--resume continues a run with its own config: drop --config/--phase1/--overwrite "
                                  "(key=value overrides still apply)")
+            resume_phase1 = phase1_to_resume(args.resume)
+        if resume_phase1:  # stopped in Phase 1, or before Phase 2's first checkpoint
+            here = os.path.abspath(args.resume)
+            cfg = load_config(os.path.join(here, "config.yaml"), [f"run_dir={here}", *args.overrides]).with_absolute_paths()
+        elif args.resume:
             ckpt, manifest = open_checkpoint(args.resume)
             for name in STATE_FILES:  # a crafted or unreadable state file is refused before Ray starts
                 load_state(os.path.join(ckpt, name))
@@ -616,7 +630,7 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
             resume = (ckpt, manifest)
         else:
             cfg = load(args.config, args.overrides)
-            old = _check_run_dir(cfg, overwrite=args.overwrite)
+            old = _check_run_dir(cfg, overwrite=args.overwrite, resume_with=prog)
         if args.phase1:
             check_phase1(args.phase1)
         stopper = Stopper().install()
@@ -625,7 +639,7 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
             started = connect(cfg)
             if old:
                 _clear_run(cfg.run_dir, old)
-            report, _ = train(cfg, resume=resume, phase1=args.phase1, stopper=stopper)
+            report, _ = train(cfg, resume=resume, phase1=args.phase1, stopper=stopper, resume_phase1=resume_phase1)
         finally:
             stopper.restore()
             if started:  # the local Ray of this job: no process of it outlives the job

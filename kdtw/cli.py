@@ -147,9 +147,10 @@ def cmd_decode(args) -> int:
     return 0
 
 
-def _check_run_dir(cfg, *, overwrite: bool) -> list[str]:
+def _check_run_dir(cfg, *, overwrite: bool, resume_with: str | None = None) -> list[str]:
     """Refuse a run_dir that cannot be written, or that holds another run's outputs unless
-    ``overwrite``; returns the outputs to clear (before any model loads)."""
+    ``overwrite``; returns the outputs to clear (before any model loads). ``resume_with``: the
+    command that continues a run (the Ray job's), named in the message."""
     from .config import ConfigError, check_writable_dir, run_outputs
 
     check_writable_dir(cfg.run_dir, "run_dir")
@@ -157,8 +158,9 @@ def _check_run_dir(cfg, *, overwrite: bool) -> list[str]:
     if old and not overwrite:
         shown = ", ".join(n + ("/" if os.path.isdir(os.path.join(cfg.run_dir, n)) else "") for n in old)
         raise ConfigError(
-            f"run_dir={cfg.run_dir!r} holds another run ({shown}): give a new run_dir, or add "
-            "--overwrite to delete that run's outputs first"
+            f"run_dir={cfg.run_dir!r} holds another run ({shown}): give a new run_dir, "
+            + (f"continue it with `{resume_with} --resume {cfg.run_dir}`, " if resume_with else "")
+            + "or add --overwrite to delete that run's outputs first"
         )
     return old
 

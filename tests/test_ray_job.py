@@ -3,6 +3,7 @@ the MLflow run it leaves has the λ and teacher-use metrics."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -61,7 +62,7 @@ def test_ray_job_submit_runs_train_pcl_and_logs_to_mlflow(tmp_path, monkeypatch)
     assert os.path.exists(run_dir / "student" / "kdtw_student.json")
 
 
-def test_train_bc_finds_models_under_a_relative_models_dir(tmp_path):
+def test_train_bc_finds_models_under_a_relative_models_dir_and_resumes(tmp_path):
     """Ray Train ranks run in their own folders: a relative models_dir (conf/default.yaml's
     `models/default`) must still reach them (the job makes local paths absolute)."""
     import sys
@@ -83,3 +84,13 @@ def test_train_bc_finds_models_under_a_relative_models_dir(tmp_path):
     # rank 0's progress lines reach the terminal once each, from the driver, without Ray's prefix
     lines = [x for x in (job.stdout + job.stderr).splitlines() if "[phase 1] step 2/2" in x]
     assert len(lines) == 1 and lines[0].startswith("[phase 1] step 2/2 bc loss"), lines
+    # a finished Phase 1 goes on with more steps from its folder, in the same MLflow run
+    more = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "jobs", "train_bc.py"), "--resume", "run", "train.phase1_steps=3",
+         "ray.num_cpus=2"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=480)
+    assert more.returncode == 0, (more.stdout + more.stderr)[-4000:]
+    assert "[phase 1] resumed at step 2/3" in more.stdout, more.stdout[-3000:]
+    out = json.loads(more.stdout.strip().splitlines()[-1])
+    assert out["mlflow_run_id"] == json.loads(job.stdout.strip().splitlines()[-1])["mlflow_run_id"]
+    with open(tmp_path / "run" / "phase1" / "kdtw_phase1.json") as f:
+        assert json.load(f)["steps"] == 3

@@ -221,13 +221,17 @@ def test_killed_driver_resumes_exactly(ray_session, tmp_path):
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 
 
-def test_ctrl_c_in_phase_1_stops_at_once_and_says_to_start_again(tmp_path):
-    """SIGINT while Phase 1 runs on Ray Train: exit 130 with one line saying Phase 1 keeps no
-    checkpoint and how to start again, the MLflow run KILLED, and no process of the job's Ray left."""
+def test_ctrl_c_in_phase_1_checkpoints_and_resume_goes_on_from_that_step(tmp_path):
+    """SIGINT while Phase 1 runs on Ray Train: the ranks finish the step in flight and write the
+    Phase-1 checkpoint, the MLflow run is KILLED, the job exits 130 with the --resume line and
+    leaves no process of its Ray. ``--resume`` goes on from that step (not from 0) into Phase 2,
+    in the same MLflow run, with one point per Phase-1 step."""
     import threading
 
     import psutil
     from mlflow.tracking import MlflowClient
+
+    from kdtw.phase1 import read_phase1
 
     run_dir = tmp_path / "run"
     env = ray_env(dict(os.environ))
@@ -250,11 +254,28 @@ def test_ctrl_c_in_phase_1_stops_at_once_and_says_to_start_again(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 130, err[-3000:]
-    assert "interrupted in Phase 1, which keeps no checkpoint" in err and "--overwrite" in err, err[-2000:]
-    assert not [k for k in kids if k.is_running() and k.status() != psutil.STATUS_ZOMBIE], "Ray processes left"
-    runs = MlflowClient(f"sqlite:///{run_dir}/mlflow.db").search_runs(
-        [e.experiment_id for e in MlflowClient(f"sqlite:///{run_dir}/mlflow.db").search_experiments()])
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("kdtw: interrupted by SIGINT at Phase-1 step ") and \
+        last.endswith(f"checkpoint {run_dir}/phase1; continue with: python jobs/train_pcl.py --resume {run_dir}"), err
+    step = int(last.split("Phase-1 step ")[1].split(",")[0])
+    assert step >= 5 and read_phase1(str(run_dir / "phase1"))["steps"] == step
+    _, alive = psutil.wait_procs(kids, timeout=30)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], [p.name() for p in alive]
+    client = MlflowClient(f"sqlite:///{run_dir}/mlflow.db")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert [r.info.status for r in runs] == ["KILLED"]
+
+    resumed = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "jobs", "train_pcl.py"), "--resume", str(run_dir),
+         f"train.phase1_steps={step + 2}", "train.phase2_steps=2", "train.validate_every=2", "ray.num_cpus=2"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"[phase 1] resumed at step {step}/{step + 2}" in resumed.stdout, resumed.stdout[-3000:]
+    assert read_phase1(str(run_dir / "phase1"))["steps"] == step + 2
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [(r.info.run_id, r.info.status) for r in runs] == [(runs[0].info.run_id, "FINISHED")]
+    assert sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "bc/loss")) == \
+        list(range(1, step + 3))
 
 
 def test_ctrl_c_checkpoints_and_a_copied_run_resumes_where_it_is(ray_session, tmp_path, monkeypatch):
