@@ -11,6 +11,7 @@ import signal
 import socket
 import sys
 import threading
+from contextlib import contextmanager
 from typing import Callable
 from urllib.parse import urlparse
 
@@ -54,6 +55,19 @@ class Stopper:
             signal.signal(sig, handler)
         self._old.clear()
 
+    @staticmethod
+    @contextmanager
+    def deferred(stopper: Stopper | None):
+        """While inside, ``stopper``'s first signal is a request (None: nothing to do)."""
+        if stopper is None:
+            yield
+            return
+        stopper.deferring = True
+        try:
+            yield
+        finally:
+            stopper.deferring = False
+
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
         if self.deferring and self.requested is None:
@@ -74,6 +88,29 @@ def load(path: str | None, overrides: list[str]) -> Config:
         path = DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None
     # absolute paths: Ray Train workers run in their own folder, not this one
     return load_config(path, overrides).with_absolute_paths()
+
+
+def resume_point(path: str, overrides: list[str]) -> tuple[Config, tuple[str, dict] | None, str | None]:
+    """What ``--resume path`` continues: (config, Phase-2 checkpoint and manifest, None), or
+    (config, None, Phase-1 folder) for a run stopped in Phase 1 or before Phase 2's first
+    checkpoint. The run goes on in the folder ``path`` names (a moved or copied run stays where
+    it is now); every state file is checked before Ray starts (a crafted one is refused)."""
+    from kdtw.checkpoint import load_state, open_checkpoint, run_folder
+    from kdtw.phase1 import phase1_to_resume
+
+    from actors.system import STATE_FILES
+
+    phase1 = phase1_to_resume(path)
+    if phase1:
+        here = os.path.abspath(path)
+        return load_config(os.path.join(here, "config.yaml"), [f"run_dir={here}", *overrides]).with_absolute_paths(), \
+            None, phase1
+    ckpt, manifest = open_checkpoint(path)
+    for name in STATE_FILES:
+        load_state(os.path.join(ckpt, name))
+    here = run_folder(ckpt)  # None: a checkpoint kept outside a run folder goes on in the config's run_dir
+    cfg = load_config(os.path.join(ckpt, "config.yaml"), ([f"run_dir={here}"] if here else []) + list(overrides))
+    return cfg.with_absolute_paths(), (ckpt, manifest), None
 
 
 def _reachable(address: str) -> None:
@@ -131,6 +168,23 @@ def connect(cfg: Config) -> bool:
     except ConnectionError as e:
         raise ClusterError(f"cannot join the Ray cluster at {address}: {str(e).splitlines()[0]}") from None
     return False
+
+
+@contextmanager
+def session(cfg: Config):
+    """The job's signal handling (yields its `Stopper`) and Ray connection (`connect`); a local
+    Ray this started is shut down on the way out, however the job ends (no process of it is left)."""
+    stopper = Stopper().install()
+    started = False
+    try:
+        started = connect(cfg)
+        yield stopper
+    finally:
+        stopper.restore()
+        if started:
+            import ray
+
+            ray.shutdown()
 
 
 def _errors() -> tuple[type[BaseException], ...]:

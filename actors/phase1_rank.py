@@ -80,7 +80,7 @@ def run_bc(cfg, *, tracker=None, log=print, resume: str | None = None, stopper=N
     from ray.util.queue import Queue
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from actors.cluster import Interrupted
+    from actors.cluster import Interrupted, Stopper
 
     r = cfg.ray
     run_dir = os.path.abspath(cfg.run_dir)
@@ -104,13 +104,10 @@ def run_bc(cfg, *, tracker=None, log=print, resume: str | None = None, stopper=N
         scaling_config=ScalingConfig(num_workers=r.learner_ranks, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=f"phase1-{int(time.time())}", storage_path=os.path.join(run_dir, "ray_train")),
     )
-    if stopper is not None:
-        stopper.deferring = True
     try:
-        result = _fit(trainer, stopper, control)
+        with Stopper.deferred(stopper):
+            result = _fit(trainer, stopper, control)
     finally:
-        if stopper is not None:
-            stopper.deferring = False
         stop.set()
         tail.join(timeout=5)
         for q in (lines, control):
@@ -136,6 +133,18 @@ def run_bc(cfg, *, tracker=None, log=print, resume: str | None = None, stopper=N
         tracker.metrics({"phase1/seconds": seconds}, step=cfg.train.phase1_steps)
     log(f"[phase 1] done in {seconds:.0f}s -> {out}")
     return out
+
+
+def phase1_for_job(cfg, resume: str | None, *, initial: dict | None, tracker=None, log=print, stopper=None) -> str:
+    """Phase 1 as jobs/train_pcl.py runs it: the run's Phase-1 folder ``resume`` when it is
+    finished, else `run_bc` (from ``resume``'s step, if given); returns the Phase-1 folder."""
+    if resume is not None:
+        steps = int(read_phase1(resume)["steps"])
+        if steps >= cfg.train.phase1_steps:
+            log(f"[resume] Phase 1 finished ({steps} steps, {resume}): Phase 2 starts")
+            return resume
+    return run_bc(cfg, tracker=tracker, log=log, resume=resume, stopper=stopper,
+                  meta={"mlflow_run_id": getattr(tracker, "run_id", None), "initial": initial})
 
 
 def _relay(lines, log, stop: threading.Event) -> None:

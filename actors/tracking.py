@@ -12,6 +12,7 @@ import math
 import os
 import re
 import time
+from contextlib import contextmanager
 
 _BAD = re.compile(r"[^\w\-. :/]")
 PARAM_MAX = 6000
@@ -130,5 +131,31 @@ class Tracker:
         elif os.path.exists(path):
             self.client.log_artifact(self.run_id, path, folder)
 
+    def run_artifacts(self, run_dir: str, selected_dir: str | None) -> None:
+        """A training run's files: config, report, λ plot and the selected student."""
+        for name in ("config.yaml", "report.json", "lambda_trace.png"):
+            self.artifact(os.path.join(run_dir, name))
+        if selected_dir:
+            self.artifact(selected_dir, "student")
+
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
+
+
+@contextmanager
+def tracked(cfg, *, run_name: str, run_id: str | None = None, log=print, enabled: bool = True):
+    """One MLflow run for a block (None when not ``enabled``): FINISHED when the block ends,
+    KILLED when a signal ends it (`actors.cluster.Interrupted`, KeyboardInterrupt), FAILED on an error."""
+    from actors.cluster import Interrupted
+
+    tracker = Tracker(cfg, run_name=run_name, run_id=run_id, log=log) if enabled else None
+    if tracker is not None:
+        log(f"[mlflow] run {tracker.run_id} ({tracker.uri})")
+    try:
+        yield tracker
+    except BaseException as e:
+        if tracker is not None:
+            tracker.finish("KILLED" if isinstance(e, (Interrupted, KeyboardInterrupt)) else "FAILED")
+        raise
+    if tracker is not None:
+        tracker.finish()

@@ -41,7 +41,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
-    from actors.cluster import Interrupted, Stopper, connect, guarded, load  # shared by the jobs
+    from actors.cluster import guarded, load, session  # shared by the jobs
     from actors.phase1_rank import run_bc
 
     args = build_parser(prog).parse_args(argv)
@@ -65,29 +65,15 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
             cfg = cfg.with_absolute_paths()
         else:
             cfg = load(args.config, args.overrides)
-        stopper = Stopper().install()
-        started = False
-        try:
-            started = connect(cfg)
-            from actors.tracking import Tracker
+        with session(cfg) as stopper:  # signals, and a local Ray that ends with the job
+            from actors.tracking import tracked
 
             os.makedirs(cfg.run_dir, exist_ok=True)
             cfg.save(os.path.join(cfg.run_dir, "config.yaml"))
-            tracker = Tracker(cfg, run_name="train_bc", run_id=(meta or {}).get("mlflow_run_id"))
-            try:
+            with tracked(cfg, run_name="train_bc", run_id=(meta or {}).get("mlflow_run_id")) as tracker:
                 out = run_bc(cfg, tracker=tracker, resume=os.path.join(cfg.run_dir, "phase1") if meta else None,
                              stopper=stopper, meta={"mlflow_run_id": tracker.run_id})
                 tracker.artifact(out, "phase1")
-            except BaseException as e:
-                tracker.finish("KILLED" if isinstance(e, (Interrupted, KeyboardInterrupt)) else "FAILED")
-                raise
-            tracker.finish()
-        finally:
-            stopper.restore()
-            if started:
-                import ray
-
-                ray.shutdown()
         print(json.dumps({"phase1_dir": out, "mlflow_run_id": tracker.run_id}))
         return 0
 

@@ -3,121 +3,31 @@ Phase 2 (PCL with a Lagrangian per budget), validation at every budget, checkpoi
 export of the selected student, and a JSON report. Synchronous: collect → score → learn → λ.
 
 This is both the debugger and the reference the Ray loop is compared with (same objects, same
-math): `run_local(cfg)` or `kdtw train --local --config conf/default.yaml`.
+math): `run_local(cfg)` or `kdtw train --local --config conf/default.yaml`. Validation,
+selection, the log lines, export, report and plot are kdtw/reporting.py's, shared with the Ray job.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import time
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from .budgets import BudgetTable
-from .atomic import replace_dir, write_json_atomic
 from .buffer import ReplayBuffer
 from .config import Config, check_writable_dir
-from .decoding import generate
-from .examples import Example
 from .factory import budget_table, load_pair, load_splits
 from .learner import Learner
-from .metrics import primary_metric, task_metrics
+from .metrics import primary_metric
 from .models import LM, Student
+from .reporting import LoopState, consider, finish_run, format_step, format_validation, trace_entry, validate
 from .rollout import collect, demo_generator, prompt_ids, sample_tasks, teacher_demos
 from .trajectory import Trajectory
 
 Log = Callable[[str], None]
-
-
-# ----------------------------------------------------------------------------- validation
-
-
-@torch.no_grad()
-def validate(cfg: Config, student: Student, teacher: LM, examples: list[Example], *, strict: bool = False) -> dict:
-    """Budgeted decoding of ``examples`` at every budget with the configured call rule
-    (``decoding.call_rule``; tokens greedy, call draws seeded by ``decoding.seed``): teacher
-    use (mean of per-sequence Σc/T) and quality, plus the mean π(<τ>) along the paths."""
-    table = budget_table(cfg)
-    refs = [ex.target for ex in examples]
-    key = primary_metric(cfg.task.metric)
-    per = {}
-    # Without <τ> (the DistillSpec drafter) every budget decodes the same way: the zero budget's
-    # prompt once, and every checkpoint is eligible (there is no budget to hold).
-    budgets = list(table) if cfg.train.use_tau else [min(table, key=lambda b: b.target)]
-    rule = cfg.decoding.call_rule
-    thresholds = None
-    if rule == "threshold" and cfg.train.use_tau:
-        from .calibration import calibrate_thresholds
-
-        thresholds = calibrate_thresholds(
-            student, teacher, [[table.prompt(b.phrase, cfg.task.instruction, ex.source) for ex in examples]
-                               for b in budgets], [b.target for b in budgets], rule="threshold",
-            max_new_tokens=cfg.decoding.max_new_tokens, batch_size=cfg.decoding.batch_size)
-    for i, b in enumerate(budgets):
-        prompts = [table.prompt(b.phrase, cfg.task.instruction, ex.source) for ex in examples]
-        gen = torch.Generator().manual_seed(cfg.decoding.seed + i)
-        out = generate(student, teacher, prompts, mode="budgeted" if cfg.train.use_tau else "student",
-                       budgets=b.target, strict=strict, max_new_tokens=cfg.decoding.max_new_tokens,
-                       batch_size=cfg.decoding.batch_size, call_rule=rule, generator=gen,
-                       call_threshold=None if thresholds is None else thresholds[i])
-        use = sum(out.teacher_use()) / len(out)
-        n_tok = sum(len(p) for p in out.tau_prob)
-        p_tau = sum(sum(p) for p in out.tau_prob) / n_tok if n_tok else 0.0
-        per[b.phrase] = {"target": b.target, "use": use, "tau_prob": p_tau,
-                         **task_metrics(cfg.task.metric, out.texts, refs)}
-        if thresholds is not None:
-            per[b.phrase]["threshold"] = thresholds[i]
-    devs = [abs(v["use"] - v["target"]) for v in per.values()]
-    quality = [v[key] for v in per.values()]
-    return {
-        "budgets": per,
-        "max_deviation": max(devs),
-        "eligible": max(devs) <= cfg.train.eligibility_delta,
-        "mean_quality": sum(quality) / len(quality),
-        "monotone": all(quality[i] <= quality[i + 1] + 1e-9 for i in range(len(quality) - 1)),
-    }
-
-
-def format_validation(v: dict, key: str) -> str:
-    lines = [f"  {'budget':<10}{'target':>8}{'use':>8}{'E[π]':>8}{key:>9}"]
-    for phrase, r in v["budgets"].items():
-        lines.append(f"  {phrase:<10}{r['target']:>8.2f}{r['use']:>8.3f}{r.get('tau_prob', float('nan')):>8.3f}"
-                     f"{r[key]:>9.2f}")
-    lines.append(f"  max |use-target| {v['max_deviation']:.3f}  eligible {v['eligible']}  mean {key} {v['mean_quality']:.2f}")
-    return "\n".join(lines)
-
-
-def trace_entry(step: int, m: dict[str, float], lam: list[float], use_hat: list[float]) -> dict:
-    """One λ-trace record of the report: λ, the controlled estimate's EMA, and per budget this
-    step's expected (mean π(<τ>)), sampled and greedy use and the controller error."""
-    K = len(lam)
-
-    def col(name: str) -> list[float | None]:
-        vals = [m.get(f"{name}/{k}") for k in range(K)]
-        return [None if v is None or math.isnan(v) else v for v in vals]
-
-    return {"step": step, "lam": lam, "use_hat": [None if math.isnan(u) else u for u in use_hat],
-            "expected": col("use_expected"), "sampled": col("use_sampled"), "greedy": col("use_greedy"),
-            "err": col("lambda_err"), "residual_abs_mean": m.get("pcl/residual_abs_mean"),
-            "warmup": bool(m.get("pcl/value_warmup", 0.0))}
-
-
-def format_step(m: dict[str, float], lam: list[float]) -> str:
-    """The Phase-2 log line's body: loss, |residual|, and per budget λ and expected use."""
-    K = len(lam)
-
-    def row(name: str) -> str:
-        vals = [m.get(f"{name}/{k}", float("nan")) for k in range(K)]
-        return " ".join("  -  " if math.isnan(v) else f"{v:.2f}" for v in vals)
-
-    warm = " (value warm-up)" if m.get("pcl/value_warmup") else ""
-    return (f"pcl loss {m['pcl/loss']:.3f} |C| {m.get('pcl/residual_abs_mean', float('nan')):.3f}{warm} "
-            f"λ [{' '.join(f'{x:.2f}' for x in lam)}] E[use] [{row('use_expected')}] "
-            f"greedy [{row('use_greedy')}]")
 
 
 # ----------------------------------------------------------------------------- batches
@@ -134,16 +44,6 @@ def reference_paths(student: Student, prompts: list[str], budget_ids: list[int],
                               actions_tau=[False] * len(toks), behaviour_logp=[0.0] * len(toks),
                               teacher_logp=[0.0] * len(toks), origin="teacher_demo"))
     return out
-
-
-@dataclass
-class LoopState:
-    """What the loop tracks besides the learner (traces for the report and the plot)."""
-
-    lam_trace: list[dict] = field(default_factory=list)
-    validations: list[dict] = field(default_factory=list)
-    losses: list[float] = field(default_factory=list)
-    best: dict | None = None
 
 
 class LocalLoop:
@@ -243,131 +143,13 @@ class LocalLoop:
                 self._consider(v, step=step + 1, phase=2)
         phase2_seconds = time.perf_counter() - t2
 
-        best = self.state.best
-        selected_dir = os.path.join(c.run_dir, "student")
-        thresholds = None
-        if best is not None:
-            replace_dir(best["dir"], selected_dir)
-            if tc.use_tau and tc.export_thresholds:
-                thresholds = self._export_thresholds(selected_dir)
-        report = run_report(c, initial, self.state, self.table, selected_dir, seconds={
-            "phase1": phase1_seconds, "phase2": phase2_seconds, "total": time.perf_counter() - t_start})
-        report["call_thresholds"] = thresholds
-        write_json_atomic(os.path.join(c.run_dir, "report.json"), report)
-        try:
-            plot_trace(report, os.path.join(c.run_dir, "lambda_trace.png"))
-        except Exception as e:  # a plot must never lose the run
-            log(f"[kdtw] could not draw the λ plot: {e}")
-        if best is None:
-            log("[kdtw] no checkpoint was validated: nothing selected")
-        else:
-            tag = "eligible" if best["eligible"] else f"NOT eligible (no checkpoint within δ={tc.eligibility_delta})"
-            log(f"[kdtw] selected phase-{best['phase']} step {best['step']} ({tag}) -> {selected_dir}\n"
-                + format_validation(best["validation"], key))
-        return report
-
-    def _export_thresholds(self, folder: str) -> dict:
-        """θ_k of ``call_rule: threshold`` for the exported student, calibrated on the
-        validation examples and saved beside it (``call_thresholds.json``)."""
-        from .calibration import calibrate_budgets, save_thresholds
-
-        c = self.cfg
-        t0 = time.perf_counter()
-        student = Student.load(folder, dtype=c.student.dtype, device=c.student.device)
-        prompts = [[self.table.prompt(b.phrase, c.task.instruction, ex.source) for ex in self.val_set]
-                   for b in self.table]
-        cal = calibrate_budgets(student, self.teacher, prompts, self.table.targets, rule="threshold",
-                                max_new_tokens=c.decoding.max_new_tokens, batch_size=c.decoding.batch_size)
-        theta = {b.phrase: x.theta for b, x in zip(self.table, cal)}
-        save_thresholds(folder, {"threshold": theta, "split": "validation", "n": len(self.val_set),
-                                 "use": {b.phrase: x.use for b, x in zip(self.table, cal)}})
-        self.log(f"[kdtw] call thresholds θ_k (call_rule=threshold) calibrated on {len(self.val_set)} validation "
-                 f"examples in {time.perf_counter() - t0:.0f}s: "
-                 + " ".join(f"{p}={t:.3g}" for p, t in theta.items()))
-        return {p: (None if math.isinf(t) else t) for p, t in theta.items()}
+        return finish_run(c, self.state, self.table, initial, teacher=self.teacher, val_set=self.val_set, log=log,
+                          seconds={"phase1": phase1_seconds, "phase2": phase2_seconds,
+                                   "total": time.perf_counter() - t_start})
 
     def _consider(self, v: dict, *, step: int, phase: int) -> None:
-        """Checkpoint selection (DESIGN.md §5): the eligible checkpoint with the best mean task
-        metric; until one is eligible, the one closest to eligibility."""
-        self.state.validations.append({"phase": phase, "step": step, **v,
-                                       "lam": self.learner.lam.tolist()})
-        best = self.state.best
-        better = (
-            best is None
-            or (v["eligible"] and not best["eligible"])
-            or (v["eligible"] and best["eligible"] and v["mean_quality"] > best["validation"]["mean_quality"])
-            or (not v["eligible"] and not best["eligible"] and v["max_deviation"] < best["validation"]["max_deviation"])
-        )
-        if not better:
-            return
-        d = os.path.join(self.cfg.run_dir, "candidate")
-        self.student.save(d)
-        self.state.best = {"phase": phase, "step": step, "eligible": v["eligible"], "validation": v, "dir": d}
-
-
-def run_report(cfg: Config, initial: dict | None, state: LoopState, table: BudgetTable, selected_dir: str,
-               *, seconds: dict) -> dict:
-    """The report.json of a training run (the local loop and jobs/train_pcl.py)."""
-    best = state.best
-    return {
-        "config": cfg.name,
-        "initial": initial,
-        "selected": None if best is None else {k: v for k, v in best.items() if k != "dir"},
-        "selected_dir": selected_dir if best is not None else None,
-        "validations": state.validations,
-        "lambda_trace": state.lam_trace,
-        "phrases": table.phrases,
-        "targets": table.targets,
-        "seconds": seconds,
-    }
-
-
-def plot_trace(report: dict, path: str) -> None:
-    """Over Phase-2 steps, per budget: λ_k (left); the controlled expected use E[π(<τ>)] (solid,
-    a 20-step running mean), the greedy use (dashed), validation use (dots) and the target
-    (dotted) (right)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    tr = report["lambda_trace"]
-    if not tr:
-        return
-    steps = np.array([r["step"] for r in tr])
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    vals = [v for v in report["validations"] if v["phase"] == 2]
-
-    def series(key: str, k: int) -> np.ndarray:
-        x = np.array([np.nan if r.get(key) is None or r[key][k] is None else r[key][k] for r in tr], dtype=float)
-        ok = ~np.isnan(x)
-        out = np.full_like(x, np.nan)
-        if ok.any():  # running mean over the last 20 observed steps
-            xs, idx = x[ok], np.flatnonzero(ok)
-            c = np.cumsum(np.insert(xs, 0, 0.0))
-            n = np.minimum(np.arange(1, len(xs) + 1), 20)
-            out[idx] = (c[1:] - c[np.arange(1, len(xs) + 1) - n]) / n
-        return out
-
-    for k, phrase in enumerate(report["phrases"]):
-        if report["targets"][k] == 0:
-            continue  # masked, not controlled
-        a1.plot(steps, [r["lam"][k] for r in tr], label=phrase)
-        key = "expected" if "expected" in tr[0] else "use_hat"
-        color = a2.plot(steps, series(key, k), label=phrase)[0].get_color()
-        if "greedy" in tr[0]:
-            a2.plot(steps, series("greedy", k), ls="--", lw=0.8, color=color)
-        a2.axhline(report["targets"][k], color=color, ls=":", lw=1)
-        a2.plot([v["step"] for v in vals], [v["budgets"][phrase]["use"] for v in vals], "o", ms=4, color=color)
-    a1.set(title="λ per budget", xlabel="phase-2 step", ylabel="λ")
-    a2.set(title="teacher use: E[π(<τ>)] (solid), greedy (dashed), validation (dots), target (dotted)",
-           xlabel="phase-2 step", ylabel="fraction")
-    a2.title.set_fontsize(9)
-    a1.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        consider(self.state, v, step=step, phase=phase, lam=self.learner.lam.tolist(), student=self.student,
+                 run_dir=self.cfg.run_dir)
 
 
 def run_local(cfg: Config, *, log: Log = print) -> dict:

@@ -90,10 +90,12 @@ def test_a_crafted_state_file_is_refused_and_runs_nothing(tmp_path, name, kind, 
         load_state(os.path.join(ckpt, name))
     msg = str(err.value)
     assert "\n" not in msg and "holds objects other than tensors and plain data and will not be loaded" in msg
-    # the job's own restore path, which reads the state files before it builds anything
-    train_pcl = load_job("train_pcl")
+    # the job's own restore path (actors/system.py), which reads the state files before it builds anything
+    load_job("train_pcl")  # puts the repository on sys.path, as the job does
+    from actors.system import Actors
+
     with pytest.raises(CheckpointError, match="will not be loaded"):
-        train_pcl.Phase2.restore(SimpleNamespace(), ckpt, manifest)
+        Actors.restore(SimpleNamespace(), ckpt)
     assert not marker.exists()
 
 

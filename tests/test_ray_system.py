@@ -110,7 +110,9 @@ def test_teacher_sessions_through_the_pool_one_position_per_token_with_a_replica
             assert positions == prompt + output and proxy.misses == 0
         else:  # the lost session's prompt and prefix computed once more
             assert killed and proxy.misses >= 1
-            assert prompt + output < positions <= prompt + output + proxy.misses * (prompt + 12 * 3)
+            # at least every position once: equal when the kill (asynchronous) lands before the
+            # replica answered any request of that session, so nothing it computed was counted
+            assert prompt + output <= positions <= prompt + output + proxy.misses * (prompt + 12 * 3)
         assert stats["sessions"]["open"] == 0
     for a in [pool, *replicas]:
         ray.kill(a)

@@ -1,0 +1,208 @@
+"""The actors of one Phase-2 job (DESIGN.md §7) and their checkpoint: placement (a placement
+group when a role wants GPUs), construction of the teacher replicas, the teacher pool, the replay
+buffer, the learner and the rollout workers, a worker's replacement after a crash, and the
+state they hold (learner, buffer, random generators) written to and read from a checkpoint
+folder (kdtw/checkpoint.py: atomic, checksummed, tensors and plain data only). The driver loop
+(jobs/train_pcl.py) moves messages between them; everything about where they run and what
+they hold is here."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import asdict
+
+import ray
+
+from actors.common import options, pack_weights
+from kdtw.atomic import make_tmp_dir, remove_dir, replace_dir
+from kdtw.checkpoint import load_state, save_state, write_checkpoint
+from kdtw.models import Student
+
+STATE_FILES = ("learner.pt", "driver.pt")  # checkpoint files read with `load_state` (no pickle code)
+
+
+class Actors:
+    """Teacher replicas behind a pool, a replay buffer, and (after `start` or `restore`) a
+    learner and ``ray.num_rollout_workers`` rollout workers."""
+
+    def __init__(self, cfg) -> None:
+        from actors.replay_buffer import ReplayBufferActor
+        from actors.teacher import TeacherActor
+        from actors.teacher_pool import TeacherPool
+
+        self.cfg = cfg
+        r = cfg.ray
+        self.pg = _placement(cfg)
+        self.replicas = [
+            TeacherActor.options(**options(cfg, "teacher", restarts=True, placement=self._bundle(i))).remote(cfg, i)
+            for i in range(r.num_teacher_replicas)
+        ]
+        self.pool = TeacherPool.remote(self.replicas, max_batch=r.teacher_max_batch, max_wait_ms=r.teacher_max_wait_ms)
+        self.buffer = ReplayBufferActor.remote(cfg)
+        self.learner = None
+        self.workers: list = []
+        self.incarnations = [0] * r.num_rollout_workers
+
+    def _bundle(self, i: int):
+        return None if self.pg is None else (self.pg, i)
+
+    def remote_teacher(self, tokenizer, name: str = "driver"):
+        """A teacher client of the pool (validation from the driver)."""
+        from actors.teacher_pool import PoolClient
+        from kdtw.teacher_service import RemoteTeacher
+
+        spec = ray.get(self.pool.spec.remote())
+        return RemoteTeacher(PoolClient(self.pool, name), tokenizer, spec, tag="validation")
+
+    def make_worker(self, wid: int):
+        from actors.rollout_worker import RolloutWorker
+
+        return RolloutWorker.options(**options(self.cfg, "rollout_worker")).remote(
+            self.cfg, wid, self.pool, self.buffer, self.incarnations[wid])
+
+    def make_learner(self, phase1_dir: str | None):
+        from actors.learner import LearnerActor
+
+        place = self._bundle(self.cfg.ray.num_teacher_replicas)
+        return LearnerActor.options(**options(self.cfg, "learner", placement=place)).remote(self.cfg, self.buffer, phase1_dir)
+
+    def start(self, phase1_dir: str | None) -> tuple[int, list]:
+        """Learner (from the Phase-1 folder, if any) and workers; returns the published weights."""
+        self.learner = self.make_learner(phase1_dir)
+        self.workers = [self.make_worker(i) for i in range(self.cfg.ray.num_rollout_workers)]
+        published = ray.get(self.learner.publish.remote())
+        ray.get([w.rng_state.remote() for w in self.workers])  # every worker is up: timings start now
+        return published
+
+    def replace_worker(self, wid: int) -> None:
+        try:
+            ray.kill(self.workers[wid], no_restart=True)
+        except Exception:  # already gone
+            pass
+        self.incarnations[wid] += 1
+        self.workers[wid] = self.make_worker(wid)
+
+    def stats(self, *, reset: bool = True) -> tuple[dict, dict]:
+        """The buffer's and the pool's own figures (the pool's batch counts since the last reset)."""
+        return tuple(ray.get([self.buffer.stats.remote(), self.pool.stats.remote(reset=reset)]))
+
+    # -- checkpoints
+
+    def save(self) -> dict:
+        """What the actors hold, gathered for a checkpoint: learner (weights, optimiser, λ, RNG),
+        buffer contents, every worker's and replica's random generator (None for an actor being
+        replaced: it starts from a fresh seed on resume)."""
+        lstate, (bdata, bstate) = ray.get([self.learner.state.remote(), self.buffer.save.remote()])
+        wstates, tstates = [], []
+        for actors, states in ((self.workers, wstates), (self.replicas, tstates)):
+            for a in actors:
+                try:
+                    states.append(ray.get(a.rng_state.remote(), timeout=60))
+                except Exception:
+                    states.append(None)
+        return {"learner": lstate, "buffer": (bdata, bstate), "workers": wstates, "teachers": tstates}
+
+    def restore(self, ckpt: str) -> tuple[dict, tuple[int, list]]:
+        """Learner, buffer, workers and replica generators from checkpoint ``ckpt``; returns its
+        driver state (``driver.pt``) and the published weights."""
+        # tensors and plain data only: a crafted file is refused before anything is built
+        d = load_state(os.path.join(ckpt, "driver.pt"))
+        learner_state = load_state(os.path.join(ckpt, "learner.pt"))
+        s = self.cfg.student
+        saved = Student.load(os.path.join(ckpt, "student"), dtype=s.dtype, device=s.device)
+        self.learner = self.make_learner(None)
+        with open(os.path.join(ckpt, "buffer.parquet"), "rb") as f:
+            data = f.read()
+        ray.get([self.learner.load_state.remote({"student": pack_weights(saved), "learner": learner_state,
+                                                 "torch_rng": d["torch_rng"], "cuda_rng": d.get("cuda_rng")}),
+                 self.buffer.load.remote(data, d["buffer"])])
+        self.workers = [self.make_worker(i) for i in range(self.cfg.ray.num_rollout_workers)]
+        ray.get([w.set_rng_state.remote(st) for w, st in zip(self.workers, d["workers"]) if st is not None])
+        ray.get([t.set_rng_state.remote(st) for t, st in zip(self.replicas, d.get("teachers") or []) if st is not None])
+        return d, ray.get(self.learner.publish.remote())
+
+    def snapshot(self) -> dict:
+        """Learner state and buffer contents as they are now (tests compare them with a checkpoint)."""
+        lstate, contents = ray.get([self.learner.state.remote(), self.buffer.contents.remote()])
+        return {"learner": lstate["learner"], "student": lstate["student"], "buffer": contents}
+
+    def close(self) -> None:
+        """Stop every actor (an in-process caller keeps its Ray session)."""
+        for a in [self.learner, self.pool, self.buffer, *self.workers, *self.replicas]:
+            if a is not None:
+                try:
+                    ray.kill(a, no_restart=True)
+                except Exception:
+                    pass
+        if self.pg is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self.pg)
+
+
+def write_job_checkpoint(cfg, step: int, parts: dict, *, student: Student, state, initial: dict | None,
+                         counters: dict, meta: dict) -> str:
+    """``<run_dir>/checkpoints/step_<step>`` from `Actors.save`'s ``parts`` (the learner's weights
+    go into the driver's ``student`` copy first), the driver's loop ``state`` (`LoopState`), the
+    validation before training, its counters and the selected candidate folder."""
+    from actors.common import unpack_weights
+
+    lstate = parts["learner"]
+    bdata, bstate = parts["buffer"]
+    unpack_weights(student, lstate["student"])
+    driver = {"loop": asdict(state), "initial": initial, "counters": counters}
+
+    def write(tmp: str) -> dict:
+        student.save(os.path.join(tmp, "student"))
+        save_state(lstate["learner"], os.path.join(tmp, "learner.pt"))
+        with open(os.path.join(tmp, "buffer.parquet"), "wb") as f:
+            f.write(bdata)
+        save_state({"torch_rng": lstate["torch_rng"], "cuda_rng": lstate.get("cuda_rng"), "buffer": bstate,
+                    "workers": parts["workers"], "teachers": parts["teachers"], **driver},
+                   os.path.join(tmp, "driver.pt"))
+        cfg.save(os.path.join(tmp, "config.yaml"))
+        if state.best is not None and os.path.exists(state.best["dir"]):
+            shutil.copytree(state.best["dir"], os.path.join(tmp, "candidate"))
+        return {**meta, "policy_version": lstate["learner"]["version"], "learner_step": lstate["learner"]["step"]}
+
+    return write_checkpoint(cfg.run_dir, step, write, keep=cfg.ray.keep_checkpoints)
+
+
+def restore_driver(d: dict, ckpt: str, run_dir: str, state, counters: dict) -> None:
+    """The driver's loop state and counters from checkpoint ``ckpt``'s ``driver.pt`` (``d``); its
+    selected candidate goes back to ``<run_dir>/candidate``."""
+    state.__dict__.update(d["loop"])
+    counters.update(d["counters"])
+    if state.best is not None:
+        cand = os.path.join(run_dir, "candidate")
+        if os.path.exists(os.path.join(ckpt, "candidate")):
+            copy_dir(os.path.join(ckpt, "candidate"), cand)
+        state.best["dir"] = cand
+
+
+def copy_dir(src: str, dst: str) -> None:
+    """Copy a folder over ``dst`` with no moment where ``dst`` is missing (kdtw/atomic.py)."""
+    tmp = make_tmp_dir(dst)
+    try:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+        replace_dir(tmp, dst)
+    except BaseException:
+        remove_dir(tmp)
+        raise
+
+
+def _placement(cfg):
+    """A placement group (one bundle per replica, one for the learner) when a role wants GPUs."""
+    r = cfg.ray
+    if not (r.teacher_gpus or r.learner_gpus):
+        return None
+    from ray.util.placement_group import placement_group
+
+    def bundle(cpu: float, gpu: float) -> dict:
+        return {k: v for k, v in (("CPU", cpu), ("GPU", gpu)) if v}
+
+    pg = placement_group([bundle(r.teacher_cpus, r.teacher_gpus)] * r.num_teacher_replicas
+                         + [bundle(r.learner_cpus, r.learner_gpus)], strategy="PACK")
+    ray.get(pg.ready(), timeout=600)
+    return pg
