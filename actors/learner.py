@@ -47,14 +47,10 @@ class LearnerActor:
         got = ray.get(self.buffer.sample_step.remote(tc.batch_size, lrn.version, tc.max_staleness == 0))
         if got is None:
             return None
-        batch, uses = got
+        batch, uses, unseen = got
         lags = [lrn.version - t.policy_version for t in batch if t.origin == "student"]
-        m = lrn.learn(batch, uses)
-        if uses:
-            m["rollout/teacher_use"] = sum(u.teacher_use for u in uses) / len(uses)
-        out = {"metrics": m, "version": lrn.version, "step": lrn.step, "lam": lrn.lam.tolist(),
-               "use_hat": lrn.use_hat.tolist(), "policy_lag": sum(lags) / max(len(lags), 1),
-               "batch_tokens": sum(len(t) for t in batch), "seconds": time.perf_counter() - t0}
+        out = {"stats": lrn.learn(batch, uses), "policy_lag": sum(lags) / max(len(lags), 1),
+               "buffer_unseen": unseen, "seconds": time.perf_counter() - t0}
         if publish or lrn.version % self.cfg.ray.publish_every == 0:
             out["weights"] = self.publish()
         return out

@@ -51,17 +51,17 @@ class Progress:
     def step(self, step: int, res: dict, state: LoopState, *, workers: int) -> None:
         """Learner step ``step`` done (``res``: `actors.learner.LearnerActor.step`'s result): its trace
         record, MLflow metrics and (every ``log_every`` steps, or 30 s) status line."""
-        tc, c, m = self.cfg.train, self.counters, res["metrics"]
+        tc, c, st = self.cfg.train, self.counters, res["stats"]
         now = time.perf_counter()
         self._steps += 1
         c["learner_s"] = c.get("learner_s", 0.0) + res["seconds"]
         if self._steps == max(2, workers):  # every worker has delivered: steady state from here
             c["warm_seconds"], c["warm_trajectories"] = now - self._t0, c["trajectories"] - self._trajs0
         c["seconds"] = self._t_prev + now - self._t0
-        state.losses.append(m["pcl/loss"])
-        state.lam_trace.append(trace_entry(step, m, res["lam"], res["use_hat"]))
-        out = step_metrics(m, res["lam"], self.phrases)
-        out.update({"policy_lag": res["policy_lag"], "policy_version": res["version"],
+        state.losses.append(st.loss)
+        state.lam_trace.append(trace_entry(step, st))
+        out = step_metrics(st, self.phrases)
+        out.update({"policy_lag": res["policy_lag"], "policy_version": st.version,
                     "trajectories_per_s": (c["trajectories"] - self._trajs0) / max(now - self._t0, 1e-9),
                     "worker_failures": c["worker_failures"]})
         out.update({f"teacher_use/{p}": s / n for p, (s, n) in zip(self.phrases, self._use) if n})
@@ -75,7 +75,7 @@ class Progress:
             self.tracker.metrics(out, step=step)
         if due or now - self._logged_at >= STATUS_EVERY_S:
             self._logged_at, s = now, self._last
-            self.log(f"[phase 2] step {step}/{tc.phase2_steps} " + format_step(m, res["lam"])
+            self.log(f"[phase 2] step {step}/{tc.phase2_steps} " + format_step(st)
                      + f" traj/s {out['trajectories_per_s']:.1f} lag {res['policy_lag']:.2f} "
                      f"buffer {s['buffer_fill']:.2f} teacher batch {s['teacher_batch_requests']:.2f}")
 

@@ -26,22 +26,29 @@ class ReplayBufferActor:
                                 max_staleness=tc.max_staleness, batch_size=tc.batch_size, seed=cfg.seed)
         self.uses: list[UseObservation] = []
         self.added = 0
+        # tokens that arrived and no learner step has matched yet: the driver's backpressure
+        # (more would make the buffer evict paths the learner never saw)
+        self.unseen = 0
 
     def add(self, trajs: list) -> dict:
         evicted = self.buf.add(trajs)
         self.uses.extend(UseObservation.of(t) for t in trajs if t.origin == "student")
         self.added += len(trajs)
-        return {"evicted": evicted, "fill": self.buf.fill}
+        self.unseen += sum(len(t) for t in trajs)
+        return {"evicted": evicted, "fill": self.buf.fill, "unseen_tokens": self.unseen}
 
     def sample_step(self, n: int, version: int, take_newest: bool):
-        """(batch, use observations) for a learner at ``version``, or None when the buffer
-        cannot fill a batch of fresh enough paths yet."""
+        """(batch, use observations, unseen tokens after it) for a learner at ``version``, or
+        None when the buffer cannot fill a batch of fresh enough paths yet (what arrived is then
+        stale or too little: the unseen count starts again from zero)."""
         self.buf.drop_stale(version)
         if not self.buf.ready(n):
+            self.unseen = 0
             return None
         batch = self.buf.sample(n, current_version=version, take_newest=take_newest)
         uses, self.uses = self.uses, []
-        return batch, uses
+        self.unseen = max(0, self.unseen - sum(len(t) for t in batch))
+        return batch, uses, self.unseen
 
     def stats(self) -> dict:
         c = self.buf.counts()

@@ -68,9 +68,10 @@ class RolloutWorker:
             demos_elsewhere=self._demos_on_teacher if self.cfg.ray.teacher_side_demos else None,
         )
         t2 = time.perf_counter()
-        ray.get(self.buffer.add.remote(trajs + demos))
+        added = ray.get(self.buffer.add.remote(trajs + demos))
         paths = trajs + demos
         return {"worker_id": self.worker_id, "version": self.version, "paths": len(paths),
+                "buffer_unseen": added["unseen_tokens"],
                 "tokens": sum(len(t) for t in paths), "prompt_tokens": sum(len(t.source_ids) for t in paths),
                 "use": use_by_budget(trajs, len(self.table)),
                 "seconds": {"sync": t1 - t0, "rollout": t2 - t1, "push": time.perf_counter() - t2}}

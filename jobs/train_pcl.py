@@ -107,7 +107,7 @@ class Phase2:
         idle = set(range(len(self.workers)))
         learn_ref, learner_waits = None, False  # learner_waits: the buffer could not fill a batch
         batches = steps = 0  # this session's rollout batches and learner steps
-        unconsumed = 0  # tokens collected and not yet matched by learner steps (backpressure)
+        unseen = 0  # the buffer's count of tokens no learner step has matched, as last reported
         while self.step < tc.phase2_steps:
             # learn: one step in flight at a time, at most steps_per_batch per rollout batch
             if learn_ref is None and not learner_waits and steps < batches * r.steps_per_batch:
@@ -117,18 +117,18 @@ class Phase2:
                 learn_ref = self.actors.learner.step.remote(publish=publish)
                 inflight[learn_ref] = ("learn", None)
             # collect: every idle worker whose paths would still be fresh when learned from,
-            # unless the buffer would evict paths the learner has not seen (backpressure)
+            # unless the buffer would evict paths the learner has not seen (its own backpressure)
             pending = sum(1 for kind, _ in inflight.values() if kind == "collect")
             for wid in sorted(idle):
                 if version + (learn_ref is not None) - self.published[0] > tc.max_staleness:
                     break
-                if unconsumed + (pending + 1) * est_tokens > tc.buffer_tokens:
+                if unseen + (pending + 1) * est_tokens > tc.buffer_tokens:
                     break
                 inflight[self.workers[wid].collect.remote(*self.published)] = ("collect", wid)
                 idle.discard(wid)
                 pending += 1
-            if not inflight:  # nothing can move: the backpressure count is out of date
-                unconsumed, learner_waits = 0, False
+            if not inflight:  # nothing can move: the reported count is out of date
+                unseen, learner_waits = 0, False
                 continue
             done, _ = ray.wait(list(inflight), num_returns=1)
             kind, wid = inflight.pop(done[0])
@@ -140,16 +140,16 @@ class Phase2:
                     self.progress.worker_failed(wid, e)
                     self.actors.replace_worker(wid)
                     continue
-                batches, learner_waits, unconsumed = batches + 1, False, unconsumed + res["tokens"]
+                batches, learner_waits, unseen = batches + 1, False, res["buffer_unseen"]
                 self.progress.rollout(res)
                 continue
             learn_ref = None
             res = ray.get(done[0])
             if res is None:
-                learner_waits, unconsumed = True, 0  # what was counted is stale or dropped
+                learner_waits, unseen = True, 0  # the buffer could not fill a batch (it reset its count)
                 continue
-            steps, self.step, self.lam = steps + 1, self.step + 1, res["lam"]
-            version, unconsumed = res["version"], max(0, unconsumed - res["batch_tokens"])
+            steps, self.step, self.lam = steps + 1, self.step + 1, res["stats"].lam
+            version, unseen = res["stats"].version, res["buffer_unseen"]
             self.published = res.get("weights", self.published)  # sync: the next collects use these
             self.progress.step(self.step, res, self.state, workers=len(self.workers))
             if self.step % tc.validate_every == 0 or self.step == tc.phase2_steps:

@@ -8,7 +8,7 @@ is everything a checkpoint needs apart from the weights. Used as is by the singl
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -78,6 +78,43 @@ class RunningStd:
     @property
     def std(self) -> float:
         return math.sqrt(self.m2 / (self.n - 1)) if self.n > 1 else 1.0
+
+
+@dataclass
+class StepStats:
+    """What one Phase-2 learner step reports (`Learner.learn`), the same in both loops. Per
+    budget k: λ after the update, the EMA of the controlled estimate, this step's fresh
+    on-policy use three ways (expected Σπ(<τ>)/ΣT, sampled Σc/ΣT, greedy; nan where the step had
+    no row of that budget) and the controller error."""
+
+    step: int  # learner steps done (both phases)
+    version: int  # policy version after the step
+    loss: float
+    residual_abs_mean: float
+    value_warmup: bool
+    lam: list[float]
+    use_hat: list[float]
+    use_expected: list[float]
+    use_sampled: list[float]
+    use_greedy: list[float]
+    lambda_err: list[float]
+    rollout_use: float | None = None  # mean Σc/T over the step's fresh student paths
+    extra: dict[str, float] = field(default_factory=dict)  # the loss's other figures (``pcl/...``)
+
+    PER_BUDGET = ("lambda", "use_hat", "use_expected", "use_sampled", "use_greedy", "lambda_err")
+
+    def per_budget(self, name: str) -> list[float]:
+        return self.lam if name == "lambda" else getattr(self, name)
+
+    def metrics(self) -> dict[str, float]:
+        """Flat figures as the logs name them (``pcl/loss``, ``lambda/<k>`` ...)."""
+        out = {**self.extra, "pcl/loss": self.loss, "pcl/residual_abs_mean": self.residual_abs_mean,
+               "pcl/value_warmup": float(self.value_warmup)}
+        for name in self.PER_BUDGET:
+            out |= {f"{name}/{k}": float(v) for k, v in enumerate(self.per_budget(name))}
+        if self.rollout_use is not None:
+            out["rollout/teacher_use"] = self.rollout_use
+        return out
 
 
 class Learner:
@@ -184,18 +221,28 @@ class Learner:
         lr = self.cfg.phase2_lr if self.cfg.phase2_lr is not None else self.cfg.lr
         self.set_lr(lr, tau_offset_lr=lr)
 
-    def learn(self, batch: list[Trajectory], fresh: list[Trajectory]) -> dict[str, float]:
+    def learn(self, batch: list[Trajectory], fresh: list) -> StepStats:
         """One Phase-2 learner step: a PCL step on ``batch`` (replayed, mixed with
-        demonstrations), then the λ update from ``fresh`` (this step's new on-policy paths).
-        The first ``train.value_warmup_steps`` steps of Phase 2 train the value head alone and
-        leave λ as it is (the policy does not move, so there is nothing to steer)."""
+        demonstrations), then the λ update from ``fresh`` (this step's new on-policy paths, or
+        their `UseObservation`s). The first ``train.value_warmup_steps`` steps of Phase 2 train
+        the value head alone and leave λ as it is (the policy does not move: nothing to steer)."""
         warm = self.phase2_step < self.cfg.value_warmup_steps
         m = self.pcl_step(batch, value_only=warm)
         self.version += 1
         self.phase2_step += 1
-        m["pcl/value_warmup"] = float(warm)
-        stats = self.observe_use(fresh, update=not warm)
-        return m | stats
+        use = self.observe_use(fresh, update=not warm)
+        K, nan = len(self.targets), float("nan")
+
+        def col(name: str) -> list[float]:
+            return [use.get(f"{name}/{k}", nan) for k in range(K)]
+
+        students = [t for t in fresh if t.origin == "student"]
+        return StepStats(
+            step=self.step, version=self.version, loss=m.pop("pcl/loss"),
+            residual_abs_mean=m.pop("pcl/residual_abs_mean", nan), value_warmup=warm, lam=self.lam.tolist(),
+            use_hat=self.use_hat.tolist(), use_expected=col("use_expected"), use_sampled=col("use_sampled"),
+            use_greedy=col("use_greedy"), lambda_err=col("lambda_err"),
+            rollout_use=sum(t.teacher_use for t in students) / len(students) if students else None, extra=m)
 
     def _policy(self, logits: torch.Tensor, budget_ids: torch.Tensor | None = None,
                 tau_mask: torch.Tensor | None = None) -> torch.Tensor:

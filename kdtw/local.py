@@ -20,7 +20,7 @@ from .budgets import BudgetTable
 from .buffer import ReplayBuffer
 from .config import Config, check_writable_dir
 from .factory import budget_table, load_pair, load_splits
-from .learner import Learner
+from .learner import Learner, StepStats
 from .metrics import primary_metric
 from .models import LM, Student
 from .reporting import LoopState, consider, finish_run, format_step, format_validation, trace_entry, validate
@@ -87,13 +87,11 @@ class LocalLoop:
         return collect(self.cfg, self.student, self.teacher, self.train_set, self.table, rng=self.rng, gen=self.gen,
                        demo_gen=self.demo_gen, version=self.learner.version)
 
-    def learn(self, trajs: list[Trajectory], demos: list[Trajectory]) -> dict[str, float]:
+    def learn(self, trajs: list[Trajectory], demos: list[Trajectory]) -> StepStats:
         self.buffer.add(trajs + demos)
         batch = self.buffer.sample(self.cfg.train.batch_size, current_version=self.learner.version,
                                    take_newest=self.cfg.train.max_staleness == 0)
-        m = self.learner.learn(batch, trajs)
-        m["rollout/teacher_use"] = sum(t.teacher_use for t in trajs) / max(len(trajs), 1)
-        return m
+        return self.learner.learn(batch, trajs)
 
     # -- the run
 
@@ -129,13 +127,12 @@ class LocalLoop:
         self.learner.start_phase2()
         for step in range(tc.phase2_steps):
             trajs, demos = self.collect()
-            m = self.learn(trajs, demos)
-            self.state.losses.append(m["pcl/loss"])
-            self.state.lam_trace.append(trace_entry(step + 1, m, self.learner.lam.tolist(),
-                                                    self.learner.use_hat.tolist()))
+            st = self.learn(trajs, demos)
+            self.state.losses.append(st.loss)
+            self.state.lam_trace.append(trace_entry(step + 1, st))
             if (step + 1) % tc.log_every == 0 or step + 1 == tc.phase2_steps:
                 el = time.perf_counter() - t2
-                log(f"[phase 2] step {step + 1}/{tc.phase2_steps} " + format_step(m, self.learner.lam.tolist())
+                log(f"[phase 2] step {step + 1}/{tc.phase2_steps} " + format_step(st)
                     + f" ({el:.0f}s, eta {el / (step + 1) * (tc.phase2_steps - step - 1):.0f}s)")
             if (step + 1) % tc.validate_every == 0 or step + 1 == tc.phase2_steps:
                 v = validate(c, self.student, self.teacher, self.val_set)

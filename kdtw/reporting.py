@@ -20,6 +20,7 @@ from .config import Config
 from .decoding import generate
 from .examples import Example
 from .factory import budget_table
+from .learner import StepStats
 from .metrics import primary_metric, task_metrics
 from .models import LM, Student
 
@@ -84,33 +85,29 @@ def format_validation(v: dict, key: str) -> str:
     return "\n".join(lines)
 
 
-def trace_entry(step: int, m: dict[str, float], lam: list[float], use_hat: list[float]) -> dict:
+def _none(v: float) -> float | None:
+    return None if v is None or math.isnan(v) else v
+
+
+def trace_entry(step: int, st: StepStats) -> dict:
     """One λ-trace record of the report: λ, the controlled estimate's EMA, and per budget this
     step's expected (mean π(<τ>)), sampled and greedy use and the controller error."""
-    K = len(lam)
-
-    def col(name: str) -> list[float | None]:
-        vals = [m.get(f"{name}/{k}") for k in range(K)]
-        return [None if v is None or math.isnan(v) else v for v in vals]
-
-    return {"step": step, "lam": lam, "use_hat": [None if math.isnan(u) else u for u in use_hat],
-            "expected": col("use_expected"), "sampled": col("use_sampled"), "greedy": col("use_greedy"),
-            "err": col("lambda_err"), "residual_abs_mean": m.get("pcl/residual_abs_mean"),
-            "warmup": bool(m.get("pcl/value_warmup", 0.0))}
+    return {"step": step, "lam": st.lam, "use_hat": [_none(u) for u in st.use_hat],
+            "expected": [_none(v) for v in st.use_expected], "sampled": [_none(v) for v in st.use_sampled],
+            "greedy": [_none(v) for v in st.use_greedy], "err": [_none(v) for v in st.lambda_err],
+            "residual_abs_mean": _none(st.residual_abs_mean), "warmup": st.value_warmup}
 
 
-def format_step(m: dict[str, float], lam: list[float]) -> str:
+def format_step(st: StepStats) -> str:
     """The Phase-2 log line's body: loss, |residual|, and per budget λ and expected use."""
-    K = len(lam)
 
-    def row(name: str) -> str:
-        vals = [m.get(f"{name}/{k}", float("nan")) for k in range(K)]
+    def row(vals: list[float]) -> str:
         return " ".join("  -  " if math.isnan(v) else f"{v:.2f}" for v in vals)
 
-    warm = " (value warm-up)" if m.get("pcl/value_warmup") else ""
-    return (f"pcl loss {m['pcl/loss']:.3f} |C| {m.get('pcl/residual_abs_mean', float('nan')):.3f}{warm} "
-            f"λ [{' '.join(f'{x:.2f}' for x in lam)}] E[use] [{row('use_expected')}] "
-            f"greedy [{row('use_greedy')}]")
+    warm = " (value warm-up)" if st.value_warmup else ""
+    return (f"pcl loss {st.loss:.3f} |C| {st.residual_abs_mean:.3f}{warm} "
+            f"λ [{' '.join(f'{x:.2f}' for x in st.lam)}] E[use] [{row(st.use_expected)}] "
+            f"greedy [{row(st.use_greedy)}]")
 
 
 # ----------------------------------------------------------------------------- selection
@@ -153,18 +150,15 @@ def consider(state: LoopState, v: dict, *, step: int, phase: int, lam: list[floa
 # ----------------------------------------------------------------------------- per step
 
 
-def step_metrics(m: dict[str, float], lam: list[float], phrases: list[str]) -> dict[str, float]:
-    """A learner step's figures under the names MLflow shows: per-budget entries (``lambda/3``)
-    named by their phrase (``lambda/moderate``)."""
-    out: dict[str, float] = {"loss": m["pcl/loss"]}
-    for k, v in m.items():
-        head, _, idx = k.partition("/")
-        if head in ("lambda", "use_hat", "use_expected", "use_sampled", "use_greedy", "lambda_err") and idx.isdigit():
-            out[f"{head}/{phrases[int(idx)]}"] = v
-        else:
-            out[k] = v
-    for k, phrase in enumerate(phrases):
-        out[f"lambda/{phrase}"] = lam[k]
+def step_metrics(st: StepStats, phrases: list[str]) -> dict[str, float]:
+    """A learner step's figures under the names MLflow shows: per budget named by its phrase
+    (``lambda/moderate``), nan (a budget with no row this step) left out."""
+    out = {"loss": st.loss, "pcl/loss": st.loss, "pcl/residual_abs_mean": st.residual_abs_mean,
+           "pcl/value_warmup": float(st.value_warmup), **st.extra}
+    if st.rollout_use is not None:
+        out["rollout/teacher_use"] = st.rollout_use
+    for name in StepStats.PER_BUDGET:
+        out |= {f"{name}/{p}": v for p, v in zip(phrases, st.per_budget(name)) if not math.isnan(v)}
     return out
 
 

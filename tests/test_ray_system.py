@@ -40,7 +40,7 @@ def test_sync_parity_with_the_local_loop(ray_session, tmp_path):
     local_losses, local_lam = [], []
     for _ in range(20):
         m = local.learn(*local.collect())
-        local_losses.append(m["pcl/loss"])
+        local_losses.append(m.loss)
         local_lam.append(local.learner.lam.tolist())
     report, system = train_pcl.train(tiny(tmp_path / "ray", *over), log=lambda _: None, track=False)
     ray_losses = system.state.losses

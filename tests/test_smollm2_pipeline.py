@@ -226,7 +226,7 @@ def test_two_phase2_steps_on_the_wheel_teacher_and_a_cut_student(smollm2_cfg):
     losses = []
     for _ in range(2):
         m = loop.learn(*loop.collect())
-        losses.append(m["pcl/loss"])
+        losses.append(m.loss)
     assert loop.learner.version == 2
     assert all(math.isfinite(x) for x in losses), losses
     assert loop.learner.phase2_step == 2  # one value warm-up step, then one full step

@@ -249,10 +249,10 @@ def test_value_warmup_moves_only_the_value_head_and_zero_budget_is_masked(pair):
     lam0 = learner.lam.clone()
     m = learner.learn(trajs, trajs)
     moved = {n for n, p in s.named_parameters() if not torch.equal(p.detach(), before[n])}
-    assert m["pcl/value_warmup"] == 1.0 and moved and all(n.startswith("value_head.") for n in moved)
+    assert m.value_warmup is True and moved and all(n.startswith("value_head.") for n in moved)
     assert torch.equal(learner.lam, lam0)
     m = learner.learn(trajs, trajs)
-    assert m["pcl/value_warmup"] == 0.0 and not torch.equal(learner.lam, lam0)
+    assert m.value_warmup is False and not torch.equal(learner.lam, lam0)
     assert learner.opt.param_groups[1]["lr"] == learner.opt.param_groups[0]["lr"]  # offsets at the body's rate
 
 
@@ -273,3 +273,28 @@ def test_local_training_run_end_to_end(tmp_path):
     student = Student.load(run_dir / "student")
     assert student.tau_id == student.vocab_size
     assert not os.path.exists(run_dir / "candidate")
+
+
+def test_a_learner_step_reports_step_stats_named_by_budget(pair):
+    """`Learner.learn` returns a `StepStats`; its flat figures and the MLflow names agree, and a
+    budget with no fresh row this step is nan there and absent from MLflow."""
+    from kdtw.reporting import format_step, step_metrics, trace_entry
+
+    teacher, student = pair
+    g = torch.Generator().manual_seed(0)
+    trajs, _ = student_rollouts(student, teacher, PROMPTS[:2], [1, 2], max_new_tokens=6, generator=g,
+                                budgets=[0.2, 0.5])
+    learner = _learner(copy.deepcopy(student))
+    learner.start_phase2()
+    st = learner.learn(trajs, trajs)
+    assert st.version == learner.version and st.lam == learner.lam.tolist() and math.isfinite(st.loss)
+    assert math.isnan(st.use_expected[0]) and 0 < st.use_expected[1] < 1  # no row of budget 0 this step
+    assert st.rollout_use == pytest.approx(sum(t.teacher_use for t in trajs) / 2)
+    flat = st.metrics()
+    assert flat["pcl/loss"] == st.loss and flat["use_expected/1"] == st.use_expected[1]
+    named = step_metrics(st, ["no", "light", "full"])
+    assert named["lambda/light"] == st.lam[1] and named["use_expected/full"] == st.use_expected[2]
+    assert "use_expected/no" not in named and named["loss"] == st.loss
+    rec = trace_entry(7, st)
+    assert rec["step"] == 7 and rec["expected"][0] is None and rec["lam"] == st.lam
+    assert "pcl loss" in format_step(st)
