@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .metrics import per_sequence_teacher_use
 from .models import LM, Student
 
 
@@ -55,8 +56,9 @@ class DecodeOutput:
         return [len(t) for t in self.tokens]
 
     def teacher_use(self) -> list[float]:
-        """Per-sequence teacher-use fraction Σc_t / T (DESIGN.md §1, EOS counted)."""
-        return [sum(c) / max(len(c), 1) for c in self.call_mask]
+        """Per-sequence teacher-use fraction Σc_t / T (DESIGN.md §1, EOS counted;
+        `kdtw.metrics.per_sequence_teacher_use`, the one definition)."""
+        return per_sequence_teacher_use(self.call_mask) if self.call_mask else []
 
     def rows(self) -> list[dict]:
         return [

@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from .metrics import per_sequence_teacher_use
+
 ORIGINS = ("student", "teacher_demo")
 
 
@@ -57,8 +59,8 @@ class Trajectory:
 
     @property
     def teacher_use(self) -> float:
-        """Σ c_t / T (DESIGN.md §1)."""
-        return sum(self.actions_tau) / len(self.tokens)
+        """Σ c_t / T (DESIGN.md §1; `kdtw.metrics.per_sequence_teacher_use`, the one definition)."""
+        return per_sequence_teacher_use([self.actions_tau])[0]
 
     @property
     def expected_use(self) -> float:
