@@ -1,7 +1,8 @@
 """Phase 1 on Ray Train. `train_loop` is one rank (`TorchTrainer`): `kdtw.phase1.run_phase1` on
-this rank (torch.distributed is already set up by Ray Train). Rank 0 writes ``<run_dir>/phase1/`` (``student/``, ``learner.pt``, every rank's random state
-and the per-step metrics) atomically every ``ray.checkpoint_every`` steps, on a stop request and at
-the end; its marker says how many steps it holds. `run_bc` is the driver side (jobs/train_bc.py,
+this rank (torch.distributed is already set up by Ray Train). Rank 0 writes ``<run_dir>/phase1/``
+(``student/``, ``learner.pt``, every rank's random state and the per-step metrics) atomically
+every ``ray.checkpoint_every`` steps, on a stop request and at the end; its marker says how many
+steps it holds. `run_bc` is the driver side (jobs/train_bc.py,
 and jobs/train_pcl.py before Phase 2): it runs the trainer, passes a Ctrl-C on to the ranks, and
 continues an unfinished Phase 1 from that folder."""
 
@@ -65,10 +66,10 @@ def train_loop(config: dict) -> None:
 
     loop = run_phase1(cfg, rank=rank, world=world, log=log, on_metrics=on_metrics, resume=resume,
                       checkpoint_every=cfg.ray.checkpoint_every, should_stop=stopping, on_checkpoint=checkpoint)
-    last = {k: v for k, v in (rows[-1] if rows else {}).items() if isinstance(v, (int, float))}
     if rank == 0 and loop.learner.step >= cfg.train.phase1_steps:
         write(loop, None)  # finished: no rank's random state is needed again
-    ray.train.report(last)
+    # no ray.train.report: the result is the folder rank 0 wrote (a report only added a line of
+    # Ray Train's own to the terminal)
 
 
 def run_bc(cfg, *, tracker=None, log=print, resume: str | None = None, stopper=None, meta: dict | None = None) -> str:

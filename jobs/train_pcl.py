@@ -80,7 +80,7 @@ class Phase2:
             self._validate("[phase 1] done", step=0, phase=1)
 
     def restore(self, ckpt: str, manifest: dict) -> None:
-        """The actors and the driver's loop state (`save_driver`'s) from a checkpoint (actors/system.py)."""
+        """The actors and the driver's loop state (`write_job_checkpoint`'s) from a checkpoint (actors/system.py)."""
         from actors.system import restore_driver
 
         d, self.published = self.actors.restore(ckpt)

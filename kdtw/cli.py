@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import time
 
 SPLITS = ("train", "validation", "test")
@@ -196,10 +198,34 @@ def cmd_train(args) -> int:
     loop = LocalLoop(cfg)  # models and data load first: if they fail, the old run is still there
     if old:
         _clear_run(cfg.run_dir, old)
-    report = loop.run()
+    requested: list[str] = []
+
+    def on_signal(signum, frame) -> None:  # in Phase 2 the first signal stops after the step in flight
+        name = signal.Signals(signum).name
+        if loop.in_phase2 and not requested:
+            requested.append(name)
+            print(f"kdtw: {name}: stopping after the step in flight, then exporting the best student validated "
+                  "so far (send it again to stop at once)", file=sys.stderr, flush=True)
+            return
+        raise KeyboardInterrupt
+
+    main_thread = threading.current_thread() is threading.main_thread()  # where signals can be caught
+    handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
+    try:
+        report = loop.run(should_stop=lambda: requested[0] if requested else None)
+    finally:
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
     sel = report["selected"]
     print(json.dumps({"run_dir": cfg.run_dir, "selected_dir": report["selected_dir"],
                       "eligible": None if sel is None else sel["eligible"]}))
+    if report.get("stopped"):
+        st = report["stopped"]
+        where = "nothing selected" if sel is None else f"selected Phase-{sel['phase']} step {sel['step']}"
+        print(f"kdtw: interrupted by {st['signal']} at Phase-2 step {st['step']}: {where}, report.json written "
+              f"in {cfg.run_dir} (the local loop has no resume; jobs/train_pcl.py --resume continues a Ray run)",
+              file=sys.stderr)
+        return 130
     return 0
 
 

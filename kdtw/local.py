@@ -69,6 +69,7 @@ class LocalLoop:
         self.buffer = ReplayBuffer(capacity_tokens=tc.buffer_tokens, demo_ratio=tc.demo_ratio,
                                    max_staleness=tc.max_staleness, batch_size=tc.batch_size, seed=cfg.seed)
         self.state = LoopState()
+        self.in_phase2 = False
 
     # -- phases
 
@@ -95,7 +96,11 @@ class LocalLoop:
 
     # -- the run
 
-    def run(self) -> dict:
+    def run(self, *, should_stop: Callable[[], str | None] | None = None) -> dict:
+        """Phase 1, Phase 2, selection, export, report. ``should_stop`` is asked after each
+        Phase-2 step (``self.in_phase2`` is set meanwhile); a name (e.g. ``"SIGINT"``) ends Phase 2
+        there: the selection among the validations so far is exported and the report says where
+        it stopped (``report["stopped"]``). The local loop keeps no training checkpoint to resume."""
         c, tc, log = self.cfg, self.cfg.train, self.log
         check_writable_dir(c.run_dir, "run_dir")  # `kdtw train --local` checks before loading models
         os.makedirs(c.run_dir, exist_ok=True)
@@ -125,6 +130,7 @@ class LocalLoop:
 
         t2 = time.perf_counter()
         self.learner.start_phase2()
+        self.in_phase2, stopped = True, None
         for step in range(tc.phase2_steps):
             trajs, demos = self.collect()
             st = self.learn(trajs, demos)
@@ -138,11 +144,18 @@ class LocalLoop:
                 v = validate(c, self.student, self.teacher, self.val_set)
                 log(f"[validate] phase-2 step {step + 1}:\n" + format_validation(v, key))
                 self._consider(v, step=step + 1, phase=2)
+            signame = should_stop() if should_stop is not None else None
+            if signame and step + 1 < tc.phase2_steps:
+                stopped = {"signal": signame, "phase": 2, "step": step + 1}
+                log(f"[kdtw] {signame}: Phase 2 stopped after step {step + 1} of {tc.phase2_steps}; "
+                    "exporting the selection among the validations so far")
+                break
+        self.in_phase2 = False
         phase2_seconds = time.perf_counter() - t2
 
         return finish_run(c, self.state, self.table, initial, teacher=self.teacher, val_set=self.val_set, log=log,
                           seconds={"phase1": phase1_seconds, "phase2": phase2_seconds,
-                                   "total": time.perf_counter() - t_start})
+                                   "total": time.perf_counter() - t_start}, extra={"stopped": stopped})
 
     def _consider(self, v: dict, *, step: int, phase: int) -> None:
         consider(self.state, v, step=step, phase=phase, lam=self.learner.lam.tolist(), student=self.student,

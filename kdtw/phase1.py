@@ -4,7 +4,10 @@ Each rank runs `LocalLoop`'s own Phase-1 batches and learner; with R > 1 the lea
 gradients over the ranks (`torch.distributed`, set up by Ray Train's TorchTrainer in
 jobs/train_bc.py) and each rank draws its own tasks (seed + rank) for a share of the global
 batch. With R = 1 this is exactly `LocalLoop.run`'s Phase 1. The result is a Phase-1 folder
-(``student/`` + ``learner.pt``: optimiser state, step) that Phase 2 starts from. No Ray here.
+(``student/`` + ``learner.pt``: optimiser state, step) that Phase 2 starts from. The same folder,
+written atomically with every rank's random state and SHA-256 checksums, is Phase 1's checkpoint:
+its marker says how many steps it holds, and ``resume`` continues from it with the steps a Phase 1
+never stopped would take. No Ray here.
 """
 
 from __future__ import annotations
