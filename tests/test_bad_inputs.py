@@ -448,12 +448,14 @@ def test_overwrite_clears_only_the_old_runs_outputs(tmp_path, monkeypatch, capsy
     started = []
 
     class FakeLoop:
+        in_phase2 = False
+
         def __init__(self, cfg):
             if cfg.seed == 1:
                 raise FileNotFoundError("no model")
             self.cfg = cfg
 
-        def run(self):
+        def run(self, *, should_stop=None):
             started.append(sorted(os.listdir(self.cfg.run_dir)))
             return {"selected": None, "selected_dir": None}
 
