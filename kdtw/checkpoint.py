@@ -135,7 +135,7 @@ def write_checkpoint(run_dir: str, step: int, write: Callable[[str], dict], *, k
     try:
         meta = write(tmp) or {}
         manifest = {"format": FORMAT, "step": step, **meta,
-                    "files": {rel: _sha256(os.path.join(tmp, rel)) for rel in _files(tmp)}}
+                    "files": digests(tmp)}
         with open(os.path.join(tmp, META), "w") as f:
             json.dump(manifest, f, indent=1)
         replace_dir(tmp, final)  # fsyncs every file first
@@ -223,13 +223,23 @@ def _verify(ckpt: str) -> dict:
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {ckpt} has format {manifest.get('format')!r}; this kdtw reads {FORMAT} "
                               "(format 1 pickled Python objects, which are no longer loaded: start a new run)")
-    for rel, digest in files.items():
-        p = os.path.join(ckpt, rel)
-        if not os.path.exists(p):
-            raise CheckpointError(f"checkpoint {ckpt} is corrupt: {rel} is missing")
-        if _sha256(p) != digest:
-            raise CheckpointError(f"checkpoint {ckpt} is corrupt: {rel} does not match its checksum")
+    verify_digests(ckpt, files, what=f"checkpoint {ckpt}")
     return manifest
+
+
+def digests(folder: str, *, skip: str = META) -> dict[str, str]:
+    """SHA-256 of every file below ``folder`` (relative paths) but ``skip``, the marker that holds them."""
+    return {rel: _sha256(os.path.join(folder, rel)) for rel in _files(folder) if rel != skip}
+
+
+def verify_digests(folder: str, files: dict[str, str], *, what: str) -> None:
+    """A `CheckpointError` naming ``what`` unless every file of ``files`` is there with its digest."""
+    for rel, digest in files.items():
+        p = os.path.join(folder, rel)
+        if not os.path.exists(p):
+            raise CheckpointError(f"{what} is corrupt: {rel} is missing")
+        if _sha256(p) != digest:
+            raise CheckpointError(f"{what} is corrupt: {rel} does not match its checksum")
 
 
 def run_folder(ckpt: str) -> str | None:

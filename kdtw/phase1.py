@@ -23,7 +23,16 @@ import torch
 import torch.distributed as dist
 
 from .atomic import make_tmp_dir, recover_dir, remove_dir, replace_dir
-from .checkpoint import CHECKPOINTS, LATEST, META, CheckpointError, _files, _sha256, load_state, save_state
+from .checkpoint import (
+    CHECKPOINTS,
+    LATEST,
+    META,
+    CheckpointError,
+    digests,
+    load_state,
+    save_state,
+    verify_digests,
+)
 from .config import Config
 from .factory import load_teacher
 from .learner import Learner
@@ -176,7 +185,7 @@ def save_phase1(loop: LocalLoop, folder: str, *, world: int = 1, rngs: list[dict
     meta = {"steps": loop.learner.step, "of": loop.cfg.train.phase1_steps, "ranks": world,
             "config": loop.cfg.name, **(extra or {})}
     # integrity (not origin): a truncated or edited file is refused instead of resumed from
-    meta["files"] = {rel: _sha256(os.path.join(folder, rel)) for rel in _files(folder) if rel != PHASE1_META}
+    meta["files"] = digests(folder, skip=PHASE1_META)
     with open(os.path.join(folder, PHASE1_META), "w") as f:
         json.dump(meta, f)
 
@@ -224,15 +233,10 @@ def check_phase1(folder: str, *, complete: bool = True) -> str:
     try:
         meta = read_phase1(folder)
         steps, of = int(meta["steps"]), int(meta["of"])
-        digests = dict(meta.get("files") or {})
+        files = dict(meta.get("files") or {})
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{os.path.join(folder, PHASE1_META)} is corrupt ({type(e).__name__}: {e})") from None
-    for rel, digest in digests.items():
-        p = os.path.join(folder, rel)
-        if not os.path.exists(p):
-            raise CheckpointError(f"Phase-1 folder {folder} is corrupt: {rel} is missing")
-        if _sha256(p) != digest:
-            raise CheckpointError(f"Phase-1 folder {folder} is corrupt: {rel} does not match its checksum")
+    verify_digests(folder, files, what=f"Phase-1 folder {folder}")
     if complete and steps < of:
         run_dir = os.path.dirname(os.path.abspath(folder))
         raise ValueError(f"{folder!r} holds an unfinished Phase 1 (step {steps} of {of}): continue it with "

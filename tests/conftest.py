@@ -69,3 +69,32 @@ def llama_close(tok):
 @pytest.fixture(scope="session")
 def t5_close(tok):
     return _pair("t5", tok, close=True)
+
+
+def signal_when(cmd: list[str], seen: str, *, env=None, before=None, wait_s: float = 300, stop_s: float = 240):
+    """Run ``cmd`` (from the repository root); when a line of its stdout holds ``seen``, call
+    ``before(proc)`` (to look at it while it runs) and send SIGINT. Returns (return code, stdout
+    lines, stderr, what ``before`` returned). Fails if the line never comes or the process ends
+    first; the process never outlives the call."""
+    import signal
+    import subprocess
+    import threading
+    import time
+
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    try:
+        deadline = time.time() + wait_s
+        while time.time() < deadline and proc.poll() is None and not any(seen in ln for ln in lines):
+            time.sleep(0.2)
+        assert proc.poll() is None and any(seen in ln for ln in lines), \
+            f"no {seen!r} while running: " + "".join(lines)[-3000:] + (proc.stderr.read()[-3000:] if proc.poll() is not None else "")
+        got = before(proc) if before is not None else None
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=stop_s)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, lines, err, got

@@ -90,27 +90,13 @@ def test_ctrl_c_in_the_local_loop_exports_the_best_so_far(tmp_path):
     """SIGINT to `kdtw train --local` in Phase 2: the step in flight finishes, the best student
     validated so far is exported with report.json (which says where it stopped), exit 130 with
     one line; nothing of the run is lost."""
-    import signal
-    import threading
-    import time
+    from conftest import signal_when
 
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "kdtw.cli", "train", "--local", "--config", TINY, f"run_dir={run}",
-                             "train.phase2_steps=100000", "train.validate_every=3", "train.log_every=1"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None and not any("[validate] phase-2 step 3" in ln for ln in lines):
-            time.sleep(0.2)
-        assert proc.poll() is None, "".join(lines)[-3000:]
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, err[-3000:]
+    rc, _, err, _ = signal_when([sys.executable, "-m", "kdtw.cli", "train", "--local", "--config", TINY, f"run_dir={run}",
+                                 "train.phase2_steps=100000", "train.validate_every=3", "train.log_every=1"],
+                                "[validate] phase-2 step 3")
+    assert rc == 130, err[-3000:]
     last = err.strip().splitlines()[-1]
     assert last.startswith("kdtw: interrupted by SIGINT at Phase-2 step ") and "report.json written" in last, err
     with open(run / "report.json") as f:

@@ -12,7 +12,7 @@ import time
 import pyarrow.parquet as pq
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, signal_when
 from conftest_ray import free_port, load_job, ray_env, ray_session, tiny  # noqa: F401
 from kdtw.buffer import from_table
 from kdtw.checkpoint import load_state, open_checkpoint, write_checkpoint
@@ -228,8 +228,6 @@ def test_ctrl_c_in_phase_1_checkpoints_and_resume_goes_on_from_that_step(tmp_pat
     Phase-1 checkpoint, the MLflow run is KILLED, the job exits 130 with the --resume line and
     leaves no process of its Ray. ``--resume`` goes on from that step (not from 0) into Phase 2,
     in the same MLflow run, with one point per Phase-1 step."""
-    import threading
-
     import psutil
     from mlflow.tracking import MlflowClient
 
@@ -241,21 +239,9 @@ def test_ctrl_c_in_phase_1_checkpoints_and_resume_goes_on_from_that_step(tmp_pat
         env.pop(k, None)
     cmd = [sys.executable, os.path.join(ROOT, "jobs", "train_pcl.py"), "--config", TINY, f"run_dir={run_dir}",
            "train.phase1_steps=100000", "train.val_examples=4", "train.log_every=5", "ray.num_cpus=2"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None and not any("[phase 1] step 5/" in ln for ln in lines):
-            time.sleep(0.2)
-        assert any("[phase 1] step 5/" in ln for ln in lines), "".join(lines)[-3000:] + proc.stderr.read()[-3000:]
-        kids = psutil.Process(proc.pid).children(recursive=True)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, err[-3000:]
+    rc, _, err, kids = signal_when(cmd, "[phase 1] step 5/", env=env, stop_s=120,
+                                   before=lambda proc: psutil.Process(proc.pid).children(recursive=True))
+    assert rc == 130, err[-3000:]
     last = err.strip().splitlines()[-1]
     assert last.startswith("kdtw: interrupted by SIGINT at Phase-1 step ") and \
         last.endswith(f"checkpoint {run_dir}/phase1; continue with: python jobs/train_pcl.py --resume {run_dir}"), err
@@ -288,7 +274,6 @@ def test_ctrl_c_checkpoints_and_a_copied_run_resumes_where_it_is(ray_session, tm
     MLflow run holds one point per step."""
     import json
     import shutil
-    import threading
 
     import psutil
     from mlflow.tracking import MlflowClient
@@ -302,16 +287,8 @@ def test_ctrl_c_checkpoints_and_a_copied_run_resumes_where_it_is(ray_session, tm
     cmd = [sys.executable, os.path.join(ROOT, "jobs", "train_pcl.py"), "--config", TINY, f"run_dir={run_dir}", *QUICK,
            "train.phase1_steps=2", "train.phase2_steps=400", "train.validate_every=1000", "ray.checkpoint_every=1000",
            "ray.num_rollout_workers=1", "ray.num_cpus=2"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
-    reader.start()
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None and not any("[phase 2] step 10/" in ln for ln in lines):
-            time.sleep(0.2)
-        assert proc.poll() is None, "".join(lines)[-3000:] + proc.stderr.read()[-3000:]
-        assert any("[phase 2] step 10/" in ln for ln in lines), "Phase 2 did not reach step 10 in 300 s"
+
+    def look(proc):  # the job's own Ray runs, and listens on loopback only
         kids = psutil.Process(proc.pid).children(recursive=True)
         assert any(k.name().startswith(("gcs_server", "raylet")) for k in kids)
         for p in [psutil.Process(proc.pid), *kids]:
@@ -321,13 +298,10 @@ def test_ctrl_c_checkpoints_and_a_copied_run_resumes_where_it_is(ray_session, tm
                 continue
             listening = {c.laddr.ip for c in conns if c.status == psutil.CONN_LISTEN}
             assert listening <= LOOPBACK, (p.name(), listening)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 130, err[-3000:]
+        return kids
+
+    rc, _, err, kids = signal_when(cmd, "[phase 2] step 10/", env=env, before=look)
+    assert rc == 130, err[-3000:]
     last = err.strip().splitlines()[-1]
     assert last.startswith("kdtw: interrupted by SIGINT at Phase-2 step ") and \
         last.endswith(f"continue with: python jobs/train_pcl.py --resume {run_dir}"), err[-3000:]
