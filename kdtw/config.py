@@ -666,7 +666,7 @@ def _default_of(path: str) -> Any:
 # ----------------------------------------------------------------------------- output folders
 
 # What a training run writes into its run_dir; any of them there means the folder holds a run.
-RUN_OUTPUTS = ("report.json", "student", "candidate", "checkpoints", "lambda_trace.png", "config.yaml")
+RUN_OUTPUTS = ("report.json", "student", "candidate", "checkpoints", "phase1", "lambda_trace.png", "config.yaml")
 
 
 def run_outputs(run_dir: str) -> list[str]:

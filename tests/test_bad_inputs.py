@@ -284,6 +284,8 @@ OUTPUTS = [
          read_only("ro")),
     Case("train:run_dir holds a report", ["train", "--local", *cfg()], "holds another run (report.json)",
          folder("run", "report.json")),
+    Case("train:run_dir holds a Phase-1 checkpoint", ["train", "--local", *cfg()], "holds another run (phase1/)",
+         folder("run", "phase1/")),
     Case("train:run_dir holds a student", ["train", "--local", *cfg()],
          "(student/, config.yaml): give a new run_dir, or add --overwrite",
          folder("run", "config.yaml", "student/")),
