@@ -257,6 +257,10 @@ class TrainConfig:
     use_ema: Annotated[Float, Field(ge=0, lt=1)] = 0.9
     # One <τ>-logit offset per budget beside the shared one (its budget's λ moves it alone).
     budget_offsets: Bool = True
+    # Feed λ forward into the policy (kdtw deviation from DESIGN.md §5, issue 11): each change Δ
+    # of λ_k also moves budget k's <τ> offset by −Δ, so π(<τ>) follows λ at once, as the soft
+    # optimum σ(δ(s) − λ_k) does, instead of after the slow PCL gradient (needs budget_offsets).
+    lambda_feedforward: Bool = False
     # Fraction of each batch drawn from teacher demonstrations.
     demo_ratio: Fraction = 0.25
     # Phase 1: also fit the student's own token (KL over V, <τ> removed) at oracle call
@@ -481,6 +485,10 @@ class Config:
             f"train.demo_ratio={t.demo_ratio} with train.batch_size={t.batch_size} leaves no on-policy "
             "row in a Phase-2 batch (the λ controller steers their use): lower train.demo_ratio, e.g. 0.25",
         )
+        need(not t.lambda_feedforward or (t.budget_offsets and t.use_tau),
+             "train.lambda_feedforward=true moves the per-budget <τ> offsets, which "
+             f"train.budget_offsets={t.budget_offsets} train.use_tau={t.use_tau} turn off: set "
+             "train.budget_offsets=true train.use_tau=true, or train.lambda_feedforward=false")
         need(t.lambda_min <= t.lambda_max,
              f"train.lambda_min={t.lambda_min} is above train.lambda_max={t.lambda_max}: "
              "need lambda_min <= lambda_max, e.g. lambda_min=-10.0 lambda_max=20.0")

@@ -327,11 +327,15 @@ class Learner:
             lam, self.integral, self.err_ema, err = pid_lagrange_update(
                 self.integral, self.err_ema, obs, self.targets, k_i=c.lambda_ki, k_p=c.lambda_kp,
                 ema=c.lambda_err_ema, lam_min=c.lambda_min, lam_max=c.lambda_max, eps=c.lambda_eps)
-            self.lam = torch.where(seen, lam, self.lam)
+            lam = torch.where(seen, lam, self.lam)
+            self._feed_forward(lam - self.lam)
+            self.lam = lam
         elif bool(seen.any()):
             new_lam = lagrange_update(self.lam, torch.nan_to_num(self.use_hat, nan=0.0), self.targets,
                                       lr=c.lr_lambda, lam_max=c.lambda_max, lam_min=c.lambda_min)
-            self.lam = torch.where(seen, new_lam, self.lam)
+            new_lam = torch.where(seen, new_lam, self.lam)
+            self._feed_forward(new_lam - self.lam)
+            self.lam = new_lam
             err = torch.where(seen, self.use_hat - self.targets, err)
         out: dict[str, float] = {}
         for k in range(K):
@@ -339,6 +343,18 @@ class Learner:
                     f"use_expected/{k}": float(expected[k]), f"use_sampled/{k}": float(sampled[k]),
                     f"use_greedy/{k}": float(greedy[k]), f"lambda_err/{k}": float(err[k])}
         return out
+
+    @torch.no_grad()
+    def _feed_forward(self, delta: torch.Tensor) -> None:
+        """``train.lambda_feedforward``: move each budget's <τ> offset by −Δλ_k (kdtw deviation
+        from DESIGN.md §5). Under the joint reward the soft-optimal call logit is δ(s) − λ_k, and
+        with budget shaping −λ(c − b) the values change by −Δλ·E[Σ(c − b)] ≈ 0 at target, so the
+        shifted policy stays PCL-consistent to first order; π(<τ>) then follows λ at once instead
+        of through the slow policy gradient, which made λ wind up and unwind over ~1,000 steps."""
+        if not self.cfg.lambda_feedforward or not self.student.budget_targets:
+            return
+        off = self.student.budget_offsets
+        off.sub_(delta.to(device=off.device, dtype=off.dtype))
 
     # -- state
 

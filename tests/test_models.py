@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
 import subprocess
 import sys
 
@@ -14,7 +13,6 @@ from conftest import PROMPTS, ROOT
 from kdtw.config import ModelConfig
 from kdtw.models import (
     TAU_TOKEN,
-    LM,
     ModelError,
     Student,
     check_tokenizers,

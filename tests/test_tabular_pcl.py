@@ -375,12 +375,15 @@ def _sample_paths(policy, n, gen):
     return paths, ptau
 
 
+@pytest.mark.parametrize("feedforward", [False, True])
 @pytest.mark.parametrize("budget", [0.2, 0.4])
-def test_pi_controller_holds_budget_one_pcl_step_per_update(budget):
+def test_pi_controller_holds_budget_one_pcl_step_per_update(budget, feedforward):
     """The regime of Phase 2: each step samples 16 paths from the current policy, takes ONE Adam
     PCL step on them and updates λ with the PI controller (kdtw defaults: gains, error EMA, warm
     start) from their expected use Σπ(<τ>)/ΣT. Over the last 200 of 1,500 steps the policy's
-    exact token-weighted use stays within 0.03 of the budget and λ stays off its bounds."""
+    exact token-weighted use stays within 0.03 of the budget and λ stays off its bounds.
+    ``feedforward`` (train.lambda_feedforward): each change Δλ also moves the <τ> logit of every
+    state by −Δλ, as the learner moves the budget's offset."""
     from kdtw.config import TrainConfig
     from kdtw.losses import pid_lagrange_init, pid_lagrange_update
 
@@ -407,11 +410,18 @@ def test_pi_controller_holds_budget_one_pcl_step_per_update(budget):
         loss.backward()
         opt.step()
         observed = torch.tensor([sum(map(sum, ptau)) / sum(map(len, ptau))])
-        lam, integral, err_ema, _ = pid_lagrange_update(
+        new_lam, integral, err_ema, _ = pid_lagrange_update(
             integral, err_ema, observed, target, k_i=tc.lambda_ki, k_p=tc.lambda_kp, ema=tc.lambda_err_ema,
             lam_min=tc.lambda_min, lam_max=tc.lambda_max, eps=tc.lambda_eps)
+        if feedforward:
+            with torch.no_grad():
+                table[:, TAU] -= float(new_lam - lam)
+        lam = new_lam
         uses.append(_token_use(torch.softmax(table.detach(), -1)))
         lams.append(float(lam))
     last = uses[-200:]
     assert max(abs(u - budget) for u in last) < 0.03, (min(last), max(last))
     assert all(tc.lambda_min < x < tc.lambda_max for x in lams[-200:])
+    tail = torch.tensor(lams[-600:], dtype=DT)
+    print(f"budget {budget} feedforward {feedforward}: use {min(last):.3f}..{max(last):.3f}, "
+          f"λ std over the last 600 steps {float(tail.std()):.3f}")

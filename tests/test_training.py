@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -190,6 +189,35 @@ def test_pi_controller_warm_start_expected_estimate_and_demos_ignored(pair):
     lam1 = learner.lam.clone()
     learner.observe_use(rows, update=False)
     assert torch.equal(learner.lam, lam1)
+
+
+def test_lambda_feedforward_moves_the_budget_offset_by_minus_delta_lambda(pair):
+    """train.lambda_feedforward: each change Δ of λ_k moves budget k's <τ> offset by −Δ, so the
+    policy's <τ> logit on rows of budget k drops by exactly Δ at once; other budgets, the zero
+    budget and measuring without updating (the value warm-up) leave the offsets alone."""
+    _, student = pair
+    s = copy.deepcopy(student)
+    learner = _learner(s, lambda_ki=0.1, lambda_kp=0.5, lambda_feedforward=True)
+    ids = torch.tensor([0, 1, 2])
+    logits = torch.randn(3, 2, s.lm.model.config.vocab_size)
+    z0 = s.policy_logits(logits, ids)[..., -1].detach().clone()
+    off0, lam0 = s.budget_offsets.detach().clone(), learner.lam.clone()
+    rows = [traj(4, budget=1), traj(4, budget=0, tau=[True, False, False, False])]
+    rows[0].tau_prob = [0.4] * 4
+    learner.observe_use(rows, update=False)
+    assert torch.equal(s.budget_offsets.detach(), off0) and torch.equal(learner.lam, lam0)
+    for _ in range(3):
+        learner.observe_use(rows)
+    delta = learner.lam - lam0
+    assert float(delta[1]) > 0 and float(delta[0]) == 0 and float(delta[2]) == 0
+    assert torch.allclose(s.budget_offsets.detach(), off0 - delta, atol=1e-6)
+    z1 = s.policy_logits(logits, ids)[..., -1].detach()
+    assert torch.allclose(z1 - z0, -delta[ids].unsqueeze(1).expand_as(z0), atol=1e-5)
+    # without the option the offsets never move with λ
+    plain = _learner(copy.deepcopy(student), lambda_ki=0.1)
+    before = plain.student.budget_offsets.detach().clone()
+    plain.observe_use(rows)
+    assert float(plain.lam[1]) > float(lam0[1]) and torch.equal(plain.student.budget_offsets.detach(), before)
 
 
 def _tau_grad(learner, batch):
