@@ -7,7 +7,8 @@ Per run: the share of Phase-2 validations from ``--from-step`` on with every bud
 nonzero budget and whether it touched a bound (train.lambda_min / lambda_max of the run's own
 config), and the peak-to-peak validation use of the largest budget; the selected checkpoint's
 mean quality against the end of Phase 1's, and the zero budget's quality against the student
-before training. Prints one block per run and a JSON line per run (``--json``).
+before training; where the late deviations come from (controller tracking, greedy-token
+validation states, call draws). Prints one block per run and a JSON line per run (``--json``).
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ def summarise(report: dict, *, from_step: int, delta: float, lam_bounds: tuple[f
         f"selected_{zero}_{key}": selv.get("budgets", {}).get(zero, {}).get(key),
         f"before_training_{zero}_{key}": (report.get("initial") or {}).get("budgets", {}).get(zero, {}).get(key),
     }
+    out |= _decompose(late, trace, phrases, targets)
     # the real-model criteria (conf/smollm2_bible_en_es.yaml): Phase 2 keeps calling
     after_first = vals2[1:]
     kept = [all(b["use"] >= 0.5 * b["target"] for b in v["budgets"].values()) for v in after_first]
@@ -75,6 +77,31 @@ def summarise(report: dict, *, from_step: int, delta: float, lam_bounds: tuple[f
         last = vals2[-1]["budgets"]
         out[f"last_{second}_by_budget"] = {phrases[k]: last[phrases[k]].get(second) for k in order}
     return out
+
+
+def _decompose(late: list[dict], trace: list[dict], phrases: list[str], targets: list[float],
+               window: int = 20) -> dict:
+    """Where a late validation's deviation use − b comes from, per nonzero budget (means over the
+    late validations): ``train_minus_target`` = ē of the ``window`` training steps before it − b
+    (how well the controller holds what it measures); ``val_pi_minus_train`` = the validation
+    paths' mean π(<τ>) − that ē (greedy-token states against sampled ones); ``use_minus_val_pi``
+    = the validation use (mean of per-sequence Σc/T, calls drawn) − its mean π(<τ>) (the draws
+    and the per-sequence weighting)."""
+    by_step = {r["step"]: r for r in trace}
+    parts: dict[str, dict[str, list[float]]] = {n: {p: [] for p in phrases} for n in
+                                                 ("train_minus_target", "val_pi_minus_train", "use_minus_val_pi")}
+    for v in late:
+        for k, p in enumerate(phrases):
+            b = v["budgets"][p]
+            if targets[k] == 0 or "tau_prob" not in b:
+                continue
+            e = [by_step[t]["expected"][k] for t in range(v["step"] - window + 1, v["step"] + 1)
+                 if t in by_step and by_step[t]["expected"][k] is not None]
+            parts["use_minus_val_pi"][p].append(b["use"] - b["tau_prob"])
+            if e:
+                parts["train_minus_target"][p].append(sum(e) / len(e) - targets[k])
+                parts["val_pi_minus_train"][p].append(b["tau_prob"] - sum(e) / len(e))
+    return {f"late_mean_{n}": {p: sum(x) / len(x) for p, x in d.items() if x} for n, d in parts.items()}
 
 
 def _primary(report: dict) -> str:
