@@ -144,8 +144,11 @@ def test_killed_workers_and_teacher_replica_do_not_stop_the_run(ray_session, tmp
     assert all(torch.isfinite(torch.tensor(system.state.losses)))
     assert report["ray"]["worker_failures"] == 3
     pool = report["ray"]["teacher_pool"]
-    # the killed replica's sessions answered MISS and were resent whole to a live replica
-    assert pool["router"]["failures"] >= 1 and pool["sessions"]["misses"] >= 1
+    # the kill was seen and routed around. Whether a session was pinned to the replica at that
+    # moment depends on timing (the load it waits for may be a demonstration or scoring request:
+    # measured, a CI run under load saw 1 failure and 0 misses), so the MISS-and-resend path is
+    # asserted where it is deterministic: test_teacher_sessions_through_the_pool_..._killed above
+    assert pool["router"]["failures"] >= 1
     assert report["ray"]["rollout_teacher_positions"] > 0 and report["ray"]["rollout_tokens"] > 0
     assert report["selected"] is not None and os.path.exists(tmp_path / "student" / "kdtw_student.json")
 

@@ -9,7 +9,6 @@ import importlib.util
 import json
 import math
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -217,10 +216,8 @@ def test_two_phase2_steps_on_the_wheel_teacher_and_a_cut_student(smollm2_cfg):
     assert len(loop.train_set) == 3 and loop.train_set[0].target.startswith("En el principio")
 
     stamp = (converted / "model.safetensors").stat().st_mtime_ns
-    start = time.perf_counter()
-    assert factory.source_folder(cfg, "teacher") == str(converted)  # converted once
-    assert time.perf_counter() - start < 1.0
-    assert (converted / "model.safetensors").stat().st_mtime_ns == stamp
+    assert factory.source_folder(cfg, "teacher") == str(converted)
+    assert (converted / "model.safetensors").stat().st_mtime_ns == stamp  # converted once, not again
 
     before = {k: v.detach().clone() for k, v in loop.student.lm.model.named_parameters()}
     losses = []
