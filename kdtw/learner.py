@@ -322,21 +322,18 @@ class Learner:
         self.use_hat = torch.where(seen, ema_obs, prev)
         seen = seen & update
         obs = torch.where(seen, obs, torch.full((K,), float("nan")))
-        err = torch.zeros(K)
+        err, lam = torch.zeros(K), self.lam
         if c.lambda_controller == "pi":
             lam, self.integral, self.err_ema, err = pid_lagrange_update(
                 self.integral, self.err_ema, obs, self.targets, k_i=c.lambda_ki, k_p=c.lambda_kp,
                 ema=c.lambda_err_ema, lam_min=c.lambda_min, lam_max=c.lambda_max, eps=c.lambda_eps)
-            lam = torch.where(seen, lam, self.lam)
-            self._feed_forward(lam - self.lam)
-            self.lam = lam
         elif bool(seen.any()):
-            new_lam = lagrange_update(self.lam, torch.nan_to_num(self.use_hat, nan=0.0), self.targets,
-                                      lr=c.lr_lambda, lam_max=c.lambda_max, lam_min=c.lambda_min)
-            new_lam = torch.where(seen, new_lam, self.lam)
-            self._feed_forward(new_lam - self.lam)
-            self.lam = new_lam
+            lam = lagrange_update(self.lam, torch.nan_to_num(self.use_hat, nan=0.0), self.targets,
+                                  lr=c.lr_lambda, lam_max=c.lambda_max, lam_min=c.lambda_min)
             err = torch.where(seen, self.use_hat - self.targets, err)
+        lam = torch.where(seen, lam, self.lam)  # unseen budgets keep theirs
+        self._feed_forward(lam - self.lam)
+        self.lam = lam
         out: dict[str, float] = {}
         for k in range(K):
             out |= {f"lambda/{k}": float(self.lam[k]), f"use_hat/{k}": float(self.use_hat[k]),
