@@ -353,11 +353,11 @@ def _decode_theta(v, path: str, rule: str, phrase: str) -> float:
 def call_kwargs(cfg, student: Student | None, student_folder: str | None, phrase: str, target: float,
                 *, index: int = 0) -> dict:
     """``generate`` keyword arguments for ``decoding.call_rule`` at one budget: a seeded
-    generator for ``sample``, the student's saved θ for ``threshold`` (``call_thresholds.json``,
+    generator for ``sample`` and ``systematic``, the student's saved θ for ``threshold`` (``call_thresholds.json``,
     written when `kdtw train` exports a student)."""
     rule = cfg.decoding.call_rule
     kw: dict = {"call_rule": rule}
-    if rule == "sample":
+    if rule in ("sample", "systematic"):
         kw["generator"] = torch.Generator().manual_seed(cfg.decoding.seed + index)
     elif rule == "threshold" and student is not None:
         saved = load_thresholds(student_folder) if student_folder else None

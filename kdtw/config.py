@@ -179,11 +179,14 @@ class DecodingConfig:
     # Speculative decoding block size K (drafted tokens per teacher forward).
     spec_k: PosInt = 3
     # How budgeted decoding decides a call (kdtw/decoding.py): "sample" (a draw from π(<τ>|s):
-    # the rate Phase 2's λ controls), "argmax" (<τ> when it is the argmax), "threshold"
-    # (π(<τ>|s) ≥ θ_k, θ calibrated per budget on validation and saved with the student).
+    # the rate Phase 2's λ controls), "systematic" (the same marginal draws, stratified along
+    # each sequence: its calls are ⌊u + Σπ(<τ>|s_t)⌋, without the binomial noise of independent
+    # draws), "argmax" (<τ> when it is the argmax), "threshold" (π(<τ>|s) ≥ θ_k, θ calibrated
+    # per budget on validation and saved with the student).
     # Validation, selection, `kdtw decode/report/eval` use it.
-    call_rule: Literal["sample", "argmax", "threshold"] = "sample"
-    # Seed of the call draws of call_rule=sample (validation and decoding are reproducible).
+    call_rule: Literal["sample", "systematic", "argmax", "threshold"] = "sample"
+    # Seed of the call draws of call_rule=sample/systematic (validation and decoding are
+    # reproducible).
     seed: NonNegInt = 0
 
 
@@ -289,6 +292,10 @@ class TrainConfig:
     # "expected" (Σ π(<τ>|s_t) / Σ T, DESIGN.md §5 revision), "sampled" (the calls made) or
     # "greedy" (states where the policy's argmax is <τ>).
     use_estimate: Literal["expected", "sampled", "greedy"] = "expected"
+    # How the λ estimate weighs a batch's paths: "token" (Σ over paths / Σ T, DESIGN.md §5
+    # revision) or "sequence" (the mean over paths of each one's fraction, DESIGN.md §1's
+    # teacher-use fraction, which validation, selection and `kdtw eval` report).
+    use_weighting: Literal["token", "sequence"] = "token"
     # Sampling temperature of on-policy rollouts.
     rollout_temperature: PosFloat = 1.0
     # Validation examples decoded at each budget (null: the whole validation split).

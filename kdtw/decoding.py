@@ -78,9 +78,10 @@ class DecodeOutput:
 MODES = ("budgeted", "student", "teacher")
 # How budgeted decoding decides a call (DESIGN.md §5 revision, kdtw/decoding.py docstring):
 # argmax: <τ> when it is the policy's argmax (or drawn with the token, do_sample);
-# sample: a draw from π(<τ>|s), what training controls; threshold: π(<τ>|s) ≥ θ;
+# sample: a draw from π(<τ>|s), what training controls; systematic: the same marginal draws,
+# stratified along each sequence (calls = ⌊u + Σπ(<τ>|s_t)⌋); threshold: π(<τ>|s) ≥ θ;
 # oracle: KL(π̃ ‖ p) ≥ θ with both models run at every step (an evaluation ceiling).
-CALL_RULES = ("argmax", "sample", "threshold", "oracle")
+CALL_RULES = ("argmax", "sample", "systematic", "threshold", "oracle")
 
 
 def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,6 +147,12 @@ def generate(
     - ``argmax``: the action is the argmax of π over V ∪ {<τ>} (a draw from π when ``do_sample``).
     - ``sample``: call with probability π(<τ>|s) (at ``temperature``): the expected call rate is
       the one Phase 2's λ controls. With ``do_sample`` this is exactly a draw from π.
+    - ``systematic``: systematic sampling of the calls along each sequence (kdtw extension):
+      an accumulator starts at u ~ U(0, 1) (one draw per sequence from ``generator``), adds
+      π(<τ>|s_t) at each step and calls when it reaches 1 (then drops by 1). Each step still
+      calls with marginal probability π(<τ>|s_t), so the expected rate is the sample rule's,
+      but a sequence makes ⌊u + Σ_t π(<τ>|s_t)⌋ calls: its use is within 1/T of the expected
+      one instead of carrying the binomial noise of independent draws.
     - ``threshold``: call when π(<τ>|s) ≥ ``call_threshold`` (per prompt or one for all).
     - ``oracle``: call when KL(π̃(·|s) ‖ p(·|s)) ≥ ``call_threshold`` (DESIGN.md §4's oracle score
       on the decoder's own state): the teacher runs at every step, so this is a quality ceiling
@@ -239,6 +246,10 @@ def _generate_batch(student, teacher, prompts, *, mode, budgets, max_new_tokens,
     b_index = student.budget_index(budgets) if (student is not None and budgets is not None) else None
     theta = torch.tensor(thresholds, dtype=torch.float32, device=dev) if thresholds is not None else None
     rule = call_rule if mode == "budgeted" else "argmax"
+    acc = None  # systematic rule: one offset u ~ U(0, 1) per sequence
+    if rule == "systematic":
+        acc = torch.rand(B, generator=generator, device=generator.device if generator is not None
+                         else "cpu").to(dev)
 
     out = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=dev)
     calls = torch.zeros((B, max_new_tokens), dtype=torch.bool, device=dev)
@@ -293,6 +304,11 @@ def _generate_batch(student, teacher, prompts, *, mode, budgets, max_new_tokens,
                 if rule == "sample":
                     call = torch.rand(B, generator=generator, device=generator.device if generator is not None
                                       else "cpu").to(dev) < logpol[:, V].exp()
+                elif rule == "systematic":
+                    # π(<τ>) is 0 where <τ> is masked (zero budget, strict), so no call there
+                    acc = acc + torch.where(done, torch.zeros_like(acc), logpol[:, V].exp())
+                    call = acc >= 1.0
+                    acc = torch.where(call, acc - 1.0, acc)
                 elif rule == "threshold":
                     # a strict mask makes π(<τ>) = 0, which a threshold of 0 would still meet
                     call = (logpol[:, V].exp() >= theta) & torch.isfinite(pol[:, V])

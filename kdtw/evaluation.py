@@ -6,8 +6,9 @@
 - budgeted decoding at every budget of the config's table, plain and ``strict``, with the
   configured call rule (``decoding.call_rule``; family ``budgeted`` / ``budgeted_strict``),
 - budgeted decoding with each other learned call rule (DESIGN.md §5 revision; families
-  ``budgeted_argmax``, ``budgeted_sample``, ``budgeted_threshold``): ``argmax`` <τ>, a draw
-  from π(<τ>|s) (``sample``, seeded), or π(<τ>|s) ≥ θ_k (``threshold``),
+  ``budgeted_argmax``, ``budgeted_sample``, ``budgeted_systematic``, ``budgeted_threshold``):
+  ``argmax`` <τ>, a draw from π(<τ>|s) (``sample``, seeded), the same draws stratified along each
+  sequence (``systematic``, seeded), or π(<τ>|s) ≥ θ_k (``threshold``),
 - the oracle caller (family ``oracle``, issue 11): the same student and teacher, calls placed
   where KL(π̃(·|s) ‖ p(·|s)) ≥ θ_k (DESIGN.md §4's score on the decoder's own state): the
   quality a caller can reach at that call rate,
@@ -68,7 +69,7 @@ from .metrics import cost_model_latency, primary_metric, task_metrics, teacher_u
 from .models import LM, TAU_TOKEN, ModelError, Student, check_tokenizers
 
 # Call rules a trained student decodes with (kdtw/decoding.py); the oracle is evaluation only.
-LEARNED_RULES = ("argmax", "sample", "threshold")
+LEARNED_RULES = ("argmax", "sample", "systematic", "threshold")
 # Method families, in plotting order. `budgeted` / `budgeted_strict` use the configured call rule;
 # `budgeted_<rule>` the other learned rules; `oracle` the KL oracle caller.
 FAMILIES = ("student", "teacher", "budgeted", "budgeted_strict", *(f"budgeted_{r}" for r in LEARNED_RULES),
@@ -92,6 +93,7 @@ _STYLE = {  # family -> (marker, colour, label)
     "budgeted_strict": ("D", "tab:cyan", "budgeted strict"),
     "budgeted_argmax": ("o", "tab:purple", "budgeted, argmax rule"),
     "budgeted_sample": ("P", "tab:olive", "budgeted, sample rule"),
+    "budgeted_systematic": ("*", "tab:pink", "budgeted, systematic rule"),
     "budgeted_threshold": ("X", "tab:brown", "budgeted, threshold rule"),
     "oracle": ("p", "tab:green", "oracle caller (x: cost of its calls)"),
     "sd_greedy": ("^", "tab:red", "SD greedy"),
@@ -334,7 +336,7 @@ def evaluate_frontier(
 
     def decode(mode: str, prompts: list[str], *, target=None, strict=False, batch_size=d.batch_size,
                rule="argmax", threshold=None):
-        sampled = d.do_sample or rule == "sample"
+        sampled = d.do_sample or rule in ("sample", "systematic")
         return generate(
             student if mode != "teacher" else None, teacher if mode != "student" else None, prompts,
             mode=mode, budgets=target, max_new_tokens=d.max_new_tokens, do_sample=d.do_sample,

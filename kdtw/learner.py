@@ -292,8 +292,10 @@ class Learner:
         and its revision); budgets with no path in the batch keep their values. Teacher
         demonstrations never enter the estimate.
 
-        ``train.use_estimate``: ``expected`` (token-weighted Σπ(<τ>)/ΣT, the quantity PCL
-        moves), ``sampled`` (the calls made, Σc/ΣT) or ``greedy`` (argmax <τ> states).
+        ``train.use_estimate``: ``expected`` (Σπ(<τ>)/ΣT, the quantity PCL moves), ``sampled``
+        (the calls made, Σc/ΣT) or ``greedy`` (argmax <τ> states); ``train.use_weighting``:
+        ``token`` (pooled over the batch's tokens) or ``sequence`` (the mean of each path's own
+        fraction, DESIGN.md §1's definition, which validation reports).
         ``train.lambda_controller``: ``pi`` (PI on the logit scale) or ``integral`` (the first
         rule, on an EMA of the estimate). Zero budgets are masked, not controlled: their λ stays.
         Returns per-budget logs: λ, the three use estimates, the controller error.
@@ -308,13 +310,18 @@ class Learner:
         tokens = torch.zeros(K).index_add_(0, ids, lengths)
         seen = (tokens > 0) & (self.targets > 0)
 
-        def per_budget(values: list[float]) -> torch.Tensor:  # Σ over rows of k / Σ T
-            sums = torch.zeros(K).index_add_(0, ids, torch.tensor(values, dtype=torch.float32))
-            return torch.where(tokens > 0, sums / tokens.clamp(min=1), torch.full((K,), float("nan")))
+        by_sequence = c.use_weighting == "sequence"
+        weight = torch.ones_like(lengths) if by_sequence else lengths
+        total = torch.zeros(K).index_add_(0, ids, weight)
 
-        expected = per_budget([t.expected_use * len(t) for t in student])
-        sampled = per_budget([t.teacher_use * len(t) for t in student])
-        greedy = per_budget([t.greedy_use * len(t) for t in student])
+        def per_budget(fractions: list[float]) -> torch.Tensor:
+            """token: Σ_rows f·T / Σ T (a token-weighted rate); sequence: the mean of f over rows."""
+            sums = torch.zeros(K).index_add_(0, ids, torch.tensor(fractions, dtype=torch.float32) * weight)
+            return torch.where(tokens > 0, sums / total.clamp(min=1e-9), torch.full((K,), float("nan")))
+
+        expected = per_budget([t.expected_use for t in student])
+        sampled = per_budget([t.teacher_use for t in student])
+        greedy = per_budget([t.greedy_use for t in student])
         obs = {"expected": expected, "sampled": sampled, "greedy": greedy}[c.use_estimate]
         obs = torch.where(seen, obs, torch.full((K,), float("nan")))
         prev = self.use_hat  # the logged estimate follows the rollouts, warm-up included

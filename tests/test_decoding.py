@@ -311,7 +311,7 @@ def _with_offset(student, offset: float):
     return s
 
 
-@pytest.mark.parametrize("rule", ["argmax", "sample", "threshold", "oracle"])
+@pytest.mark.parametrize("rule", ["argmax", "sample", "systematic", "threshold", "oracle"])
 def test_tau_prob_and_behaviour_logp_match_a_teacher_forced_forward(pair, rule):
     from kdtw.calibration import oracle_scores
 
@@ -444,6 +444,48 @@ def test_sample_rule_with_do_sample_is_a_draw_from_pi():
     emp = counts(do_sample=False)
     assert abs(float(emp[V]) - float(pi[V])) < 0.03
     assert float(emp[int(pi[:V].argmax())]) == pytest.approx(1 - float(emp[V]))
+
+
+def test_systematic_rule_calls_within_one_of_the_expected_count_per_sequence(pair):
+    """call_rule=systematic: each sequence makes ⌊u + Σ_t π(<τ>|s_t)⌋ calls, so its count is
+    within 1 of the expected one, Σ π(<τ>) along its own path (the sample rule's independent
+    draws stray by several calls on some sequence); the zero budget and strict still hold."""
+    teacher, student = pair
+    student, prompts = _with_offset(student, 2.5), PROMPTS * 8  # π(<τ>) about 0.2 on 30-token paths
+    gaps = {}
+    for rule in ("systematic", "sample"):
+        out = generate(student, teacher, prompts, max_new_tokens=30, call_rule=rule,
+                       generator=torch.Generator().manual_seed(1))
+        gaps[rule] = [sum(m) - sum(p) for m, p in zip(out.call_mask, out.tau_prob)]
+        assert sum(sum(m) for m in out.call_mask) > 0
+    assert all(-1 < g < 1 for g in gaps["systematic"]), gaps["systematic"]
+    assert max(abs(g) for g in gaps["sample"]) >= 1, gaps["sample"]
+    # masked <τ>: the zero budget never calls; strict holds the budget at every prefix
+    budgets = [0.0, 0.25, 0.5]
+    out = generate(student, teacher, PROMPTS, budgets=budgets, strict=True, max_new_tokens=12,
+                   call_rule="systematic", generator=torch.Generator().manual_seed(0))
+    assert not any(out.call_mask[0])
+    for b, mask in zip(budgets, out.call_mask):
+        assert all(sum(mask[: t + 1]) <= b * (t + 1) + 1e-9 for t in range(len(mask)))
+
+
+def test_systematic_rule_calls_with_the_marginal_probability_pi():
+    """At one step, the systematic rule's call is 1[u + π(<τ>) ≥ 1] with u ~ U(0, 1): a call with
+    probability π(<τ>) per sequence, as the sample rule; the written token is the argmax over V."""
+    teacher, student = _tiny_student_and_teacher(0.0)
+    V, N, prompt = student.vocab_size, 4000, "a b c"
+    with torch.no_grad():
+        logits = student.lm.extend(student.lm.start(*student.lm.encode_prompts([prompt])),
+                                   torch.empty((1, 0), dtype=torch.long))[:, -1]
+        pi = torch.softmax(student.policy_logits(logits.float())[0], -1)
+        student.tau_offset.fill_(float(torch.log(torch.tensor(0.3 / 0.7)) - torch.log(pi[V] / (1 - pi[V]))))
+        pi = torch.softmax(student.policy_logits(logits.float())[0], -1)
+    out = generate(student, teacher, [prompt] * N, max_new_tokens=1, batch_size=N, call_rule="systematic",
+                   generator=torch.Generator().manual_seed(11))
+    rate = sum(m[0] for m in out.call_mask) / N
+    assert abs(rate - float(pi[V])) < 0.03, (rate, float(pi[V]))
+    written = [t[0] for m, t in zip(out.call_mask, out.tokens) if not m[0]]
+    assert written and set(written) == {int(pi[:V].argmax())}
 
 
 def test_bad_call_rules(pair):

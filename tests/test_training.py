@@ -191,6 +191,24 @@ def test_pi_controller_warm_start_expected_estimate_and_demos_ignored(pair):
     assert torch.equal(learner.lam, lam1)
 
 
+def test_use_weighting_token_pools_tokens_sequence_averages_paths(pair):
+    """train.use_weighting: ``token`` pools a budget's rows (Σπ/ΣT), ``sequence`` averages each
+    row's own fraction (DESIGN.md §1, what validation reports); the controller's error follows."""
+    _, student = pair
+    rows = [traj(4, budget=1, tau=[True, True, False, False]), traj(2, budget=1)]
+    rows[0].tau_prob, rows[1].tau_prob = [0.4] * 4, [0.1] * 2
+    seen = {}
+    for w in ("token", "sequence"):
+        learner = _learner(copy.deepcopy(student), lambda_ki=0.1, lambda_kp=0.0, use_weighting=w)
+        seen[w] = learner.observe_use(rows)
+    assert seen["token"]["use_expected/1"] == pytest.approx((0.4 * 4 + 0.1 * 2) / 6)
+    assert seen["sequence"]["use_expected/1"] == pytest.approx((0.4 + 0.1) / 2)
+    assert seen["token"]["use_sampled/1"] == pytest.approx(2 / 6)
+    assert seen["sequence"]["use_sampled/1"] == pytest.approx((0.5 + 0.0) / 2)
+    for w, e in (("token", 0.3), ("sequence", 0.25)):
+        assert seen[w]["lambda_err/1"] == pytest.approx(math.log(e / (1 - e)) - math.log(0.2 / 0.8), rel=1e-5)
+
+
 def test_lambda_feedforward_moves_the_budget_offset_by_minus_delta_lambda(pair):
     """train.lambda_feedforward: each change Δ of λ_k moves budget k's <τ> offset by −Δ, so the
     policy's <τ> logit on rows of budget k drops by exactly Δ at once; other budgets, the zero
