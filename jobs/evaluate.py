@@ -1,7 +1,7 @@
 """Evaluate a τ-student's quality-latency frontier against its baselines; log to MLflow.
 
     python jobs/evaluate.py --config conf/tiny.yaml --student PATH --drafter PATH --out DIR \
-        [--split validation] [--n N] [--ks 1,2,3,5,7] [--call-rules argmax,sample,threshold] \
+        [--split validation] [--n N] [--ks 1,2,3,5,7] [--call-rules argmax,sample,systematic,threshold] \
         [--no-oracle] [--calib-n N] [--thresholds FILE] [key=value ...]
 
 Decodes the split with the student alone, the teacher alone, budgeted decoding at every budget
@@ -61,7 +61,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--split", default="validation", choices=SPLITS)
     p.add_argument("--n", type=count("--n", 16), default=None, help="first N examples only")
     p.add_argument("--ks", default="1,2,3,5,7", help="speculative block sizes, comma-separated")
-    p.add_argument("--call-rules", default="argmax,sample,threshold",
+    p.add_argument("--call-rules", default="argmax,sample,systematic,threshold",
                    help="learned call rules to report, comma-separated (the configured "
                         "decoding.call_rule is always the 'budgeted' rows)")
     p.add_argument("--no-oracle", action="store_true", help="leave out the KL oracle caller rows")

@@ -4,7 +4,7 @@
     kdtw train --local [--overwrite] [--config conf/default.yaml] [key=value ...]
     kdtw report   [--config conf/default.yaml] [--split validation] [key=value ...]
     kdtw eval     --student PATH [--drafter PATH] --out DIR [--config ...] (jobs/evaluate.py)
-                  [--call-rules argmax,sample,threshold] [--no-oracle] [--calib-n N] [--thresholds FILE]
+                  [--call-rules argmax,sample,systematic,threshold] [--no-oracle] [--calib-n N] [--thresholds FILE]
     kdtw decode   --mode budgeted|student|teacher|speculative [--budget light] [--k 3] [--strict]
                   [--config ...] [--input FILE|-] [key=value ...]
     kdtw data bible-en-es [--out data/bible_en_es] [--debs DIR] [--check]   (kdtw/prep/bible.py)

@@ -325,6 +325,6 @@ def test_job_unknown_call_rule_is_one_error_line(setup, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
     assert err[-1] == ("kdtw: error: --call-rules 'argmax,greedy': unknown call rule 'greedy': use a "
-                       "subset of argmax, sample, threshold")
+                       "subset of argmax, sample, systematic, threshold")
     rc = _job().main(["--config", TINY, "--out", str(tmp / "bad"), "--call-rules", "oracle", *_overrides(tmp)])
     assert rc == 2 and "--no-oracle" in capsys.readouterr().err
