@@ -5,8 +5,8 @@
 Decodes the validation split at every nonzero budget with the trained student, as validation
 does (tokens greedy, calls by the rule), once per draw seed for ``sample`` (independent draws
 from π(<τ>|s)) and ``systematic`` (the same marginal draws, stratified along each sequence).
-Per budget and rule it prints, over the seeds: the mean and standard deviation of the
-validation use (DESIGN.md §1: the mean of per-sequence Σc/T) minus the target, the largest
+Per budget and rule it prints, over the seeds: the task's primary metric (mean and spread), the
+mean and standard deviation of the validation use (DESIGN.md §1: the mean of per-sequence Σc/T) minus the target, the largest
 |use − target| over the seeds, and the expected use along the decoded paths (the mean of
 per-sequence Σπ(<τ>)/T) with its token-weighted counterpart (Σπ/ΣT, what a token-pooled λ
 estimate steers). The ratio line compares the two rules' draw noise side by side in one run.
@@ -27,6 +27,7 @@ import torch  # noqa: E402
 from kdtw.config import load_config  # noqa: E402
 from kdtw.decoding import generate  # noqa: E402
 from kdtw.factory import budget_table, load_splits, load_teacher, prompts_for  # noqa: E402
+from kdtw.metrics import primary_metric, task_metrics  # noqa: E402
 from kdtw.models import Student  # noqa: E402
 
 RULES = ("sample", "systematic")
@@ -34,6 +35,8 @@ RULES = ("sample", "systematic")
 
 def measure(cfg, student, teacher, examples, *, seeds: int) -> dict:
     table = budget_table(cfg)
+    key = primary_metric(cfg.task.metric)
+    refs = [ex.target for ex in examples]
     out: dict = {}
     for b in table:
         if b.target <= 0:
@@ -50,6 +53,7 @@ def measure(cfg, student, teacher, examples, *, seeds: int) -> dict:
                     "use": sum(use) / len(use),
                     "pi_seq": sum(sum(p) / len(p) for p in d.tau_prob) / len(d.tau_prob),
                     "pi_tok": sum(sum(p) for p in d.tau_prob) / sum(len(p) for p in d.tau_prob),
+                    "quality": task_metrics(cfg.task.metric, d.texts, refs)[key],
                 })
             dev = [r["use"] - b.target for r in rows]
             out.setdefault(b.phrase, {})[rule] = {
@@ -59,6 +63,8 @@ def measure(cfg, student, teacher, examples, *, seeds: int) -> dict:
                 "max_abs_dev": max(abs(x) for x in dev),
                 "pi_seq": statistics.fmean(r["pi_seq"] for r in rows),
                 "pi_tok": statistics.fmean(r["pi_tok"] for r in rows),
+                "quality": statistics.fmean(r["quality"] for r in rows),
+                "quality_std": statistics.stdev(r["quality"] for r in rows) if len(rows) > 1 else 0.0,
             }
     return out
 
@@ -84,11 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     examples = examples[: a.n] if a.n else examples
     print(f"[call_rule_noise] {len(examples)} validation examples, {a.seeds} draw seeds per rule", flush=True)
     res = measure(cfg, student, teacher, examples, seeds=a.seeds)
-    print(f"{'budget':10s} {'rule':11s} {'mean dev':>9s} {'std dev':>8s} {'max|dev|':>9s} {'π seq':>7s} {'π tok':>7s}")
+    print(f"{'budget':10s} {'rule':11s} {'mean dev':>9s} {'std dev':>8s} {'max|dev|':>9s} {'π seq':>7s} {'π tok':>7s} "
+          f"{'quality':>8s} {'± std':>6s}")
     for phrase, by_rule in res.items():
         for rule, r in by_rule.items():
             print(f"{phrase:10s} {rule:11s} {r['mean_dev']:+9.4f} {r['std_dev']:8.4f} {r['max_abs_dev']:9.4f} "
-                  f"{r['pi_seq']:7.4f} {r['pi_tok']:7.4f}")
+                  f"{r['pi_seq']:7.4f} {r['pi_tok']:7.4f} {r['quality']:8.2f} {r['quality_std']:6.2f}")
     ratio = [by["sample"]["std_dev"] / max(by["systematic"]["std_dev"], 1e-6) for by in res.values()]
     print("std of the validation use over draw seeds, sample / systematic, per budget: "
           + " ".join(f"{p}={x:.1f}" for p, x in zip(res, ratio)))
