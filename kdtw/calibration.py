@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .decoding import DecodeOutput, generate
+from .decoding import DRAWN_RULES, DecodeOutput, generate
 from .models import LM, Student
 from .oracle import oracle_kl
 
@@ -357,7 +357,7 @@ def call_kwargs(cfg, student: Student | None, student_folder: str | None, phrase
     written when `kdtw train` exports a student)."""
     rule = cfg.decoding.call_rule
     kw: dict = {"call_rule": rule}
-    if rule in ("sample", "systematic"):
+    if rule in DRAWN_RULES:
         kw["generator"] = torch.Generator().manual_seed(cfg.decoding.seed + index)
     elif rule == "threshold" and student is not None:
         saved = load_thresholds(student_folder) if student_folder else None

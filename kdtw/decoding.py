@@ -82,6 +82,8 @@ MODES = ("budgeted", "student", "teacher")
 # stratified along each sequence (calls = ⌊u + Σπ(<τ>|s_t)⌋); threshold: π(<τ>|s) ≥ θ;
 # oracle: KL(π̃ ‖ p) ≥ θ with both models run at every step (an evaluation ceiling).
 CALL_RULES = ("argmax", "sample", "systematic", "threshold", "oracle")
+# The rules that draw their calls from a generator (seeded by decoding.seed where configured).
+DRAWN_RULES = ("sample", "systematic")
 
 
 def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,6 +103,12 @@ def _multinomial(probs: torch.Tensor, generator: torch.Generator | None) -> torc
     if generator is None or generator.device == probs.device:
         return torch.multinomial(probs, 1, generator=generator)
     return torch.multinomial(probs.to(generator.device), 1, generator=generator).to(probs.device)
+
+
+def _rand(n: int, generator: torch.Generator | None, device) -> torch.Tensor:
+    """``n`` uniforms drawn on the generator's device (a CPU generator can seed decoding on an
+    accelerator), returned on ``device``."""
+    return torch.rand(n, generator=generator, device=generator.device if generator is not None else "cpu").to(device)
 
 
 def _uniform(generator: torch.Generator | None) -> float:
@@ -248,8 +256,7 @@ def _generate_batch(student, teacher, prompts, *, mode, budgets, max_new_tokens,
     rule = call_rule if mode == "budgeted" else "argmax"
     acc = None  # systematic rule: one offset u ~ U(0, 1) per sequence
     if rule == "systematic":
-        acc = torch.rand(B, generator=generator, device=generator.device if generator is not None
-                         else "cpu").to(dev)
+        acc = _rand(B, generator, dev)
 
     out = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=dev)
     calls = torch.zeros((B, max_new_tokens), dtype=torch.bool, device=dev)
@@ -302,8 +309,7 @@ def _generate_batch(student, teacher, prompts, *, mode, budgets, max_new_tokens,
                 logpol = torch.log_softmax(pol / temperature if do_sample else pol, dim=-1)  # [B, V+1]
                 a, _ = _pick(pol[:, :V], do_sample, temperature, generator)
                 if rule == "sample":
-                    call = torch.rand(B, generator=generator, device=generator.device if generator is not None
-                                      else "cpu").to(dev) < logpol[:, V].exp()
+                    call = _rand(B, generator, dev) < logpol[:, V].exp()
                 elif rule == "systematic":
                     # π(<τ>) is 0 where <τ> is masked (zero budget, strict), so no call there
                     acc = acc + torch.where(done, torch.zeros_like(acc), logpol[:, V].exp())

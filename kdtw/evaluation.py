@@ -63,7 +63,7 @@ import torch
 
 from .calibration import Calibration, calibrate_budgets, thresholds_for
 from .config import Config
-from .decoding import DecodeOutput, forward_time_ratio, generate, speculative_generate
+from .decoding import DRAWN_RULES, DecodeOutput, forward_time_ratio, generate, speculative_generate
 from .factory import budget_table, load_splits, prompts_for
 from .metrics import cost_model_latency, primary_metric, task_metrics, teacher_use_fraction
 from .models import LM, TAU_TOKEN, ModelError, Student, check_tokenizers
@@ -336,7 +336,7 @@ def evaluate_frontier(
 
     def decode(mode: str, prompts: list[str], *, target=None, strict=False, batch_size=d.batch_size,
                rule="argmax", threshold=None):
-        sampled = d.do_sample or rule in ("sample", "systematic")
+        sampled = d.do_sample or rule in DRAWN_RULES
         return generate(
             student if mode != "teacher" else None, teacher if mode != "student" else None, prompts,
             mode=mode, budgets=target, max_new_tokens=d.max_new_tokens, do_sample=d.do_sample,

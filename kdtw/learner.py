@@ -307,17 +307,14 @@ class Learner:
             return {}  # without <τ> there is no budget to hold: λ stays
         ids = torch.tensor([t.budget_id for t in student], dtype=torch.long)
         lengths = torch.tensor([len(t) for t in student], dtype=torch.float32)
-        tokens = torch.zeros(K).index_add_(0, ids, lengths)
-        seen = (tokens > 0) & (self.targets > 0)
-
-        by_sequence = c.use_weighting == "sequence"
-        weight = torch.ones_like(lengths) if by_sequence else lengths
-        total = torch.zeros(K).index_add_(0, ids, weight)
+        weight = torch.ones_like(lengths) if c.use_weighting == "sequence" else lengths
+        total = torch.zeros(K).index_add_(0, ids, weight)  # > 0 exactly where budget k has a path
+        seen = (total > 0) & (self.targets > 0)
 
         def per_budget(fractions: list[float]) -> torch.Tensor:
             """token: Σ_rows f·T / Σ T (a token-weighted rate); sequence: the mean of f over rows."""
             sums = torch.zeros(K).index_add_(0, ids, torch.tensor(fractions, dtype=torch.float32) * weight)
-            return torch.where(tokens > 0, sums / total.clamp(min=1e-9), torch.full((K,), float("nan")))
+            return torch.where(total > 0, sums / total.clamp(min=1e-9), torch.full((K,), float("nan")))
 
         expected = per_budget([t.expected_use for t in student])
         sampled = per_budget([t.teacher_use for t in student])
