@@ -299,10 +299,11 @@ class Learner:
         ``train.lambda_controller``: ``pi`` (PI on the logit scale) or ``integral`` (the first
         rule, on an EMA of the estimate). Zero budgets are masked, not controlled: their λ stays.
         Returns per-budget logs: λ, the three use estimates, the controller error.
-        ``update=False`` only measures (λ and the controller state stay)."""
+        ``update=False`` only measures (λ and the controller state stay). With
+        ``train.decoded_ratio`` > 0 only the rows decoded as validation decodes them count."""
         c = self.cfg
         K = len(self.targets)
-        student = [t for t in trajs if t.origin == "student"]
+        student = [t for t in trajs if t.origin == "student" and (c.decoded_ratio == 0 or t.decoded)]
         if not student or not c.use_tau:
             return {}  # without <τ> there is no budget to hold: λ stays
         ids = torch.tensor([t.budget_id for t in student], dtype=torch.long)

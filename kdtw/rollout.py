@@ -72,15 +72,19 @@ def student_rollouts(
     version: int = 0,
     worker_id: int = 0,
     budgets: list[float] | None = None,
+    decoded_rule: str | None = None,
 ) -> tuple[list[Trajectory], DecodeOutput]:
     """Sampled on-policy paths (teacher tokens sampled at <τ>), scored by the teacher on its
     decode state (``generate(score_teacher=True)``: each output position computed once).
-    ``budgets``: each prompt's target (a zero budget decodes with <τ> masked)."""
+    ``budgets``: each prompt's target (a zero budget decodes with <τ> masked).
+    ``decoded_rule``: decode instead as validation does (argmax tokens, the teacher's argmax at
+    calls, calls by this rule); the paths are marked ``decoded`` (train.decoded_ratio)."""
+    decoded = decoded_rule is not None
     out = generate(
         student, teacher, prompts, mode="budgeted" if use_tau else "student",
-        max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
-        teacher_do_sample=True, batch_size=batch_size, generator=generator, budgets=budgets,
-        score_teacher=True,
+        max_new_tokens=max_new_tokens, do_sample=not decoded, temperature=1.0 if decoded else temperature,
+        teacher_do_sample=not decoded, batch_size=batch_size, generator=generator, budgets=budgets,
+        score_teacher=True, call_rule=decoded_rule or "argmax",
     )
     t_logp = out.teacher_logp
     src = prompt_ids(student.lm, prompts)
@@ -90,6 +94,7 @@ def student_rollouts(
             actions_tau=out.call_mask[i], behaviour_logp=out.behaviour_logp[i],
             teacher_logp=t_logp[i], origin="student", policy_version=version,
             worker_id=worker_id, greedy_tau=out.greedy_tau[i], tau_prob=out.tau_prob[i] if use_tau else [],
+            decoded=decoded,
         )
         for i in range(len(prompts))
     ]
@@ -150,11 +155,16 @@ def collect(cfg, student: Student, teacher: LM, train_set: list[Example], table:
     prompts, bids, _ = sample_tasks(train_set, table, n_on, rng, c.task.instruction)
     d_prompts, d_bids, _ = sample_tasks(train_set, table, n_demo, rng, c.task.instruction)
     pending = demos_elsewhere(d_prompts, d_bids, demo_gen) if (n_demo and demos_elsewhere is not None) else None
-    trajs, _ = student_rollouts(
-        student, teacher, prompts, bids, max_new_tokens=c.decoding.max_new_tokens, use_tau=tc.use_tau,
-        temperature=tc.rollout_temperature, batch_size=c.decoding.batch_size, generator=gen, version=version,
-        worker_id=worker_id, budgets=[table.targets[b] for b in bids],
-    )
+    # train.decoded_ratio: the last n_dec on-policy rows are decoded as validation decodes them
+    n_dec = min(n_on, max(1, round(n_on * tc.decoded_ratio))) if tc.decoded_ratio > 0 else 0
+    trajs = []
+    for lo, hi, rule in ((0, n_on - n_dec, None), (n_on - n_dec, n_on, c.decoding.call_rule)):
+        if hi > lo:
+            trajs += student_rollouts(
+                student, teacher, prompts[lo:hi], bids[lo:hi], max_new_tokens=c.decoding.max_new_tokens,
+                use_tau=tc.use_tau, temperature=tc.rollout_temperature, batch_size=c.decoding.batch_size,
+                generator=gen, version=version, worker_id=worker_id,
+                budgets=[table.targets[b] for b in bids[lo:hi]], decoded_rule=rule)[0]
     if pending is not None:
         demos = pending()
     elif n_demo:

@@ -639,10 +639,11 @@ class UseObservation:
     origin: str = "student"
     length: int = 1
     expected_use: float = 0.0
+    decoded: bool = False
 
     def __len__(self) -> int:
         return self.length
 
     @classmethod
     def of(cls, t: Trajectory) -> "UseObservation":
-        return cls(t.budget_id, t.teacher_use, t.greedy_use, t.origin, len(t), t.expected_use)
+        return cls(t.budget_id, t.teacher_use, t.greedy_use, t.origin, len(t), t.expected_use, t.decoded)

@@ -28,6 +28,9 @@ class Trajectory:
     worker_id: int = 0
     greedy_tau: list[bool] = field(default_factory=list)  # argmax of the policy was <τ> (student paths)
     tau_prob: list[float] = field(default_factory=list)  # π(<τ> | s_t) of the behaviour policy (student paths)
+    # decoded as validation decodes (argmax tokens, the call rule): train.decoded_ratio's rows,
+    # which the λ estimate then reads alone. Not stored by the replay buffer (only fresh rows need it).
+    decoded: bool = False
 
     def __post_init__(self) -> None:
         T = len(self.tokens)
@@ -46,6 +49,8 @@ class Trajectory:
             raise TrajectoryError("tau_prob must hold probabilities in [0, 1]")
         if self.origin not in ORIGINS:
             raise TrajectoryError(f"origin={self.origin!r}: use one of {ORIGINS}")
+        if self.decoded and self.origin != "student":
+            raise TrajectoryError("only a student path can be decoded (decoded=True)")
         if self.origin == "teacher_demo" and any(self.actions_tau):
             raise TrajectoryError("a teacher demonstration has no <τ> actions")
         if self.budget_id < 0:

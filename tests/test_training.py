@@ -344,3 +344,24 @@ def test_a_learner_step_reports_step_stats_named_by_budget(pair):
     rec = trace_entry(7, st)
     assert rec["step"] == 7 and rec["expected"][0] is None and rec["lam"] == st.lam
     assert "pcl loss" in format_step(st)
+
+
+def test_decoded_ratio_estimate_reads_the_decoded_rows_alone(pair):
+    """train.decoded_ratio > 0: λ's estimate comes from the rows decoded as validation decodes
+    them; sampled rows of the same step train PCL but do not enter it."""
+    _, student = pair
+    rows = [traj(4, budget=1), traj(4, budget=1), traj(2, budget=2)]
+    rows[0].tau_prob, rows[1].tau_prob, rows[2].tau_prob = [0.6] * 4, [0.1] * 4, [0.9] * 2
+    rows[1].decoded = True
+    plain = _learner(copy.deepcopy(student), lambda_ki=0.1)
+    both = plain.observe_use(rows)
+    assert both["use_expected/1"] == pytest.approx(0.35) and both["use_expected/2"] == pytest.approx(0.9)
+    learner = _learner(copy.deepcopy(student), lambda_ki=0.1, lambda_kp=0.0, decoded_ratio=0.5)
+    lam0 = learner.lam.clone()
+    dec = learner.observe_use(rows)
+    assert dec["use_expected/1"] == pytest.approx(0.1)
+    assert math.isnan(dec["use_expected/2"]) and float(learner.lam[2]) == float(lam0[2])  # no decoded row
+    assert dec["lambda_err/1"] == pytest.approx(math.log(0.1 / 0.9) - math.log(0.2 / 0.8), rel=1e-5)
+    assert float(learner.lam[1]) < float(lam0[1])  # under target: λ falls
+    with pytest.raises(TrajectoryError, match="only a student path"):
+        traj(2, origin="teacher_demo").__class__(**{**traj(2, origin="teacher_demo").__dict__, "decoded": True})

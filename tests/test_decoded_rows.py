@@ -1,0 +1,53 @@
+"""train.decoded_ratio (issue 11): a share of each step's on-policy rows decoded as validation
+decodes them (argmax tokens, the teacher's argmax at calls, decoding.call_rule)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from conftest_ray import tiny
+from kdtw.config import ConfigError
+from kdtw.local import LocalLoop
+from kdtw.rollout import collect, demo_generator, score_batch
+from kdtw.teacher_service import UseObservation
+
+
+@pytest.mark.parametrize("rule", ["argmax", "systematic"])
+def test_collect_decodes_its_last_rows_as_validation_does(tmp_path, rule):
+    cfg = tiny(tmp_path, "train.phase1_steps=0", "train.decoded_ratio=0.5", f"decoding.call_rule={rule}")
+    loop = LocalLoop(cfg, log=lambda _: None)
+    n_on = cfg.train.batch_size - round(cfg.train.batch_size * cfg.train.demo_ratio)
+    batches = []
+    for seed in (1, 2):  # the same tasks, two rollout streams
+        trajs, demos = collect(cfg, loop.student, loop.teacher, loop.train_set, loop.table, rng=random.Random(0),
+                               gen=torch.Generator().manual_seed(seed), demo_gen=demo_generator(0), version=0)
+        assert len(trajs) == n_on and all(t.origin == "student" for t in trajs)
+        assert [t.decoded for t in trajs] == [False] * (n_on - n_on // 2) + [True] * (n_on // 2)
+        assert not any(t.decoded for t in demos)
+        batches.append(trajs)
+    dec = [t for t in batches[0] if t.decoded]
+    if rule == "argmax":  # the argmax rule draws nothing: the decoded rows ignore the stream
+        assert [t.tokens for t in dec] == [t.tokens for t in batches[1] if t.decoded]
+        assert [t.actions_tau for t in dec] == [t.actions_tau for t in batches[1] if t.decoded]
+    assert [t.tokens for t in batches[0] if not t.decoded] != [t.tokens for t in batches[1] if not t.decoded]
+    # every token the student wrote itself is its argmax over V at that state, and the teacher's
+    # log-probs are its own teacher-forced scoring of the path
+    for t in dec:
+        p_ids, p_mask = torch.tensor([t.source_ids]), torch.ones(1, len(t.source_ids), dtype=torch.long)
+        out = torch.tensor([t.tokens])
+        assert t.teacher_logp == pytest.approx(score_batch(loop.teacher, p_ids, p_mask, [t.tokens])[0], abs=1e-4)
+        lm = loop.student.lm
+        top = lm.forward(p_ids, p_mask, out)[0, :, : lm.vocab_size].argmax(-1).tolist()
+        own = [i for i, c in enumerate(t.actions_tau) if not c]
+        assert own and all(t.tokens[i] == top[i] for i in own)
+    assert UseObservation.of(dec[0]).decoded and not UseObservation.of(batches[0][0]).decoded
+
+
+def test_decoded_ratio_refuses_the_threshold_rule(tmp_path):
+    with pytest.raises(ConfigError, match="train.decoded_ratio"):
+        tiny(tmp_path, "train.decoded_ratio=0.5", "decoding.call_rule=threshold")
+    with pytest.raises(ConfigError, match="train.decoded_ratio"):
+        tiny(tmp_path, "train.decoded_ratio=1.5")
