@@ -10,6 +10,7 @@ import torch
 
 from conftest_ray import tiny
 from kdtw.config import ConfigError
+from kdtw.decoding import generate
 from kdtw.local import LocalLoop
 from kdtw.rollout import collect, demo_generator, score_batch
 from kdtw.teacher_service import UseObservation
@@ -51,3 +52,37 @@ def test_decoded_ratio_refuses_the_threshold_rule(tmp_path):
         tiny(tmp_path, "train.decoded_ratio=0.5", "decoding.call_rule=threshold")
     with pytest.raises(ConfigError, match="train.decoded_ratio"):
         tiny(tmp_path, "train.decoded_ratio=1.5")
+
+
+def test_rollout_state_gap_benchmark_measures_both_ways(tmp_path):
+    """benchmarks/rollout_state_gap.py (its figures are in the README): each column is the
+    decode it names, redone here."""
+    import importlib.util
+    import os
+
+    from conftest import ROOT
+    from kdtw.factory import budget_table, load_splits, load_student, load_teacher
+
+    spec = importlib.util.spec_from_file_location("gap", os.path.join(ROOT, "benchmarks", "rollout_state_gap.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cfg = tiny(tmp_path, f"models_dir={tmp_path}/models", "decoding.call_rule=systematic")
+    teacher = load_teacher(cfg)
+    student = load_student(cfg, teacher)
+    with torch.no_grad():
+        student.tau_offset.fill_(1.0)
+    examples = load_splits(cfg)["train"][:5]
+    res = mod.measure(cfg, student, teacher, examples, seed=3)
+    table = budget_table(cfg)
+    assert set(res) == {b.phrase for b in table if b.target > 0}
+    b = next(b for b in table if b.target > 0)
+    prompts = [table.prompt(b.phrase, cfg.task.instruction, ex.source) for ex in examples]
+    d = cfg.decoding
+    for way, kw in (("sampled", dict(do_sample=True, teacher_do_sample=True)),
+                    ("decoded", dict(call_rule="systematic"))):
+        out = generate(student, teacher, prompts, budgets=b.target, max_new_tokens=d.max_new_tokens,
+                       batch_size=d.batch_size, generator=torch.Generator().manual_seed(4), **kw)
+        want = sum(sum(p) / len(p) for p in out.tau_prob) / len(out)
+        assert res[b.phrase][way]["tau_prob"] == pytest.approx(want)
+        assert res[b.phrase][way]["use"] == pytest.approx(sum(out.teacher_use()) / len(out))
+    assert res[b.phrase]["sampled"]["tau_prob"] != res[b.phrase]["decoded"]["tau_prob"]
