@@ -33,8 +33,9 @@ class ReplayBufferActor:
     def add(self, trajs: list) -> dict:
         evicted = self.buf.add(trajs)
         self.uses.extend(UseObservation.of(t) for t in trajs if t.origin == "student")
-        self.added += len(trajs)
-        self.unseen += sum(len(t) for t in trajs)
+        kept = [t for t in trajs if not t.decoded]  # λ probes: observed above, never stored
+        self.added += len(kept)
+        self.unseen += sum(len(t) for t in kept)
         return {"evicted": evicted, "fill": self.buf.fill, "unseen_tokens": self.unseen}
 
     def sample_step(self, n: int, version: int, take_newest: bool):

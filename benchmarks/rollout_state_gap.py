@@ -9,7 +9,7 @@ at calls); validation and deployment decode (argmax tokens, the teacher's argmax
 ``decoding.call_rule``). For each nonzero budget this prints the mean over paths of each path's
 Σπ(<τ>|s_t)/T (and the realised use Σc/T) both ways on the same ``--n`` training prompts: where
 they differ, a controller holding the rollouts on target holds validation off it, which is what
-``train.decoded_ratio`` corrects (issue 11).
+``train.decoded_per_budget`` (λ probes) corrects (issue 11).
 """
 
 from __future__ import annotations

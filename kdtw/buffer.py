@@ -358,7 +358,10 @@ class ReplayBuffer:
     # -- filling
 
     def add(self, trajs: list[Trajectory]) -> int:
-        """Add trajectories, evicting the oldest when over capacity; returns how many were evicted."""
+        """Add trajectories, evicting the oldest when over capacity; returns how many were evicted.
+        λ probes (``Trajectory.decoded``, train.decoded_per_budget) are not kept: they are not
+        trained on."""
+        trajs = [t for t in trajs if not t.decoded]
         for t in trajs:
             if len(t) > self.capacity_tokens:
                 raise BufferError(

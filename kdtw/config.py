@@ -296,12 +296,12 @@ class TrainConfig:
     # revision) or "sequence" (the mean over paths of each one's fraction, DESIGN.md §1's
     # teacher-use fraction, which validation, selection and `kdtw eval` report).
     use_weighting: Literal["token", "sequence"] = "token"
-    # Share of each step's on-policy rows decoded as validation decodes them (tokens argmax,
-    # the teacher's argmax at calls, decoding.call_rule) instead of sampled; when > 0 the λ
-    # estimate reads those rows alone (kdtw addition, issue 11: on a weak student, sampled tokens
-    # lead to states where π(<τ>) is far above its value on the decoded paths validation judges).
-    # All of them train PCL, which holds along any path.
-    decoded_ratio: Fraction = 0.0
+    # λ probes (kdtw addition, issue 11): each Phase-2 step also decodes this many training
+    # prompts per nonzero budget as validation decodes them (argmax tokens, the teacher's argmax
+    # at calls, decoding.call_rule), and when > 0 the λ estimate reads these alone. They are not
+    # trained on (the replay buffer keeps no probe). On a weak student, sampled tokens lead to
+    # states where π(<τ>) is far above its value along the decoded paths validation judges.
+    decoded_per_budget: NonNegInt = 0
     # Sampling temperature of on-policy rollouts.
     rollout_temperature: PosFloat = 1.0
     # Validation examples decoded at each budget (null: the whole validation split).
@@ -502,11 +502,11 @@ class Config:
              "train.lambda_feedforward=true moves the per-budget <τ> offsets, which "
              f"train.budget_offsets={t.budget_offsets} train.use_tau={t.use_tau} turn off: set "
              "train.budget_offsets=true train.use_tau=true, or train.lambda_feedforward=false")
-        need(t.decoded_ratio == 0 or (t.use_tau and d.call_rule != "threshold"),
-             f"train.decoded_ratio={t.decoded_ratio} decodes rows with decoding.call_rule={d.call_rule} "
-             f"and train.use_tau={t.use_tau}: the threshold rule needs thresholds calibrated after "
-             "training and a student without <τ> has no call to decode; set decoding.call_rule to "
-             "systematic, sample or argmax (and train.use_tau=true), or train.decoded_ratio=0")
+        need(t.decoded_per_budget == 0 or (t.use_tau and d.call_rule != "threshold"),
+             f"train.decoded_per_budget={t.decoded_per_budget} decodes λ probes with decoding.call_rule="
+             f"{d.call_rule} and train.use_tau={t.use_tau}: the threshold rule needs thresholds calibrated "
+             "after training and a student without <τ> has no call to decode; set decoding.call_rule to "
+             "systematic, sample or argmax (and train.use_tau=true), or train.decoded_per_budget=0")
         need(t.lambda_min <= t.lambda_max,
              f"train.lambda_min={t.lambda_min} is above train.lambda_max={t.lambda_max}: "
              "need lambda_min <= lambda_max, e.g. lambda_min=-10.0 lambda_max=20.0")

@@ -236,7 +236,7 @@ class Learner:
         def col(name: str) -> list[float]:
             return [use.get(f"{name}/{k}", nan) for k in range(K)]
 
-        students = [t for t in fresh if t.origin == "student"]
+        students = [t for t in fresh if t.origin == "student" and not t.decoded]  # probes are not rollouts
         return StepStats(
             step=self.step, version=self.version, loss=m.pop("pcl/loss"),
             residual_abs_mean=m.pop("pcl/residual_abs_mean", nan), value_warmup=warm, lam=self.lam.tolist(),
@@ -300,10 +300,11 @@ class Learner:
         rule, on an EMA of the estimate). Zero budgets are masked, not controlled: their λ stays.
         Returns per-budget logs: λ, the three use estimates, the controller error.
         ``update=False`` only measures (λ and the controller state stay). With
-        ``train.decoded_ratio`` > 0 only the rows decoded as validation decodes them count."""
+        ``train.decoded_per_budget`` > 0 only the λ probes (rows decoded as validation decodes
+        them, ``Trajectory.decoded``) count."""
         c = self.cfg
         K = len(self.targets)
-        student = [t for t in trajs if t.origin == "student" and (c.decoded_ratio == 0 or t.decoded)]
+        student = [t for t in trajs if t.origin == "student" and (c.decoded_per_budget == 0 or t.decoded)]
         if not student or not c.use_tau:
             return {}  # without <τ> there is no budget to hold: λ stays
         ids = torch.tensor([t.budget_id for t in student], dtype=torch.long)

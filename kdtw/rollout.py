@@ -78,7 +78,7 @@ def student_rollouts(
     decode state (``generate(score_teacher=True)``: each output position computed once).
     ``budgets``: each prompt's target (a zero budget decodes with <τ> masked).
     ``decoded_rule``: decode instead as validation does (argmax tokens, the teacher's argmax at
-    calls, calls by this rule); the paths are marked ``decoded`` (train.decoded_ratio)."""
+    calls, calls by this rule); the paths are marked ``decoded`` (λ probes, train.decoded_per_budget)."""
     decoded = decoded_rule is not None
     out = generate(
         student, teacher, prompts, mode="budgeted" if use_tau else "student",
@@ -142,8 +142,10 @@ def collect(cfg, student: Student, teacher: LM, train_set: list[Example], table:
             demos_elsewhere: DemoFn | None = None) -> tuple[list[Trajectory], list[Trajectory]]:
     """One rollout batch, the collector of both transports (`kdtw.local.LocalLoop` with a local
     teacher, a Ray rollout worker with a `kdtw.teacher_service.RemoteTeacher`):
-    ``train.batch_size`` paths, ``round(batch_size·demo_ratio)`` of them teacher demonstrations.
-    Tasks are drawn from ``rng`` (on-policy ones, then demonstration ones), student actions and
+    ``train.batch_size`` paths, ``round(batch_size·demo_ratio)`` of them teacher demonstrations,
+    plus ``train.decoded_per_budget`` λ probes per nonzero budget among the student paths
+    (``decoded``; not trained on). Tasks are drawn from ``rng`` (on-policy ones, then
+    demonstration ones, then probes), student actions and
     teacher tokens at calls from ``gen``, demonstrations from ``demo_gen``: the same seeds give the
     same batch on either transport. ``demos_elsewhere(prompts, budget_ids, demo_gen)`` starts the
     demonstrations on the teacher's side and returns a function that waits for them: they are
@@ -155,16 +157,19 @@ def collect(cfg, student: Student, teacher: LM, train_set: list[Example], table:
     prompts, bids, _ = sample_tasks(train_set, table, n_on, rng, c.task.instruction)
     d_prompts, d_bids, _ = sample_tasks(train_set, table, n_demo, rng, c.task.instruction)
     pending = demos_elsewhere(d_prompts, d_bids, demo_gen) if (n_demo and demos_elsewhere is not None) else None
-    # train.decoded_ratio: the last n_dec on-policy rows are decoded as validation decodes them
-    n_dec = min(n_on, max(1, round(n_on * tc.decoded_ratio))) if tc.decoded_ratio > 0 else 0
+    # λ probes (train.decoded_per_budget): training prompts for every nonzero budget, decoded
+    # after the rollouts as validation decodes them; the buffer drops them, the λ estimate reads them
+    probe_bids = [k for k in range(len(table)) if table.targets[k] > 0] * tc.decoded_per_budget
+    probe_prompts = [table.prompt(table[k].phrase, c.task.instruction, rng.choice(train_set).source)
+                     for k in probe_bids]
     trajs = []
-    for lo, hi, rule in ((0, n_on - n_dec, None), (n_on - n_dec, n_on, c.decoding.call_rule)):
-        if hi > lo:
+    for ps, bs, rule in ((prompts, bids, None), (probe_prompts, probe_bids, c.decoding.call_rule)):
+        if ps:
             trajs += student_rollouts(
-                student, teacher, prompts[lo:hi], bids[lo:hi], max_new_tokens=c.decoding.max_new_tokens,
-                use_tau=tc.use_tau, temperature=tc.rollout_temperature, batch_size=c.decoding.batch_size,
-                generator=gen, version=version, worker_id=worker_id,
-                budgets=[table.targets[b] for b in bids[lo:hi]], decoded_rule=rule)[0]
+                student, teacher, ps, bs, max_new_tokens=c.decoding.max_new_tokens, use_tau=tc.use_tau,
+                temperature=tc.rollout_temperature, batch_size=c.decoding.batch_size, generator=gen,
+                version=version, worker_id=worker_id, budgets=[table.targets[b] for b in bs],
+                decoded_rule=rule)[0]
     if pending is not None:
         demos = pending()
     elif n_demo:

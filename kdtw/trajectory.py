@@ -28,8 +28,8 @@ class Trajectory:
     worker_id: int = 0
     greedy_tau: list[bool] = field(default_factory=list)  # argmax of the policy was <τ> (student paths)
     tau_prob: list[float] = field(default_factory=list)  # π(<τ> | s_t) of the behaviour policy (student paths)
-    # decoded as validation decodes (argmax tokens, the call rule): train.decoded_ratio's rows,
-    # which the λ estimate then reads alone. Not stored by the replay buffer (only fresh rows need it).
+    # a λ probe, decoded as validation decodes (argmax tokens, the call rule;
+    # train.decoded_per_budget): the λ estimate reads it, the replay buffer never stores it.
     decoded: bool = False
 
     def __post_init__(self) -> None:

@@ -1,5 +1,6 @@
-"""train.decoded_ratio (issue 11): a share of each step's on-policy rows decoded as validation
-decodes them (argmax tokens, the teacher's argmax at calls, decoding.call_rule)."""
+"""train.decoded_per_budget (issue 11): λ probes, training prompts of every nonzero budget decoded
+as validation decodes them (argmax tokens, the teacher's argmax at calls, decoding.call_rule),
+read by the λ estimate and never trained on."""
 
 from __future__ import annotations
 
@@ -17,20 +18,22 @@ from kdtw.teacher_service import UseObservation
 
 
 @pytest.mark.parametrize("rule", ["argmax", "systematic"])
-def test_collect_decodes_its_last_rows_as_validation_does(tmp_path, rule):
-    cfg = tiny(tmp_path, "train.phase1_steps=0", "train.decoded_ratio=0.5", f"decoding.call_rule={rule}")
+def test_collect_adds_probes_decoded_as_validation_decodes(tmp_path, rule):
+    cfg = tiny(tmp_path, "train.phase1_steps=0", "train.decoded_per_budget=2", f"decoding.call_rule={rule}")
     loop = LocalLoop(cfg, log=lambda _: None)
     n_on = cfg.train.batch_size - round(cfg.train.batch_size * cfg.train.demo_ratio)
+    nonzero = [k for k in range(len(loop.table)) if loop.table.targets[k] > 0]
     batches = []
     for seed in (1, 2):  # the same tasks, two rollout streams
         trajs, demos = collect(cfg, loop.student, loop.teacher, loop.train_set, loop.table, rng=random.Random(0),
                                gen=torch.Generator().manual_seed(seed), demo_gen=demo_generator(0), version=0)
-        assert len(trajs) == n_on and all(t.origin == "student" for t in trajs)
-        assert [t.decoded for t in trajs] == [False] * (n_on - n_on // 2) + [True] * (n_on // 2)
-        assert not any(t.decoded for t in demos)
+        assert len(trajs) == n_on + 2 * len(nonzero) and all(t.origin == "student" for t in trajs)
+        assert [t.decoded for t in trajs] == [False] * n_on + [True] * (2 * len(nonzero))
+        assert sorted(t.budget_id for t in trajs if t.decoded) == sorted(nonzero * 2)
+        assert len(demos) + n_on == cfg.train.batch_size and not any(t.decoded for t in demos)
         batches.append(trajs)
     dec = [t for t in batches[0] if t.decoded]
-    if rule == "argmax":  # the argmax rule draws nothing: the decoded rows ignore the stream
+    if rule == "argmax":  # the argmax rule draws nothing: the probes ignore the stream
         assert [t.tokens for t in dec] == [t.tokens for t in batches[1] if t.decoded]
         assert [t.actions_tau for t in dec] == [t.actions_tau for t in batches[1] if t.decoded]
     assert [t.tokens for t in batches[0] if not t.decoded] != [t.tokens for t in batches[1] if not t.decoded]
@@ -38,20 +41,40 @@ def test_collect_decodes_its_last_rows_as_validation_does(tmp_path, rule):
     # log-probs are its own teacher-forced scoring of the path
     for t in dec:
         p_ids, p_mask = torch.tensor([t.source_ids]), torch.ones(1, len(t.source_ids), dtype=torch.long)
-        out = torch.tensor([t.tokens])
         assert t.teacher_logp == pytest.approx(score_batch(loop.teacher, p_ids, p_mask, [t.tokens])[0], abs=1e-4)
         lm = loop.student.lm
-        top = lm.forward(p_ids, p_mask, out)[0, :, : lm.vocab_size].argmax(-1).tolist()
+        top = lm.forward(p_ids, p_mask, torch.tensor([t.tokens]))[0, :, : lm.vocab_size].argmax(-1).tolist()
         own = [i for i, c in enumerate(t.actions_tau) if not c]
         assert own and all(t.tokens[i] == top[i] for i in own)
     assert UseObservation.of(dec[0]).decoded and not UseObservation.of(batches[0][0]).decoded
 
 
-def test_decoded_ratio_refuses_the_threshold_rule(tmp_path):
-    with pytest.raises(ConfigError, match="train.decoded_ratio"):
-        tiny(tmp_path, "train.decoded_ratio=0.5", "decoding.call_rule=threshold")
-    with pytest.raises(ConfigError, match="train.decoded_ratio"):
-        tiny(tmp_path, "train.decoded_ratio=1.5")
+def test_probes_steer_lambda_and_are_never_trained_on(tmp_path):
+    """A local-loop step with probes: the buffer (so the PCL batch) holds none of them, and λ's
+    estimate is the probes' mean per-path π(<τ>)."""
+    cfg = tiny(tmp_path, "train.phase1_steps=0", "train.decoded_per_budget=1", "decoding.call_rule=systematic",
+               "train.value_warmup_steps=0", "train.use_weighting=sequence")
+    loop = LocalLoop(cfg, log=lambda _: None)
+    loop.learner.start_phase2()
+    trajs, demos = loop.collect()
+    st = loop.learn(trajs, demos)
+    stored = [t.tokens for t in loop.buffer._items["student"]]
+    assert sorted(stored) == sorted(t.tokens for t in trajs if not t.decoded)
+    assert loop.buffer.counts()["teacher_demo"] == len(demos)
+    for k in range(len(loop.table)):
+        probes = [t for t in trajs if t.decoded and t.budget_id == k]
+        if loop.table.targets[k] == 0:
+            assert not probes
+            continue
+        want = sum(sum(t.tau_prob) / len(t) for t in probes) / len(probes)
+        assert st.use_expected[k] == pytest.approx(want, rel=1e-5)
+
+
+def test_decoded_per_budget_refuses_the_threshold_rule(tmp_path):
+    with pytest.raises(ConfigError, match="train.decoded_per_budget"):
+        tiny(tmp_path, "train.decoded_per_budget=1", "decoding.call_rule=threshold")
+    with pytest.raises(ConfigError, match="train.decoded_per_budget"):
+        tiny(tmp_path, "train.decoded_per_budget=-1")
 
 
 def test_rollout_state_gap_benchmark_measures_both_ways(tmp_path):

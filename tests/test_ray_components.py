@@ -78,11 +78,11 @@ def test_remote_teacher_decodes_and_scores_like_the_local_one(pair):
     assert all(a >= b for r in tl for a, b in zip(r, r[1:])) and max(max(r) for r in tl) <= 0
 
 
-@pytest.mark.parametrize("extra", [[], ["train.decoded_ratio=0.5", "decoding.call_rule=systematic"]])
+@pytest.mark.parametrize("extra", [[], ["train.decoded_per_budget=1", "decoding.call_rule=systematic"]])
 def test_collect_through_a_remote_teacher_is_the_local_loops_collect(tmp_path, extra):
     """`kdtw.rollout.collect` with the teacher behind a client (worker 0 of the Ray loop) makes
     `LocalLoop.collect`'s batch: same streams, same paths, same teacher log-probs (also with
-    rows decoded as validation decodes them, train.decoded_ratio)."""
+    λ probes decoded as validation decodes them, train.decoded_per_budget)."""
     cfg = tiny(tmp_path, "train.phase1_steps=0", *extra)
     loop = LocalLoop(cfg, log=lambda _: None)
     student = copy.deepcopy(loop.student)
@@ -106,7 +106,8 @@ def test_collect_through_a_remote_teacher_is_the_local_loops_collect(tmp_path, e
         for fn, (rng, gen, dgen) in streams.items():
             trajs, demos = collect(cfg, student, proxy, loop.train_set, loop.table, rng=rng, gen=gen, demo_gen=dgen,
                                    version=0, demos_elsewhere=fn)
-            assert len(trajs) + len(demos) == cfg.train.batch_size and len(demos) == len(l_demos) > 0
+            trained = [t for t in trajs if not t.decoded]  # λ probes come on top of the batch
+            assert len(trained) + len(demos) == cfg.train.batch_size and len(demos) == len(l_demos) > 0
             for a, b in zip(trajs + demos, l_trajs + l_demos):
                 assert (a.source_ids, a.budget_id, a.tokens, a.actions_tau, a.origin, a.decoded) == \
                        (b.source_ids, b.budget_id, b.tokens, b.actions_tau, b.origin, b.decoded)

@@ -346,9 +346,9 @@ def test_a_learner_step_reports_step_stats_named_by_budget(pair):
     assert "pcl loss" in format_step(st)
 
 
-def test_decoded_ratio_estimate_reads_the_decoded_rows_alone(pair):
-    """train.decoded_ratio > 0: λ's estimate comes from the rows decoded as validation decodes
-    them; sampled rows of the same step train PCL but do not enter it."""
+def test_decoded_per_budget_estimate_reads_the_probes_alone(pair):
+    """train.decoded_per_budget > 0: λ's estimate comes from the probes decoded as validation
+    decodes them; the step's sampled rows do not enter it."""
     _, student = pair
     rows = [traj(4, budget=1), traj(4, budget=1), traj(2, budget=2)]
     rows[0].tau_prob, rows[1].tau_prob, rows[2].tau_prob = [0.6] * 4, [0.1] * 4, [0.9] * 2
@@ -356,7 +356,7 @@ def test_decoded_ratio_estimate_reads_the_decoded_rows_alone(pair):
     plain = _learner(copy.deepcopy(student), lambda_ki=0.1)
     both = plain.observe_use(rows)
     assert both["use_expected/1"] == pytest.approx(0.35) and both["use_expected/2"] == pytest.approx(0.9)
-    learner = _learner(copy.deepcopy(student), lambda_ki=0.1, lambda_kp=0.0, decoded_ratio=0.5)
+    learner = _learner(copy.deepcopy(student), lambda_ki=0.1, lambda_kp=0.0, decoded_per_budget=1)
     lam0 = learner.lam.clone()
     dec = learner.observe_use(rows)
     assert dec["use_expected/1"] == pytest.approx(0.1)
