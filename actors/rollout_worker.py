@@ -73,7 +73,7 @@ class RolloutWorker:
         return {"worker_id": self.worker_id, "version": self.version, "paths": len(paths),
                 "buffer_unseen": added["unseen_tokens"],
                 "tokens": sum(len(t) for t in paths), "prompt_tokens": sum(len(t.source_ids) for t in paths),
-                "use": use_by_budget(trajs, len(self.table)),
+                "use": use_by_budget([t for t in trajs if not t.decoded], len(self.table)),  # rollouts, not λ probes
                 "seconds": {"sync": t1 - t0, "rollout": t2 - t1, "push": time.perf_counter() - t2}}
 
     def rng_state(self) -> dict:
