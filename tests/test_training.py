@@ -364,4 +364,4 @@ def test_decoded_per_budget_estimate_reads_the_probes_alone(pair):
     assert dec["lambda_err/1"] == pytest.approx(math.log(0.1 / 0.9) - math.log(0.2 / 0.8), rel=1e-5)
     assert float(learner.lam[1]) < float(lam0[1])  # under target: λ falls
     with pytest.raises(TrajectoryError, match="only a student path"):
-        traj(2, origin="teacher_demo").__class__(**{**traj(2, origin="teacher_demo").__dict__, "decoded": True})
+        Trajectory(**{**vars(traj(2, origin="teacher_demo")), "decoded": True})
