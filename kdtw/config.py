@@ -498,10 +498,12 @@ class Config:
             f"train.demo_ratio={t.demo_ratio} with train.batch_size={t.batch_size} leaves no on-policy "
             "row in a Phase-2 batch (the λ controller steers their use): lower train.demo_ratio, e.g. 0.25",
         )
-        need(not t.lambda_feedforward or (t.budget_offsets and t.use_tau),
+        # Without <τ> (a drafter: train.use_tau=false) there is no λ to move, so the feedforward
+        # is idle and a profile that turns it on still trains its drafter.
+        need(not t.lambda_feedforward or not t.use_tau or t.budget_offsets,
              "train.lambda_feedforward=true moves the per-budget <τ> offsets, which "
-             f"train.budget_offsets={t.budget_offsets} train.use_tau={t.use_tau} turn off: set "
-             "train.budget_offsets=true train.use_tau=true, or train.lambda_feedforward=false")
+             f"train.budget_offsets={t.budget_offsets} turns off: set "
+             "train.budget_offsets=true, or train.lambda_feedforward=false")
         need(t.decoded_per_budget == 0 or (t.use_tau and d.call_rule != "threshold"),
              f"train.decoded_per_budget={t.decoded_per_budget} decodes λ probes with decoding.call_rule="
              f"{d.call_rule} and train.use_tau={t.use_tau}: the threshold rule needs thresholds calibrated "

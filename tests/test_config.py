@@ -251,3 +251,15 @@ def test_sections_built_in_code_are_typed_and_keep_dataclass_behaviour():
     cfg.train.gamma = math.nan
     with pytest.raises(ConfigError, match=r"train.gamma=nan must be a finite number in \(0, 1\]"):
         cfg.validate()
+
+
+@pytest.mark.parametrize("profile", ["default", "toy_summarisation"])
+def test_the_readme_drafter_command_loads_on_a_feedforward_profile(profile):
+    """The README trains each frontier's drafter with ``train.use_tau=false`` on the profile
+    itself; the profile turns on train.lambda_feedforward, which without <τ> has no λ to move, so
+    the drafter's config loads, and the refusal stays for a τ-student without budget offsets."""
+    path = os.path.join(ROOT, "conf", f"{profile}.yaml")
+    assert load_config(path).train.lambda_feedforward
+    assert not load_config(path, ["train.use_tau=false"]).train.use_tau
+    with pytest.raises(ConfigError, match="train.budget_offsets=true, or train.lambda_feedforward=false"):
+        load_config(path, ["train.budget_offsets=false"])
