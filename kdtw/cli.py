@@ -333,6 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", help="also write the rows to this JSON file")
     sp.set_defaults(func=cmd_report)
 
+    # Listed for --help only: main() hands `kdtw eval ...` to jobs/evaluate.py (it logs to MLflow,
+    # which kdtw/ does not import) before this parser runs.
+    sub.add_parser("eval", add_help=False,
+                   help="the quality-latency frontier against speculative decoding (kdtw eval --help)")
+
     sp = sub.add_parser("data", help="build a dataset's files (offline tasks kdtw ships)")
     data = sp.add_subparsers(dest="dataset", required=True, metavar="DATASET")
     dp = data.add_parser(

@@ -105,3 +105,15 @@ def test_ctrl_c_in_the_local_loop_exports_the_best_so_far(tmp_path):
     assert report["stopped"] == {"signal": "SIGINT", "phase": 2, "step": step} and step >= 3
     assert len(report["lambda_trace"]) == step and report["selected"] is not None
     assert (run / "student" / "kdtw_student.json").exists() and not (run / "candidate").exists()
+
+
+def test_help_lists_every_command_eval_included(capsys):
+    """`kdtw --help` names every subcommand; `kdtw eval` runs jobs/evaluate.py and is listed too."""
+    from kdtw.cli import main
+
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("pretrain", "decode", "train", "report", "eval", "data"):
+        assert command in out.split("positional arguments:")[1].split("options:")[0], command
+    assert main(["eval", "--help"]) == 0
+    assert "--drafter" in capsys.readouterr().out
