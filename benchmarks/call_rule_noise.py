@@ -26,6 +26,7 @@ import torch  # noqa: E402
 
 from kdtw.config import load_config  # noqa: E402
 from kdtw.decoding import generate  # noqa: E402
+from kdtw.examples import spread  # noqa: E402
 from kdtw.factory import budget_table, load_splits, load_teacher, prompts_for  # noqa: E402
 from kdtw.metrics import primary_metric, task_metrics  # noqa: E402
 from kdtw.models import Student  # noqa: E402
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     teacher = load_teacher(cfg)
     student = Student.load(a.student)
     examples = load_splits(cfg)["validation"]
-    examples = examples[: a.n] if a.n else examples
+    examples = spread(examples, a.n or None)
     print(f"[call_rule_noise] {len(examples)} validation examples, {a.seeds} draw seeds per rule", flush=True)
     res = measure(cfg, student, teacher, examples, seeds=a.seeds)
     print(f"{'budget':10s} {'rule':11s} {'mean dev':>9s} {'std dev':>8s} {'max|dev|':>9s} {'π seq':>7s} {'π tok':>7s} "

@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kdtw.config import load_config  # noqa: E402
 from kdtw.decoding import generate, speculative_generate  # noqa: E402
+from kdtw.examples import spread  # noqa: E402
 from kdtw.factory import budget_table, load_pair, load_splits, model_folder, prompts_for  # noqa: E402
 
 
@@ -58,7 +59,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     teacher, student = load_pair(cfg)
     table = budget_table(cfg)
-    examples = load_splits(cfg)["validation"][: args.n]
+    examples = spread(load_splits(cfg)["validation"], args.n)
     prompts = prompts_for(cfg, examples, table.phrases[0])
     t_s = step_time(student.lm, prompts[0])
     t_t = step_time(teacher, prompts[0])

@@ -14,7 +14,7 @@ and the call thresholds used (call_thresholds.json, when the threshold or oracle
 one metric per row and column (``budgeted/light/bleu``), the files as artifacts.
 
 Thresholds of the threshold and oracle rules: --thresholds FILE, else the student folder's
-call_thresholds.json, else calibrated on the validation split's first --calib-n examples
+call_thresholds.json, else calibrated on --calib-n examples spread over the validation split
 (default: --n) so that each budget's use is its target there (kdtw/calibration.py).
 
 --student: a kdtw student folder (Student.load); default: the config's student
@@ -59,7 +59,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--drafter", help="drafter folder: a student or a plain model (default: the student, <τ> masked)")
     p.add_argument("--out", required=True, help="output folder for results, plot, verdict, command")
     p.add_argument("--split", default="validation", choices=SPLITS)
-    p.add_argument("--n", type=count("--n", 16), default=None, help="first N examples only")
+    p.add_argument("--n", type=count("--n", 16), default=None, help="N examples spread evenly over the split (default: all)")
     p.add_argument("--ks", default="1,2,3,5,7", help="speculative block sizes, comma-separated")
     p.add_argument("--call-rules", default="argmax,sample,systematic,threshold",
                    help="learned call rules to report, comma-separated (the configured "

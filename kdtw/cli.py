@@ -232,6 +232,7 @@ def cmd_train(args) -> int:
 def cmd_report(args) -> int:
     """Decode a split at every budget (and student/teacher alone); print a table."""
     from .decoding import generate
+    from .examples import spread
     from .factory import budget_table, load_pair, load_splits, prompts_for
     from .metrics import primary_metric, task_metrics
 
@@ -246,7 +247,7 @@ def cmd_report(args) -> int:
     splits = load_splits(cfg)
     if args.split not in splits:
         raise ValueError(f"--split {args.split}: this task has the splits {', '.join(splits)}")
-    examples = splits[args.split][: args.n]
+    examples = spread(splits[args.split], args.n)
     refs = [ex.target for ex in examples]
     if wanted == {"teacher"}:  # the teacher alone (e.g. before its fine-tune): no student needed
         from .factory import load_teacher
@@ -326,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("report", help="decode a split at every budget and print a table")
     common(sp)
     sp.add_argument("--split", default="validation", choices=SPLITS)
-    sp.add_argument("--n", type=count("--n", 16), default=None, help="first N examples only")
+    sp.add_argument("--n", type=count("--n", 16), default=None, help="N examples spread evenly over the split (default: all)")
     sp.add_argument("--strict", action="store_true")
     sp.add_argument("--runs", default="student,teacher,budgets",
                     help="which decoders, comma-separated (default: student,teacher,budgets)")

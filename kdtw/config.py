@@ -108,7 +108,7 @@ class TaskConfig:
     splits: dict = field(
         default_factory=lambda: {"train": "train", "validation": "validation", "test": "test"}
     )
-    # Cap examples per split (None: all).
+    # Cap examples per split, spread evenly over each (kdtw.examples.spread; None: all).
     max_examples: Annotated[PosInt | None, Hint(null="every example", example=1000)] = None
     # Metric family: "translation" (BLEU, chrF) or "summarisation" (ROUGE-1/2/L).
     metric: Literal["translation", "summarisation"] = "translation"
@@ -201,7 +201,7 @@ class PretrainConfig:
     weight_decay: NonNegFloat = 0.0
     # Print progress every N steps.
     log_every: PosInt = 100
-    # Validation examples decoded at the end to report quality.
+    # Validation examples decoded at the end to report quality (spread evenly over the split).
     eval_examples: PosInt = 200
 
 
@@ -304,7 +304,8 @@ class TrainConfig:
     decoded_per_budget: NonNegInt = 0
     # Sampling temperature of on-policy rollouts.
     rollout_temperature: PosFloat = 1.0
-    # Validation examples decoded at each budget (null: the whole validation split).
+    # Validation examples decoded at each budget (null: the whole validation split), spread evenly
+    # over the split (kdtw.examples.spread: a split in canonical order is measured on all of it).
     val_examples: Annotated[PosInt | None, Hint(null="the whole validation split", example=64)] = None
     # Print progress every N steps.
     log_every: PosInt = 10

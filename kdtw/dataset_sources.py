@@ -141,7 +141,7 @@ def load_dataset_source(
     `splits` maps our split name ("train", "validation", "test") to the source's split name.
     `data_files` may map a split name to a file (or list of files); relative paths are taken
     from `path_or_name` when it is a folder. A single file loads as the source split "train".
-    `max_examples` keeps the first N examples of each split.
+    `max_examples` keeps N examples of each split, spread evenly over it (`kdtw.examples.spread`).
     """
     if not splits:
         raise DataError("task.splits is empty; map at least 'train' to a source split")
@@ -174,7 +174,8 @@ def load_dataset_source(
                 "task.splits at a split with examples"
             )
         if max_examples is not None:
-            ds = ds.select(range(min(max_examples, len(ds))))
+            ds = ds.select(range(len(ds)) if max_examples >= len(ds)
+                           else [i * len(ds) // max_examples for i in range(max_examples)])  # as kdtw.examples.spread
         sources, targets = _column(ds, source_column), _column(ds, target_column)
         for i, (s, t) in enumerate(zip(sources, targets)):
             for column, value in ((source_column, s), (target_column, t)):

@@ -23,7 +23,7 @@ measured wall-clock seconds per sequence. Budgeted and oracle rows carry ``call_
 
 Thresholds. θ_k of the ``threshold`` and ``oracle`` rules come from the student's
 ``call_thresholds.json`` when it has one for every budget (``thresholds=``, kdtw/calibration.py),
-otherwise they are calibrated here on the VALIDATION split (its first ``calib_n`` examples), never
+otherwise they are calibrated here on the VALIDATION split (``calib_n`` of its examples, `kdtw.examples.spread`), never
 on the split being evaluated unless that is validation, so that each budget's use is b_k there
 (kdtw/calibration.py). ``info["call_thresholds"]`` records them, where they came from and the use
 they gave on validation. Calibration decodes greedily (``decoding.do_sample`` does not apply to
@@ -64,6 +64,7 @@ import torch
 from .calibration import Calibration, calibrate_budgets, thresholds_for
 from .config import Config
 from .decoding import DRAWN_RULES, DecodeOutput, forward_time_ratio, generate, speculative_generate
+from .examples import spread
 from .factory import budget_table, load_splits, prompts_for
 from .metrics import cost_model_latency, primary_metric, task_metrics, teacher_use_fraction
 from .models import LM, TAU_TOKEN, ModelError, Student, check_tokenizers
@@ -285,7 +286,7 @@ def evaluate_frontier(
     calib_n: int | None = None,
     log: Callable[[str], None] = print,
 ) -> EvalResult:
-    """Decode ``split`` (its first ``n`` examples; all when None) with every method and setting
+    """Decode ``split`` (``n`` examples spread over it, `kdtw.examples.spread`; all when None) with every method and setting
     and return the rows, ``c`` and the verdict. ``drafter`` None: the student with <τ> masked.
 
     ``call_rule``: the rule of the ``budgeted`` family (None: ``decoding.call_rule`` where the
@@ -308,7 +309,7 @@ def evaluate_frontier(
     splits = load_splits(cfg)
     if split not in splits:
         raise ValueError(f"split {split!r} does not exist; the task has {sorted(splits)}")
-    examples = splits[split][: n if n is not None else None]
+    examples = spread(splits[split], n)
     if not examples:
         raise ValueError(
             f"split {split!r} is empty{'' if n is None else f' (n={n})'}: nothing to evaluate; "
@@ -422,7 +423,7 @@ def _call_thresholds(cfg: Config, student: Student, teacher: LM, splits: dict, t
             record["source"][rule] = "call_thresholds.json"
     if todo:
         val = splits.get("validation") or []
-        val = val[: calib_n if calib_n is not None else None]
+        val = spread(val, calib_n)
         if not val:
             raise ValueError(
                 f"the {' and '.join(todo)} call rule needs thresholds calibrated on the validation "

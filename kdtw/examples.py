@@ -20,3 +20,16 @@ class DataError(ValueError):
 
 
 Splits = dict[str, list[Example]]  # split name -> examples
+
+
+def spread(examples: list, n: int | None) -> list:
+    """``n`` examples spread evenly over a split (indices ⌊i·len/n⌋, in split order), or the whole
+    split when ``n`` is None or at least its length. Every "N examples of a split" in kdtw
+    (validation, `kdtw eval --n`, `kdtw report --n`, pretraining's evaluation) takes them so:
+    a split stored in a canonical order (data/bible_en_es: book by book) is then measured on
+    every part of it, where its first N would all come from its first book."""
+    if n is None or n >= len(examples):
+        return list(examples)
+    if n < 0:
+        raise ValueError(f"n={n}: give a number of examples >= 0, or None for the whole split")
+    return [examples[i * len(examples) // n] for i in range(n)]

@@ -20,7 +20,7 @@ from typing import Any
 from .budgets import BudgetTable
 from .config import Config, ModelConfig
 from .data import load_task
-from .examples import Example
+from .examples import Example, spread
 from .models import (
     LM,
     STUDENT_META,
@@ -69,7 +69,7 @@ def load_splits(cfg: Config) -> dict[str, list[Example]]:
             max_examples=t.max_examples,
         )
     if t.max_examples is not None:
-        splits = {k: v[: t.max_examples] for k, v in splits.items()}
+        splits = {k: spread(v, t.max_examples) for k, v in splits.items()}
     return splits
 
 

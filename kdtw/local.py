@@ -19,6 +19,7 @@ import torch
 from .budgets import BudgetTable
 from .buffer import ReplayBuffer
 from .config import Config, check_writable_dir
+from .examples import spread
 from .factory import budget_table, load_pair, load_splits
 from .learner import Learner, StepStats
 from .metrics import primary_metric
@@ -63,7 +64,7 @@ class LocalLoop:
         self.table: BudgetTable = budget_table(cfg)
         splits = load_splits(cfg)
         self.train_set = splits["train"]
-        self.val_set = splits["validation"][: cfg.train.val_examples or None]
+        self.val_set = spread(splits["validation"], cfg.train.val_examples)
         self.learner = Learner(student, targets=self.table.targets, train_cfg=cfg.train)
         tc = cfg.train
         self.buffer = ReplayBuffer(capacity_tokens=tc.buffer_tokens, demo_ratio=tc.demo_ratio,

@@ -27,6 +27,7 @@ import torch
 from .atomic import make_tmp_dir, recover_dir, remove_dir, replace_dir
 from .config import Config
 from .decoding import generate
+from .examples import spread
 from .factory import (
     DERIVED,
     _load_plain,
@@ -101,7 +102,7 @@ def supervised_train(
 
 def evaluate_lm(cfg: Config, lm: LM, *, split: str = "validation", n: int | None = None, phrase: str | None = None) -> dict:
     """Greedy decoding of ``lm`` alone on a split: task metrics and timing."""
-    examples = load_splits(cfg)[split][: n or None]
+    examples = spread(load_splits(cfg)[split], n or None)
     phrase = phrase or next(iter(cfg.budgets))
     out = generate(
         None,

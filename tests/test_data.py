@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 
 from kdtw import data, dataset_sources, toy_tasks
 from kdtw.dataset_sources import load_dataset_source
-from kdtw.examples import SPLITS, DataError, Example
+from kdtw.examples import SPLITS, DataError, Example, spread
 from kdtw.tokenizer import build_word_tokenizer
 
 WORD = re.compile(r"[a-z]+")
@@ -259,7 +259,24 @@ def test_data_files_map_splits_and_max_examples(tmp_path):
         max_examples=3,
         **COLS,
     )
-    assert out == {"train": expected(ROWS[:3]), "validation": expected(ROWS[:2])}
+    # 3 of 5 spread over the split (rows 0, 1, 3), not its first three; a 2-row split stays whole
+    assert out == {"train": expected([ROWS[0], ROWS[1], ROWS[3]]), "validation": expected(ROWS[:2])}
+
+
+def test_spread_measures_every_part_of_a_split_in_canonical_order():
+    """A split stored book by book (data/bible_en_es: its first 32 validation verses all come
+    from Genesis 1-31) must not be judged by its first book: N examples are spread over it."""
+    split = [f"{book} {i}" for book in ("Gen", "Exod", "Ps", "Matt") for i in range(250)]
+    picked = spread(split, 32)
+    assert len(picked) == 32 and len(set(picked)) == 32
+    assert [sum(p.startswith(b + " ") for p in picked) for b in ("Gen", "Exod", "Ps", "Matt")] == [8, 8, 8, 8]
+    assert picked == sorted(picked, key=split.index)  # split order kept
+    assert spread(split, None) == split and spread(split, 5000) == split and spread(split, 0) == []
+    for n in range(1, 40):  # distinct, in order, from the first example on
+        idx = [split.index(p) for p in spread(split[:n + 7], n)]
+        assert idx[0] == 0 and all(a < b for a, b in zip(idx, idx[1:]))
+    with pytest.raises(ValueError, match="n=-1"):
+        spread(split, -1)
 
 
 def test_local_folder_with_split_files(tmp_path):

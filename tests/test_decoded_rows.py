@@ -109,3 +109,19 @@ def test_rollout_state_gap_benchmark_measures_both_ways(tmp_path):
         assert res[b.phrase][way]["tau_prob"] == pytest.approx(want)
         assert res[b.phrase][way]["use"] == pytest.approx(sum(out.teacher_use()) / len(out))
     assert res[b.phrase]["sampled"]["tau_prob"] != res[b.phrase]["decoded"]["tau_prob"]
+
+
+def test_the_loops_validate_on_examples_spread_over_the_split(tmp_path):
+    """train.val_examples picks its examples over the whole validation split (kdtw.examples.spread),
+    in the local loop and in the Ray job alike (both call spread on the same split)."""
+    import inspect
+
+    import jobs.train_pcl as job
+    from kdtw.examples import spread
+    from kdtw.factory import load_splits
+
+    cfg = tiny(tmp_path, "train.phase1_steps=0", "train.val_examples=5")
+    loop = LocalLoop(cfg, log=lambda _: None)
+    val = load_splits(cfg)["validation"]
+    assert len(val) > 5 and loop.val_set == spread(val, 5) and loop.val_set != val[:5]
+    assert 'spread(load_splits(cfg)["validation"], cfg.train.val_examples)' in inspect.getsource(job.Phase2.__init__)
