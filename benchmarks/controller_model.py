@@ -16,7 +16,8 @@ change of x (averaged over 5 steps) over 5 steps on the sum of λ over those ste
 intercept per budget: x_{t+1} − x_t = g(λ*_k − λ_{t−1}), i.e. PCL integrates the distance to an
 equilibrium multiplier λ*_k with gain g a step: a second integrator in the loop, beside the
 controller's. (λ responds to the noise of x, so the fit is not free of closed-loop bias.) The
-noise of one λ probe is the standard deviation of the step-to-step change of x / √2.
+noise of one λ probe is the standard deviation of the step-to-step change of x / √2 (× √n for a
+run with n probes a budget, read from the config.yaml beside its report; 1 without one).
 
 Then it runs the real controller (`kdtw.losses.pid_lagrange_update`) against that plant, in the
 loop's order (collect, PCL step, λ update), observing the logit of the mean use of n
@@ -38,6 +39,7 @@ import sys
 
 import numpy as np
 import torch
+import yaml
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -57,7 +59,17 @@ def logit(p: float) -> float:
     return math.log(p / (1 - p))
 
 
-def fit(report: dict) -> dict:
+def probes_of_run(report_path: str) -> int:
+    """train.decoded_per_budget of the run (its config.yaml beside report.json; 1 without one)."""
+    cfg_path = os.path.join(os.path.dirname(report_path), "config.yaml")
+    if not os.path.exists(cfg_path):
+        return 1
+    with open(cfg_path) as f:
+        train = (yaml.safe_load(f) or {}).get("train", {})
+    return max(1, int(train.get("decoded_per_budget", 1) or 1))
+
+
+def fit(report: dict, probes: int = 1) -> dict:
     """g, λ*_k − λ⁰_k, x at the end of warm-up, probe noise σ, Phase-2 steps after warm-up.
 
     The trace's order within a step (`kdtw.local`): collect with the policy and λ of the step
@@ -77,7 +89,8 @@ def fit(report: dict) -> dict:
     base = np.array([logit(targets[k]) for k in ks])
     L = np.array([[p["lam"][k] for k in ks] for p in prev]) - lam0  # λ_{s−1} − λ⁰
     X = np.array([[logit(r["expected"][k]) for k in ks] for r in tr]) - base + L
-    sigma = float(np.mean(np.diff(X, axis=0).std(0) / math.sqrt(2)))
+    # the run's estimate averaged ``probes`` probes a budget: one probe's noise is √probes × its own
+    sigma = float(np.mean(np.diff(X, axis=0).std(0) / math.sqrt(2))) * math.sqrt(probes)
     w, h = 5, 5  # x averaged over w steps; its change over h steps
     n = len(X) - w - h + 1
     cum = np.vstack([np.zeros(len(ks)), np.cumsum(L, axis=0)])
@@ -126,7 +139,7 @@ def main() -> None:
     probes = [int(p) for p in args.probes.split(",")]
     for path in args.reports:
         with open(path) as f:
-            m = fit(json.load(f))
+            m = fit(json.load(f), probes_of_run(path))
         print(f"{path}: g {m['g']:.3f} a step (R² {m['r2']:.2f}), λ* − λ⁰ "
               + " ".join(f"{s:+.2f}" for s in m["lam_star"])
               + ", x at the end of warm-up " + " ".join(f"{x:+.2f}" for x in m["x0"])
