@@ -32,11 +32,11 @@ for _p in (ROOT, os.path.dirname(os.path.abspath(__file__))):
 
 from actors.cluster import Interrupted, Stopper, guarded, load, resume_point, session  # noqa: E402
 from kdtw.config import Config, load_config  # noqa: E402,F401  (load_config: tests build a resumed config)
-from kdtw.examples import spread  # noqa: E402
 from kdtw.factory import budget_table, load_splits, load_student  # noqa: E402
 from kdtw.metrics import primary_metric  # noqa: E402
 from kdtw.phase1 import check_phase1, read_phase1  # noqa: E402
-from kdtw.reporting import LoopState, consider, finish_run, format_validation, validate, validation_metrics  # noqa: E402
+from kdtw.reporting import (  # noqa: E402
+    LoopState, consider, finish_run, format_validation, validate, validation_examples, validation_metrics)
 
 PROG = "python jobs/train_pcl.py"
 Log = Callable[[str], None]
@@ -51,7 +51,7 @@ class Phase2:
 
         self.cfg, self.tracker, self.log = cfg, tracker, log
         self.table = budget_table(cfg)
-        self.val_set = spread(load_splits(cfg)["validation"], cfg.train.val_examples)
+        self.val_set = validation_examples(cfg, load_splits(cfg))
         self.actors = Actors(cfg)
         self.student = load_student(cfg)  # the driver's copy: validation, selection, checkpoints
         self.teacher = self.actors.remote_teacher(self.student.lm.tokenizer)

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .examples import SPLITS, DataError, Example, Splits
+from .examples import SPLITS, DataError, Example, Splits, spread_indices
 
 
 _BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -174,8 +174,7 @@ def load_dataset_source(
                 "task.splits at a split with examples"
             )
         if max_examples is not None:
-            ds = ds.select(range(len(ds)) if max_examples >= len(ds)
-                           else [i * len(ds) // max_examples for i in range(max_examples)])  # as kdtw.examples.spread
+            ds = ds.select(spread_indices(len(ds), max_examples))
         sources, targets = _column(ds, source_column), _column(ds, target_column)
         for i, (s, t) in enumerate(zip(sources, targets)):
             for column, value in ((source_column, s), (target_column, t)):

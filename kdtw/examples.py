@@ -28,8 +28,13 @@ def spread(examples: list, n: int | None) -> list:
     (validation, `kdtw eval --n`, `kdtw report --n`, pretraining's evaluation) takes them so:
     a split stored in a canonical order (data/bible_en_es: book by book) is then measured on
     every part of it, where its first N would all come from its first book."""
-    if n is None or n >= len(examples):
-        return list(examples)
+    return [examples[i] for i in spread_indices(len(examples), n)]
+
+
+def spread_indices(length: int, n: int | None) -> list[int]:
+    """The indices `spread` takes from a split of ``length`` examples."""
+    if n is None or n >= length:
+        return list(range(length))
     if n < 0:
         raise ValueError(f"n={n}: give a number of examples >= 0, or None for the whole split")
-    return [examples[i * len(examples) // n] for i in range(n)]
+    return [i * length // n for i in range(n)]

@@ -19,12 +19,12 @@ import torch
 from .budgets import BudgetTable
 from .buffer import ReplayBuffer
 from .config import Config, check_writable_dir
-from .examples import spread
 from .factory import budget_table, load_pair, load_splits
 from .learner import Learner, StepStats
 from .metrics import primary_metric
 from .models import LM, Student
-from .reporting import LoopState, consider, finish_run, format_step, format_validation, trace_entry, validate
+from .reporting import (LoopState, consider, finish_run, format_step, format_validation, trace_entry, validate,
+                        validation_examples)
 from .rollout import collect, demo_generator, prompt_ids, sample_tasks, teacher_demos
 from .trajectory import Trajectory
 
@@ -64,7 +64,7 @@ class LocalLoop:
         self.table: BudgetTable = budget_table(cfg)
         splits = load_splits(cfg)
         self.train_set = splits["train"]
-        self.val_set = spread(splits["validation"], cfg.train.val_examples)
+        self.val_set = validation_examples(cfg, splits)
         self.learner = Learner(student, targets=self.table.targets, train_cfg=cfg.train)
         tc = cfg.train
         self.buffer = ReplayBuffer(capacity_tokens=tc.buffer_tokens, demo_ratio=tc.demo_ratio,

@@ -18,7 +18,7 @@ from .atomic import replace_dir, write_json_atomic
 from .budgets import BudgetTable
 from .config import Config
 from .decoding import generate
-from .examples import Example
+from .examples import Example, spread
 from .factory import budget_table
 from .learner import StepStats
 from .metrics import primary_metric, task_metrics
@@ -31,6 +31,12 @@ Log = Callable[[str], None]
 
 
 @torch.no_grad()
+def validation_examples(cfg: Config, splits: dict[str, list[Example]]) -> list[Example]:
+    """The examples both loops validate on: ``train.val_examples`` spread over the validation
+    split (`kdtw.examples.spread`), all of it when null."""
+    return spread(splits["validation"], cfg.train.val_examples)
+
+
 def validate(cfg: Config, student: Student, teacher: LM, examples: list[Example], *, strict: bool = False) -> dict:
     """Budgeted decoding of ``examples`` at every budget with the configured call rule
     (``decoding.call_rule``; tokens greedy, call draws seeded by ``decoding.seed``): teacher

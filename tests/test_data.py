@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 
 from kdtw import data, dataset_sources, toy_tasks
 from kdtw.dataset_sources import load_dataset_source
-from kdtw.examples import SPLITS, DataError, Example, spread
+from kdtw.examples import SPLITS, DataError, Example, spread, spread_indices
 from kdtw.tokenizer import build_word_tokenizer
 
 WORD = re.compile(r"[a-z]+")
@@ -277,6 +277,7 @@ def test_spread_measures_every_part_of_a_split_in_canonical_order():
         assert idx[0] == 0 and all(a < b for a, b in zip(idx, idx[1:]))
     with pytest.raises(ValueError, match="n=-1"):
         spread(split, -1)
+    assert spread_indices(1000, 32) == [split.index(p) for p in picked]  # the datasets source's rule
 
 
 def test_local_folder_with_split_files(tmp_path):

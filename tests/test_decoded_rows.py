@@ -113,10 +113,11 @@ def test_rollout_state_gap_benchmark_measures_both_ways(tmp_path):
 
 def test_the_loops_validate_on_examples_spread_over_the_split(tmp_path):
     """train.val_examples picks its examples over the whole validation split (kdtw.examples.spread),
-    in the local loop and in the Ray job alike (both call spread on the same split)."""
+    in the local loop and in the Ray job alike (both call kdtw.reporting.validation_examples)."""
     import inspect
 
     import jobs.train_pcl as job
+    from kdtw import reporting
     from kdtw.examples import spread
     from kdtw.factory import load_splits
 
@@ -124,4 +125,6 @@ def test_the_loops_validate_on_examples_spread_over_the_split(tmp_path):
     loop = LocalLoop(cfg, log=lambda _: None)
     val = load_splits(cfg)["validation"]
     assert len(val) > 5 and loop.val_set == spread(val, 5) and loop.val_set != val[:5]
-    assert 'spread(load_splits(cfg)["validation"], cfg.train.val_examples)' in inspect.getsource(job.Phase2.__init__)
+    assert reporting.validation_examples(cfg, load_splits(cfg)) == loop.val_set
+    assert job.validation_examples is reporting.validation_examples
+    assert "validation_examples(cfg, load_splits(cfg))" in inspect.getsource(job.Phase2.__init__)
