@@ -52,6 +52,15 @@ GRID = [  # (k_p, error EMA, k_i)
     (1.0, 0.9, 0.1),
     (0.0, 0.9, 0.1),
 ]
+GRID_COMMON = [  # (k_p, error EMA, k_i, k_c)
+    (0.5, 0.9, 0.1, 0.0),   # the profile until now
+    (0.5, 0.9, 0.1, 0.2),
+    (0.5, 0.9, 0.1, 0.4),
+    (0.5, 0.9, 0.1, 0.6),
+    (0.5, 0.9, 0.05, 0.4),
+    (0.5, 0.5, 0.05, 0.4),
+    (0.0, 0.9, 0.05, 0.5),
+]
 
 
 def logit(p: float) -> float:
@@ -69,12 +78,12 @@ def probes_of_run(report_path: str) -> int:
     return max(1, int(train.get("decoded_per_budget", 1) or 1))
 
 
-def fit(report: dict, probes: int = 1) -> dict:
-    """g, λ*_k − λ⁰_k, x at the end of warm-up, probe noise σ, Phase-2 steps after warm-up.
+def intrinsic_logits(report: dict) -> tuple[list[int], np.ndarray, np.ndarray, int]:
+    """(nonzero budgets, λ_{s−1} − λ⁰ and x_s per Phase-2 step after the warm-up [S, K], S).
 
     The trace's order within a step (`kdtw.local`): collect with the policy and λ of the step
     before, the PCL step (its rewards and offsets at that λ), then the λ update logged with the
-    step; so x_s = logit(ē_s) + λ_{s−1} and x_{s+1} − x_s = g(λ* − λ_{s−1})."""
+    step; so x_s = logit(ē_s) + λ_{s−1} − logit(b) − λ⁰."""
     targets = report["targets"]
     ks = [k for k, b in enumerate(targets) if b > 0]
     trace = report["lambda_trace"]
@@ -89,7 +98,14 @@ def fit(report: dict, probes: int = 1) -> dict:
     base = np.array([logit(targets[k]) for k in ks])
     L = np.array([[p["lam"][k] for k in ks] for p in prev]) - lam0  # λ_{s−1} − λ⁰
     X = np.array([[logit(r["expected"][k]) for k in ks] for r in tr]) - base + L
-    # the run's estimate averaged ``probes`` probes a budget: one probe's noise is √probes × its own
+    return ks, L, X, len(tr)
+
+
+def fit(report: dict, probes: int = 1) -> dict:
+    """g, λ*_k − λ⁰_k, x at the end of warm-up, probe noise σ, Phase-2 steps after warm-up:
+    x_{s+1} − x_s = g(λ* − λ_{s−1}) (see `intrinsic_logits` for the loop's order)."""
+    targets = report["targets"]
+    ks, L, X, steps = intrinsic_logits(report)
     sigma = float(np.mean(np.diff(X, axis=0).std(0) / math.sqrt(2))) * math.sqrt(probes)
     w, h = 5, 5  # x averaged over w steps; its change over h steps
     n = len(X) - w - h + 1
@@ -106,7 +122,56 @@ def fit(report: dict, probes: int = 1) -> dict:
     g = -coef[-1]  # y = h·gλ* − g·Σλ
     lam_star = [coef[j] / g if g > 0 else float("nan") for j in range(len(ks))]
     return {"ks": ks, "targets": [targets[k] for k in ks], "g": float(g), "lam_star": lam_star,
-            "x0": X[:3].mean(0).tolist(), "sigma": sigma, "r2": float(r2), "steps": len(tr)}
+            "x0": X[:3].mean(0).tolist(), "sigma": sigma, "r2": float(r2), "steps": steps}
+
+
+LAGS = (1, 2, 3, 5, 8, 12)
+
+
+def fit_common(report: dict, probes: int = 1) -> dict:
+    """The second model: x_k,s = c_s + d_k + noise, the common part c a random walk, each
+    budget's deviation d_k fixed. Split x into its mean over budgets (c) and the rest; the
+    variogram of c, Var(c_{s+h} − c_s) = 2σ_c² + h·q², gives the walk's step q (least squares over
+    ``LAGS``); the rest's step-to-step change gives one probe's noise σ (× √(K/(K−1)) for the
+    mean removed, × √probes). Also returns the same check on the rest (its walk step q_d: ~0
+    where the deviations are white noise)."""
+    targets = report["targets"]
+    ks, _, X, steps = intrinsic_logits(report)
+    K = len(ks)
+    c = X.mean(1)
+    d = X - c[:, None]
+    A = np.array([[1.0, h] for h in LAGS])
+
+    def walk(series: np.ndarray) -> tuple[float, list[float]]:
+        v = [float(np.mean(np.var(series[h:] - series[:-h], axis=0))) for h in LAGS]
+        (_, slope), *_ = np.linalg.lstsq(A, np.array(v), rcond=None)
+        return math.sqrt(max(float(slope), 0.0)), v
+
+    q, vc = walk(c[:, None])
+    q_d, _ = walk(d)
+    sigma = math.sqrt(float(np.mean(np.diff(d, axis=0).var(0))) / 2 * K / (K - 1)) * math.sqrt(probes)
+    return {"ks": ks, "targets": [targets[k] for k in ks], "q": q, "q_d": q_d, "variogram": vc,
+            "x0": X[:3].mean(0).tolist(), "sigma": sigma, "steps": steps}
+
+
+def simulate_common(m: dict, kp: float, ema: float, ki: float, kc: float, probes: int,
+                    rng: np.random.Generator) -> np.ndarray:
+    """End deviation |use − b| per budget of one run against `fit_common`'s plant: x starts at
+    the run's own x0, takes one common random-walk step N(0, q²) a step (after that step's
+    paths were collected), each budget observes logit(use) + N(0, σ²/probes)."""
+    K = len(m["ks"])
+    b = torch.tensor(m["targets"], dtype=torch.float32)
+    base = (torch.log(b) - torch.log1p(-b)).numpy()
+    integral, err_ema, lam = torch.zeros(K), torch.zeros(K), torch.zeros(K)
+    x = np.array(m["x0"], dtype=np.float64)
+    for _ in range(m["steps"]):
+        obs_logit = base + x - lam.numpy() + rng.normal(0, m["sigma"] / math.sqrt(probes), K)
+        x = x + rng.normal(0, m["q"])
+        obs = torch.tensor(1 / (1 + np.exp(-obs_logit)), dtype=torch.float32)
+        lam, integral, err_ema, _ = pid_lagrange_update(integral, err_ema, obs, b, k_i=ki, k_p=kp, ema=ema,
+                                                        lam_min=-30.0, lam_max=30.0, k_c=kc)
+    end = 1 / (1 + np.exp(-(base + x - lam.numpy())))
+    return np.abs(end - b.numpy())
 
 
 def simulate(m: dict, kp: float, ema: float, ki: float, probes: int, rng: np.random.Generator) -> np.ndarray:
@@ -151,6 +216,17 @@ def main() -> None:
                 ends = np.array([simulate(m, kp, ema, ki, n, rng) for _ in range(args.sims)])
                 ok = (ends <= args.delta).all(1).mean()
                 print(f"   {kp:<5} {ema:<5} {ki:<5} {n:>6}   {ok:>26.2f}   {np.median(ends.max(1)):>20.3f}")
+        c = fit_common(json.load(open(path)), probes_of_run(path))
+        print(f"   common-walk model: step of the common part q {c['q']:.3f} logit (of the rest {c['q_d']:.3f}), "
+              f"variogram at lags {LAGS}: " + " ".join(f"{v:.3f}" for v in c["variogram"])
+              + f", one probe's σ {c['sigma']:.2f}")
+        print(f"   k_p   EMA   k_i   k_c   probes   all within {args.delta} at the end   median max |use − b|")
+        for kp, ema, ki, kc in GRID_COMMON:
+            for n in probes:
+                rng = np.random.default_rng(0)
+                ends = np.array([simulate_common(c, kp, ema, ki, kc, n, rng) for _ in range(args.sims)])
+                ok = (ends <= args.delta).all(1).mean()
+                print(f"   {kp:<5} {ema:<5} {ki:<5} {kc:<5} {n:>6}   {ok:>26.2f}   {np.median(ends.max(1)):>20.3f}")
 
 
 if __name__ == "__main__":

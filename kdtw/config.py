@@ -246,6 +246,11 @@ class TrainConfig:
     lambda_controller: Literal["pi", "integral"] = "pi"
     lambda_ki: NonNegFloat = 0.05
     lambda_kp: NonNegFloat = 0.5
+    # Common-mode integral gain (kdtw addition, issue 11): each step every observed budget's
+    # integral also moves by lambda_kc × the logit error averaged over the observed budgets, for a
+    # drift of the policy's call rate shared by all budgets (measured on SmolLM2 as a random walk
+    # of 0.13–0.33 logit a step; kdtw.losses.pid_lagrange_update). 0 = the plain PI rule.
+    lambda_kc: NonNegFloat = 0.0
     # Moving-average weight of the controller error in the proportional term.
     lambda_err_ema: Annotated[Float, Field(ge=0, lt=1)] = 0.9
     # Rates are clipped to [ε, 1 − ε] before the logit.

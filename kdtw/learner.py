@@ -332,7 +332,8 @@ class Learner:
         if c.lambda_controller == "pi":
             lam, self.integral, self.err_ema, err = pid_lagrange_update(
                 self.integral, self.err_ema, obs, self.targets, k_i=c.lambda_ki, k_p=c.lambda_kp,
-                ema=c.lambda_err_ema, lam_min=c.lambda_min, lam_max=c.lambda_max, eps=c.lambda_eps)
+                ema=c.lambda_err_ema, lam_min=c.lambda_min, lam_max=c.lambda_max, eps=c.lambda_eps,
+                k_c=c.lambda_kc)
         elif bool(seen.any()):
             lam = lagrange_update(self.lam, torch.nan_to_num(self.use_hat, nan=0.0), self.targets,
                                   lr=c.lr_lambda, lam_max=c.lambda_max, lam_min=c.lambda_min)

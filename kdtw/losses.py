@@ -438,11 +438,13 @@ def pid_lagrange_update(
     lam_min: float,
     lam_max: float,
     eps: float = 1e-3,
+    k_c: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """PI Lagrangian on the logit scale (DESIGN.md §5 revision; Stooke, Achiam & Abbeel 2020).
 
         e_k = logit(clip(ē_k, ε, 1−ε)) − logit(clip(b_k, ε, 1−ε))
-        I_k ← clip(I_k + K_I e_k, λ_min, λ_max)             (anti-windup: the integral is clipped)
+        ē_c = mean of e_k over the budgets observed this step
+        I_k ← clip(I_k + K_I e_k + K_C ē_c, λ_min, λ_max)   (anti-windup: the integral is clipped)
         ē_k^EMA ← ema · ē_k^EMA + (1 − ema) e_k
         λ_k = clip(I_k + K_P · EMA(e_k), λ_min, λ_max)
 
@@ -450,11 +452,19 @@ def pid_lagrange_update(
     the budget lies (π(<τ>) ≈ σ(δ − λ)), so one gain serves 0.05 and 0.5 alike; the integral
     alone (the old rule) winds up and oscillates, the proportional term damps it.
 
+    ``k_c`` (kdtw addition, issue 11) is a common-mode integral gain: every observed budget's
+    integral also moves by K_C times the error pooled over the observed budgets. Measured on the
+    SmolLM2 traces, the policy's own call logit drifts like a random walk common to all budgets
+    (0.13–0.33 logit a step) while each budget's deviation from that common part is white noise;
+    the pooled error has 1/K of one budget's noise variance, so the common part can be tracked
+    with a much higher gain than each budget's own. ``k_c = 0`` is the plain PI rule.
+
     Args:
         integral, err_ema: ``[K]`` controller state (start: ``pid_lagrange_init``, zeros).
         observed: ``[K]`` ē_k; ``nan`` where a budget had no row this step: its state is kept.
         target: ``[K]`` b_k.
         k_i, k_p: integral and proportional gains (≥ 0).
+        k_c: common-mode integral gain (≥ 0) on the mean error of the observed budgets.
         ema: weight of the old value in the error's moving average, in [0, 1).
         lam_min, lam_max: bounds of λ and of the integral.
         eps: clip of rates before the logit.
@@ -462,8 +472,8 @@ def pid_lagrange_update(
     Returns:
         ``(lam, integral, err_ema, err)``, each ``[K]``, new tensors (``err`` is 0 where unseen).
     """
-    if k_i < 0 or k_p < 0:
-        raise ValueError(f"controller gains must be >= 0, got k_i={k_i}, k_p={k_p}")
+    if k_i < 0 or k_p < 0 or k_c < 0:
+        raise ValueError(f"controller gains must be >= 0, got k_i={k_i}, k_p={k_p}, k_c={k_c}")
     if not 0 <= ema < 1:
         raise ValueError(f"ema must be in [0, 1), got {ema}")
     if lam_min > lam_max:
@@ -475,7 +485,9 @@ def pid_lagrange_update(
     seen = ~torch.isnan(observed)
     err = torch.where(seen, _logit(torch.nan_to_num(observed, nan=0.5), eps) - _logit(target, eps),
                       torch.zeros_like(observed))
-    new_integral = torch.where(seen, (integral + k_i * err).clamp(min=lam_min, max=lam_max), integral)
+    common = err[seen].mean() if bool(seen.any()) else torch.zeros(())
+    new_integral = torch.where(seen, (integral + k_i * err + k_c * common).clamp(min=lam_min, max=lam_max),
+                               integral)
     new_ema = torch.where(seen, ema * err_ema + (1 - ema) * err, err_ema)
     lam = (new_integral + k_p * new_ema).clamp(min=lam_min, max=lam_max)
     return lam, new_integral, new_ema, err

@@ -542,3 +542,40 @@ def test_pid_lagrange_update_properties():
     assert I3[0] == I0[0] and e3[0] == 1.0 and err[0] == 0
     with pytest.raises(ValueError, match="gains"):
         pid_lagrange_update(I0, torch.zeros(3), obs, target, k_i=-1.0, k_p=0.0, ema=0.5, lam_min=0, lam_max=1)
+
+
+def test_pid_common_mode_gain():
+    """k_c moves every observed budget's integral by k_c × the mean error of the observed ones
+    (unobserved budgets keep theirs); k_c = 0 is the plain rule; a drift common to all budgets
+    is tracked with less lag, a budget's own offset is not mistaken for a common one."""
+    from kdtw.losses import pid_lagrange_init, pid_lagrange_update
+
+    logit = lambda x: torch.log(x / (1 - x))  # noqa: E731
+    target = torch.tensor([0.05, 0.2, 0.5])
+    I0 = pid_lagrange_init(target, eps=1e-3, lam_min=-10, lam_max=20)
+    kw = dict(k_i=0.1, k_p=0.0, ema=0.5, lam_min=-10.0, lam_max=20.0)
+    obs = torch.tensor([float("nan"), 0.3, 0.4])
+    _, I_plain, _, err = pid_lagrange_update(I0, torch.zeros(3), obs, target, **kw)
+    _, I_c, _, _ = pid_lagrange_update(I0, torch.zeros(3), obs, target, k_c=0.5, **kw)
+    common = (err[1] + err[2]) / 2  # the unseen budget is not in the mean
+    assert I_c[0] == I0[0]
+    assert torch.allclose(I_c[1:], I_plain[1:] + 0.5 * common)
+    assert torch.equal(pid_lagrange_update(I0, torch.zeros(3), obs, target, k_c=0.0, **kw)[1], I_plain)
+    with pytest.raises(ValueError, match="gains"):
+        pid_lagrange_update(I0, torch.zeros(3), obs, target, k_c=-0.1, **kw)
+
+    def run(k_c: float, drift: torch.Tensor, steps: int = 60) -> torch.Tensor:
+        """Closed loop with feedforward: use logit = logit(b) + x − (λ − λ⁰), x drifting."""
+        I, e, lam, x = I0.clone(), torch.zeros(3), I0.clone(), torch.zeros(3)
+        errs = []
+        for _ in range(steps):
+            x = x + drift
+            u = logit(target) + x - (lam - I0)
+            lam, I, e, err = pid_lagrange_update(I, e, torch.sigmoid(u), target, k_c=k_c, **kw)
+            errs.append(err.abs().max())
+        return torch.stack(errs[-20:]).mean()
+
+    common_drift = torch.full((3,), 0.05)
+    assert run(0.4, common_drift) < 0.25 * run(0.0, common_drift)  # ramp lag r/(k_i + k_c) vs r/k_i
+    own = torch.tensor([0.0, 0.0, 0.05])  # one budget drifts alone: tracked no worse
+    assert run(0.4, own) <= run(0.0, own)

@@ -189,6 +189,12 @@ def test_pi_controller_warm_start_expected_estimate_and_demos_ignored(pair):
     lam1 = learner.lam.clone()
     learner.observe_use(rows, update=False)
     assert torch.equal(learner.lam, lam1)
+    # train.lambda_kc: the common-mode gain reaches the observed budgets (budget 1 alone here:
+    # its own error is the mean), not the unobserved ones
+    common = _learner(copy.deepcopy(student), lambda_ki=0.1, lambda_kp=0.0, lambda_kc=0.3)
+    common.observe_use(rows + [demo])
+    assert float(common.lam[1]) == pytest.approx(float(lam0[1]) + 0.4 * err, rel=1e-5)
+    assert torch.equal(common.lam[[0, 2]], lam0[[0, 2]])
 
 
 def test_use_weighting_token_pools_tokens_sequence_averages_paths(pair):
