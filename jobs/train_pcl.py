@@ -34,6 +34,7 @@ from actors.cluster import Interrupted, Stopper, guarded, load, resume_point, se
 from kdtw.config import Config, load_config  # noqa: E402,F401  (load_config: tests build a resumed config)
 from kdtw.factory import budget_table, load_splits, load_student  # noqa: E402
 from kdtw.metrics import primary_metric  # noqa: E402
+from kdtw.settle import settle_budgets  # noqa: E402
 from kdtw.phase1 import check_phase1, read_phase1  # noqa: E402
 from kdtw.reporting import (  # noqa: E402
     LoopState, consider, finish_run, format_validation, validate, validation_examples, validation_metrics)
@@ -51,13 +52,15 @@ class Phase2:
 
         self.cfg, self.tracker, self.log = cfg, tracker, log
         self.table = budget_table(cfg)
-        self.val_set = validation_examples(cfg, load_splits(cfg))
+        splits = load_splits(cfg)
+        self.train_set, self.val_set = splits["train"], validation_examples(cfg, splits)
         self.actors = Actors(cfg)
         self.student = load_student(cfg)  # the driver's copy: validation, selection, checkpoints
         self.teacher = self.actors.remote_teacher(self.student.lm.tokenizer)
         self.progress = Progress(cfg, self.table.phrases, self.actors, tracker=tracker, log=log)
         self.state, self.step, self.initial, self.published = LoopState(), 0, None, None
         self.lam: list[float] = [0.0] * len(self.table)
+        self.settled: dict | None = None  # the end's settling (train.settle_probes, kdtw/settle.py)
         self.hooks: list[Callable[[Phase2, int], None]] = []
         self.stopper: Stopper | None = None  # set by `train`: a signal ends the loop with a checkpoint
 
@@ -154,7 +157,8 @@ class Phase2:
             self.published = res.get("weights", self.published)  # sync: the next collects use these
             self.progress.step(self.step, res, self.state, workers=len(self.workers))
             if self.step % tc.validate_every == 0 or self.step == tc.phase2_steps:
-                self._validate(f"[validate] phase-2 step {self.step}", step=self.step, phase=2)
+                self._validate(f"[validate] phase-2 step {self.step}", step=self.step, phase=2,
+                               settle=self.step == tc.phase2_steps)
             stopping = self.stopper is not None and self.stopper.requested is not None
             ckpt = None
             if stopping or self.step == tc.phase2_steps or (r.checkpoint_every and self.step % r.checkpoint_every == 0):
@@ -167,13 +171,18 @@ class Phase2:
             if stopping and self.step < tc.phase2_steps:
                 raise Interrupted(self.stopper.requested, self.step, ckpt, self.cfg.run_dir)
 
-    def _validate(self, title: str, *, step: int, phase: int) -> None:
-        """Validate the published weights at every budget, log, and consider them for selection."""
+    def _validate(self, title: str, *, step: int, phase: int, settle: bool = False) -> None:
+        """Validate the published weights at every budget, log, and consider them for selection;
+        ``settle``: first settle the driver's copy's budgets (train.settle_probes, kdtw/settle.py)."""
         import ray
 
         from actors.common import unpack_weights
 
         unpack_weights(self.student, ray.get(self.published[1][0]))
+        if settle and self.cfg.train.settle_probes:
+            self.settled = settle_budgets(self.cfg, self.student, self.teacher, self.train_set, self.table,
+                                          log=self.log)
+            self.lam = [lam + d for lam, d in zip(self.lam, self.settled["shift"])]
         v = self.validate()
         self.log(f"{title}:\n" + format_validation(v, primary_metric(self.cfg.task.metric)))
         if self.tracker is not None:
@@ -195,7 +204,7 @@ class Phase2:
         c = self.cfg
         report = finish_run(c, self.state, self.table, self.initial, teacher=self.teacher, val_set=self.val_set,
                             seconds={"phase2": self.counters["seconds"]}, log=self.log,
-                            extra={"ray": self.progress.report()})
+                            extra={"ray": self.progress.report(), "settled": self.settled})
         if self.tracker is not None:
             self.tracker.run_artifacts(c.run_dir, report["selected_dir"])
         return report

@@ -307,6 +307,13 @@ class TrainConfig:
     # trained on (the replay buffer keeps no probe). On a weak student, sampled tokens lead to
     # states where π(<τ>) is far above its value along the decoded paths validation judges.
     decoded_per_budget: NonNegInt = 0
+    # Settling at the end of Phase 2 (kdtw addition, issue 11; kdtw/settle.py): after the last
+    # PCL step, with the weights frozen, decode this many training prompts per nonzero budget as
+    # validation decodes them and move each budget's <τ> offset (and λ) by its logit error;
+    # settle_rounds times. The last validation, selection and export see the settled student.
+    # 0 = off (the student of the last step as it is).
+    settle_probes: NonNegInt = 0
+    settle_rounds: PosInt = 2
     # Sampling temperature of on-policy rollouts.
     rollout_temperature: PosFloat = 1.0
     # Validation examples decoded at each budget (null: the whole validation split), spread evenly
@@ -515,6 +522,11 @@ class Config:
              f"{d.call_rule} and train.use_tau={t.use_tau}: the threshold rule needs thresholds calibrated "
              "after training and a student without <τ> has no call to decode; set decoding.call_rule to "
              "systematic, sample or argmax (and train.use_tau=true), or train.decoded_per_budget=0")
+        need(t.settle_probes == 0 or (t.use_tau and t.budget_offsets and d.call_rule != "threshold"),
+             f"train.settle_probes={t.settle_probes} settles the per-budget <τ> offsets with decoding.call_rule="
+             f"{d.call_rule}: it needs train.use_tau=true and train.budget_offsets=true (now {t.use_tau}, "
+             f"{t.budget_offsets}) and a rule other than threshold (its thresholds are calibrated after "
+             "training); change those, or set train.settle_probes=0")
         need(t.lambda_min <= t.lambda_max,
              f"train.lambda_min={t.lambda_min} is above train.lambda_max={t.lambda_max}: "
              "need lambda_min <= lambda_max, e.g. lambda_min=-10.0 lambda_max=20.0")

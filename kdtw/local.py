@@ -26,6 +26,7 @@ from .models import LM, Student
 from .reporting import (LoopState, consider, finish_run, format_step, format_validation, trace_entry, validate,
                         validation_examples)
 from .rollout import collect, demo_generator, prompt_ids, sample_tasks, teacher_demos
+from .settle import settle_budgets
 from .trajectory import Trajectory
 
 Log = Callable[[str], None]
@@ -131,7 +132,7 @@ class LocalLoop:
 
         t2 = time.perf_counter()
         self.learner.start_phase2()
-        self.in_phase2, stopped = True, None
+        self.in_phase2, stopped, settled = True, None, None
         for step in range(tc.phase2_steps):
             trajs, demos = self.collect()
             st = self.learn(trajs, demos)
@@ -141,6 +142,11 @@ class LocalLoop:
                 el = time.perf_counter() - t2
                 log(f"[phase 2] step {step + 1}/{tc.phase2_steps} " + format_step(st)
                     + f" ({el:.0f}s, eta {el / (step + 1) * (tc.phase2_steps - step - 1):.0f}s)")
+            if step + 1 == tc.phase2_steps and tc.settle_probes:
+                settled = settle_budgets(c, self.student, self.teacher, self.train_set, self.table, log=log)
+                shift = torch.tensor(settled["shift"])
+                self.learner.lam += shift  # λ_k and the integral follow the offsets they carry
+                self.learner.integral += shift
             if (step + 1) % tc.validate_every == 0 or step + 1 == tc.phase2_steps:
                 v = validate(c, self.student, self.teacher, self.val_set)
                 log(f"[validate] phase-2 step {step + 1}:\n" + format_validation(v, key))
@@ -156,7 +162,7 @@ class LocalLoop:
 
         return finish_run(c, self.state, self.table, initial, teacher=self.teacher, val_set=self.val_set, log=log,
                           seconds={"phase1": phase1_seconds, "phase2": phase2_seconds,
-                                   "total": time.perf_counter() - t_start}, extra={"stopped": stopped})
+                                   "total": time.perf_counter() - t_start}, extra={"stopped": stopped, "settled": settled})
 
     def _consider(self, v: dict, *, step: int, phase: int) -> None:
         consider(self.state, v, step=step, phase=phase, lam=self.learner.lam.tolist(), student=self.student,

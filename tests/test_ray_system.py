@@ -10,6 +10,7 @@ import sys
 import time
 
 import pyarrow.parquet as pq
+import pytest
 import torch
 
 from conftest import ROOT, signal_when
@@ -34,7 +35,7 @@ def test_sync_parity_with_the_local_loop(ray_session, tmp_path):
     train_pcl = load_job("train_pcl")
     over = [*QUICK, "train.phase2_steps=20", "train.validate_every=1000", "train.max_staleness=0",
             "ray.num_rollout_workers=1", "ray.num_teacher_replicas=1", "ray.publish_every=1", "ray.checkpoint_every=0",
-            "train.value_warmup_steps=5"]
+            "train.value_warmup_steps=5", "train.settle_probes=2", "train.settle_rounds=1"]
     local = LocalLoop(tiny(tmp_path / "local", *over), log=lambda _: None)
     local.learner.start_phase2()
     local_losses, local_lam = [], []
@@ -51,6 +52,14 @@ def test_sync_parity_with_the_local_loop(ray_session, tmp_path):
     ray_lam = [r["lam"] for r in report["lambda_trace"]]
     assert torch.allclose(torch.tensor(ray_lam), torch.tensor(local_lam), atol=1e-5)
     assert report["ray"]["rollout_batches"] == 20 and report["ray"]["worker_failures"] == 0
+    # the end's settling (train.settle_probes): the driver settles the published weights as the
+    # local loop settles its student, through the remote teacher
+    from kdtw.settle import settle_budgets
+
+    want = settle_budgets(local.cfg, local.student, local.teacher, local.train_set, local.table, log=lambda _: None)
+    assert report["settled"]["shift"] == pytest.approx(want["shift"], abs=1e-4)
+    assert report["validations"][-1]["lam"] == pytest.approx(
+        [a + b for a, b in zip(local_lam[-1], want["shift"])], abs=1e-4)
 
 
 def test_teacher_sessions_through_the_pool_one_position_per_token_with_a_replica_killed(ray_session, tmp_path):

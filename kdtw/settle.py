@@ -1,0 +1,87 @@
+"""Settling the budgets at the end of Phase 2 (train.settle_probes; kdtw addition, issue 11).
+
+Measured on the SmolLM2 profile's λ traces (benchmarks/controller_model.py, second model): the
+policy's own call logit drifts during Phase 2 like a random walk common to all budgets, 0.13–0.33
+logit a step, while each budget's deviation from that common part is white noise. The λ
+controller tracks such a walk only as well as its noisy probes allow (one decoded verse a budget a
+step: 0.4–0.5 logit of noise), so the student at the last step misses its targets by whatever the
+walk did since the controller last caught up: the model predicts every budget within 0.05 at the
+end in 15–22% of runs (observed: 1 of 5). Frozen, the student has no walk: on the seed-1 student
+of the two-probe run, 64 training verses and the 32 validation verses gave the same use within
+0.012 at every budget.
+
+So after the last PCL step the loop freezes the weights and settles λ once more, from many probes:
+``train.settle_rounds`` rounds, each decoding ``train.settle_probes`` training prompts per
+nonzero budget as validation decodes them (decoding.call_rule), measuring each budget's expected
+use ē_k as the λ probes do (train.use_weighting), and moving its <τ> offset (and λ_k, which the
+offset carries under train.lambda_feedforward) by the logit error logit(ē_k) − logit(b_k). No
+gradient step is taken; only the per-budget offsets change. Both loops call `settle_budgets` on
+their student before the last validation (kdtw/local.py, jobs/train_pcl.py), with the same seeds.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Callable
+
+import torch
+
+from .config import Config
+from .examples import Example
+from .models import LM, Student
+from .budgets import BudgetTable
+from .rollout import student_rollouts
+
+SETTLE_SEED_OFFSET = 7919  # settling draws its verses and calls from seeds of its own
+
+
+def _logit(p: float, eps: float) -> float:
+    p = min(max(p, eps), 1 - eps)
+    return math.log(p / (1 - p))
+
+
+@torch.no_grad()
+def settle_budgets(cfg: Config, student: Student, teacher: LM, train_set: list[Example], table: BudgetTable,
+                   *, log: Callable[[str], None] = print) -> dict | None:
+    """Move each nonzero budget's <τ> offset by −(logit(ē_k) − logit(b_k)), ``train.settle_rounds``
+    times, ē_k measured on ``train.settle_probes`` decoded training prompts per budget. Returns
+    ``{"shift": Δ_k, "use": [ē_k of each round]}`` (lists over the budget table; Δ = 0 and ē = None
+    at the zero budget): add Δ to λ to keep λ and the offsets in step; the first round's ē is the
+    use of the student as Phase 2 left it. ``None`` (nothing done) when settle_probes is 0,
+    without <τ>, or without per-budget offsets."""
+    tc = cfg.train
+    K = len(table)
+    total = torch.zeros(K)
+    if not tc.settle_probes or not tc.use_tau or not student.budget_targets or not student.budget_offsets.numel():
+        return None
+    uses: list[list[float | None]] = []
+    rng = random.Random(cfg.seed + SETTLE_SEED_OFFSET)
+    gen = torch.Generator().manual_seed(cfg.seed + SETTLE_SEED_OFFSET)
+    ks = [k for k in range(K) if table.targets[k] > 0]
+    for r in range(tc.settle_rounds):
+        bids = [k for k in ks for _ in range(tc.settle_probes)]
+        prompts = [table.prompt(table[k].phrase, cfg.task.instruction, rng.choice(train_set).source) for k in bids]
+        paths = student_rollouts(
+            student, teacher, prompts, bids, max_new_tokens=cfg.decoding.max_new_tokens, use_tau=True,
+            batch_size=cfg.decoding.batch_size, generator=gen, budgets=[table.targets[b] for b in bids],
+            decoded_rule=cfg.decoding.call_rule)[0]
+        delta = torch.zeros(K)
+        parts, measured = [], [None] * K
+        for k in ks:
+            rows = [p for p in paths if p.budget_id == k]
+            w = [1.0 if tc.use_weighting == "sequence" else float(len(p)) for p in rows]
+            use = sum(p.expected_use * wi for p, wi in zip(rows, w)) / max(sum(w), 1e-9)
+            delta[k] = _logit(use, tc.lambda_eps) - _logit(table.targets[k], tc.lambda_eps)
+            measured[k] = float(use)
+            parts.append(f"{table[k].phrase} {use:.3f}/{table.targets[k]:.2f}")
+        off = student.budget_offsets
+        off.sub_(delta.to(device=off.device, dtype=off.dtype))
+        total += delta
+        uses.append(measured)
+        log(f"[settle] round {r + 1}/{tc.settle_rounds}, {tc.settle_probes} training prompts a budget, "
+            f"expected use/target: " + ", ".join(parts))
+    return {"shift": total.tolist(), "use": uses}
+
+
+__all__ = ["settle_budgets"]
