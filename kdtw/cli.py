@@ -3,6 +3,7 @@
     kdtw pretrain [--config conf/default.yaml] [--force] [key=value ...]
     kdtw train --local [--overwrite] [--config conf/default.yaml] [key=value ...]
     kdtw report   [--config conf/default.yaml] [--split validation] [key=value ...]
+    kdtw settle   --out DIR [--config ...] [--json FILE] [key=value ...]   (kdtw/settle.py)
     kdtw eval     --student PATH [--drafter PATH] --out DIR [--config ...] (jobs/evaluate.py)
                   [--call-rules argmax,sample,systematic,threshold] [--no-oracle] [--calib-n N] [--thresholds FILE]
     kdtw decode   --mode budgeted|student|teacher|speculative [--budget light] [--k 3] [--strict]
@@ -285,6 +286,37 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_settle(args) -> int:
+    """Settle a trained student's budgets (kdtw/settle.py) and save it to --out."""
+    from .config import ConfigError, check_writable_dir
+    from .factory import budget_table, load_pair, load_splits
+    from .settle import settle_budgets
+
+    cfg = _config(args)
+    tc = cfg.train
+    if not tc.settle_probes:
+        raise ConfigError("train.settle_probes is 0 in this config: give the probes per budget, e.g. "
+                          "train.settle_probes=24 (and train.settle_rounds, now %d)" % tc.settle_rounds)
+    out = os.path.abspath(args.out)
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise ConfigError(f"--out {args.out!r} exists and is not an empty folder: give a new folder")
+    check_writable_dir(os.path.dirname(out), "--out")
+    if args.json:
+        check_output_file(args.json, "--json")
+    teacher, student = load_pair(cfg)
+    res = settle_budgets(cfg, student, teacher, load_splits(cfg)["train"], budget_table(cfg))
+    if res is None:
+        raise ConfigError("this student has no per-budget <τ> offsets to settle (train.budget_offsets, "
+                          "student.budget_targets): nothing was written")
+    student.save(out)
+    print(f"[settle] shift of each budget's λ (offsets moved by its negative): "
+          + " ".join(f"{x:+.3f}" for x in res["shift"]) + f"; saved to {out}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+    return 0
+
+
 def cmd_data_bible(args) -> int:
     """Build (or with --check verify) the English→Spanish Bible Parquet files."""
     from .prep.bible import main as bible_main
@@ -333,6 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="which decoders, comma-separated (default: student,teacher,budgets)")
     sp.add_argument("--json", help="also write the rows to this JSON file")
     sp.set_defaults(func=cmd_report)
+
+    sp = sub.add_parser("settle", help="settle a trained student's budgets on decoded training prompts")
+    common(sp)
+    sp.add_argument("--out", required=True, help="a new folder for the settled student")
+    sp.add_argument("--json", help="also write the shifts and each round's measured use to this JSON file")
+    sp.set_defaults(func=cmd_settle)
 
     # Listed for --help only: main() hands `kdtw eval ...` to jobs/evaluate.py (it logs to MLflow,
     # which kdtw/ does not import) before this parser runs.

@@ -113,7 +113,38 @@ def test_help_lists_every_command_eval_included(capsys):
 
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for command in ("pretrain", "decode", "train", "report", "eval", "data"):
+    for command in ("pretrain", "decode", "train", "report", "settle", "eval", "data"):
         assert command in out.split("positional arguments:")[1].split("options:")[0], command
     assert main(["eval", "--help"]) == 0
     assert "--drafter" in capsys.readouterr().out
+
+
+def test_settle_saves_a_settled_student_and_refuses_bad_input(tmp_path):
+    """`kdtw settle` (kdtw/settle.py) on a saved student: a new folder whose per-budget offsets
+    moved by minus the reported shifts; nothing else of the student changed; bad input: one line."""
+    import torch
+    from safetensors.torch import load_file
+
+    from kdtw.config import load_config
+    from kdtw.factory import load_student
+
+    cfg = load_config(TINY, [f"models_dir={tmp_path / 'models'}", f"run_dir={tmp_path / 'run'}"])
+    student = load_student(cfg)
+    with torch.no_grad():
+        student.tau_offset.fill_(3.0)
+    student.save(tmp_path / "s")
+    common = ["--config", TINY, f"models_dir={tmp_path / 'models'}", "student.source=pretrained",
+              f"student.name_or_path={tmp_path / 's'}", "decoding.call_rule=systematic"]
+    out = kdtw("settle", *common, "train.settle_probes=4", "train.settle_rounds=1", "--out", str(tmp_path / "settled"),
+               "--json", str(tmp_path / "settle.json"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "[settle] round 1/1" in out.stdout and "saved to" in out.stdout
+    res = json.load(open(tmp_path / "settle.json"))
+    before = load_file(str(tmp_path / "s" / "value_head.safetensors"))
+    after = load_file(str(tmp_path / "settled" / "value_head.safetensors"))
+    assert torch.allclose(before["budget_offsets"] - after["budget_offsets"], torch.tensor(res["shift"]), atol=1e-6)
+    assert any(x != 0 for x in res["shift"]) and torch.equal(before["tau_offset"], after["tau_offset"])
+    again = kdtw("settle", *common, "train.settle_probes=4", "--out", str(tmp_path / "settled"))
+    assert again.returncode == 2 and "not an empty folder" in again.stderr
+    off = kdtw("settle", *common, "--out", str(tmp_path / "other"))
+    assert off.returncode == 2 and "train.settle_probes=24" in off.stderr and not (tmp_path / "other").exists()
