@@ -71,6 +71,12 @@ def summarise(report: dict, *, from_step: int, delta: float, lam_bounds: tuple[f
     out["last_phase2_max_deviation"] = vals2[-1]["max_deviation"] if vals2 else None
     res = [r["residual_abs_mean"] for r in trace if not r.get("warmup") and r.get("residual_abs_mean") is not None]
     out["mean_abs_residual_after_warmup"] = sum(res) / len(res) if res else None
+    settled = report.get("settled")  # train.settle_probes (kdtw/settle.py): the last validation is after it
+    if settled:
+        first = settled["use"][0]  # the student as Phase 2 left it, on training prompts
+        out["before_settling_max_deviation_on_training_prompts"] = max(
+            abs(u - targets[k]) for k, u in enumerate(first) if u is not None)
+        out["settling_shift"] = {phrases[k]: x for k, x in enumerate(settled["shift"]) if targets[k] > 0}
     second = "chrf" if key == "bleu" else None
     if second and vals2:
         order = sorted(range(len(targets)), key=lambda k: targets[k])

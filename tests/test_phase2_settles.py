@@ -44,3 +44,8 @@ def test_summary_and_decomposition_of_late_deviations():
     assert s["late_mean_use_minus_val_pi"]["half"] == pytest.approx(-0.01)
     assert "no" not in s["late_mean_use_minus_val_pi"]  # the zero budget is not controlled
     assert s["mean_abs_residual_after_warmup"] == pytest.approx(1.0)
+    assert "settling_shift" not in s
+    report["settled"] = {"shift": [0.0, 0.2], "use": [[None, 0.55], [None, 0.51]]}
+    t = _module().summarise(report, from_step=10, delta=0.03, lam_bounds=(-10.0, 20.0))
+    assert t["before_settling_max_deviation_on_training_prompts"] == pytest.approx(0.05)
+    assert t["settling_shift"] == {"half": 0.2}
