@@ -49,8 +49,9 @@ def test_settling_moves_only_the_budget_offsets_toward_the_targets(tmp_path):
     after = _errors(loop)
     assert len(res["use"]) == 2 and all(res["use"][r][k] is None for r in range(2) for k in range(len(shift))
                                         if loop.table.targets[k] == 0)
-    # each round's shift is its measured logit error: the two rounds add up to the total
-    assert sum(_logit(r[1]) - _logit(0.05) for r in res["use"]) == pytest.approx(float(shift[1]), abs=1e-4)
+    # round r moves by its measured logit error / r: the rounds add up to the total
+    assert sum((_logit(u[1]) - _logit(0.05)) / (r + 1) for r, u in enumerate(res["use"])) == pytest.approx(
+        float(shift[1]), abs=1e-4)
     zero = [k for k in range(len(loop.table)) if loop.table.targets[k] == 0]
     assert zero and all(shift[k] == 0 for k in zero)
     assert all(shift[k] < 0 for k in before if k > 1)  # below target: λ down, offsets up
