@@ -309,7 +309,7 @@ def cmd_settle(args) -> int:
         raise ConfigError("this student has no per-budget <τ> offsets to settle (train.budget_offsets, "
                           "student.budget_targets): nothing was written")
     student.save(out)
-    print(f"[settle] shift of each budget's λ (offsets moved by its negative): "
+    print("[settle] shift of each budget's λ (offsets moved by its negative): "
           + " ".join(f"{x:+.3f}" for x in res["shift"]) + f"; saved to {out}")
     if args.json:
         with open(args.json, "w") as f:

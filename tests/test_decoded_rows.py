@@ -127,4 +127,4 @@ def test_the_loops_validate_on_examples_spread_over_the_split(tmp_path):
     assert len(val) > 5 and loop.val_set == spread(val, 5) and loop.val_set != val[:5]
     assert reporting.validation_examples(cfg, load_splits(cfg)) == loop.val_set
     assert job.validation_examples is reporting.validation_examples
-    assert "validation_examples(cfg, load_splits(cfg))" in inspect.getsource(job.Phase2.__init__)
+    assert "validation_examples(cfg, splits)" in inspect.getsource(job.Phase2.__init__)
