@@ -30,13 +30,13 @@ Log = Callable[[str], None]
 # ----------------------------------------------------------------------------- validation
 
 
-@torch.no_grad()
 def validation_examples(cfg: Config, splits: dict[str, list[Example]]) -> list[Example]:
     """The examples both loops validate on: ``train.val_examples`` spread over the validation
     split (`kdtw.examples.spread`), all of it when null."""
     return spread(splits["validation"], cfg.train.val_examples)
 
 
+@torch.no_grad()
 def validate(cfg: Config, student: Student, teacher: LM, examples: list[Example], *, strict: bool = False) -> dict:
     """Budgeted decoding of ``examples`` at every budget with the configured call rule
     (``decoding.call_rule``; tokens greedy, call draws seeded by ``decoding.seed``): teacher
