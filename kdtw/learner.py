@@ -117,6 +117,24 @@ class StepStats:
         return out
 
 
+USE_ESTIMATES = {"expected": "expected_use", "sampled": "teacher_use", "greedy": "greedy_use"}
+
+
+def budget_rates(paths: list[Trajectory], K: int, estimate: str, weighting: str) -> torch.Tensor:
+    """``[K]`` per-budget use of ``paths`` (``nan`` where a budget has none): the paths'
+    ``estimate`` (``expected`` Σπ(<τ>)/T, ``sampled`` Σc/T, ``greedy``; train.use_estimate),
+    weighted by ``weighting`` (``token``: Σ f·T / Σ T; ``sequence``: the mean of f over paths;
+    train.use_weighting). The λ estimate (`Learner.observe_use`) and settling (kdtw/settle.py)."""
+    if not paths:
+        return torch.full((K,), float("nan"))
+    ids = torch.tensor([t.budget_id for t in paths], dtype=torch.long)
+    weight = torch.tensor([1.0 if weighting == "sequence" else float(len(t)) for t in paths])
+    total = torch.zeros(K).index_add_(0, ids, weight)
+    f = torch.tensor([getattr(t, USE_ESTIMATES[estimate]) for t in paths], dtype=torch.float32)
+    sums = torch.zeros(K).index_add_(0, ids, f * weight)
+    return torch.where(total > 0, sums / total.clamp(min=1e-9), torch.full((K,), float("nan")))
+
+
 class Learner:
     def __init__(self, student: Student, *, targets: list[float], train_cfg) -> None:
         self.student = student
@@ -307,20 +325,9 @@ class Learner:
         student = [t for t in trajs if t.origin == "student" and (c.decoded_per_budget == 0 or t.decoded)]
         if not student or not c.use_tau:
             return {}  # without <τ> there is no budget to hold: λ stays
-        ids = torch.tensor([t.budget_id for t in student], dtype=torch.long)
-        lengths = torch.tensor([len(t) for t in student], dtype=torch.float32)
-        weight = torch.ones_like(lengths) if c.use_weighting == "sequence" else lengths
-        total = torch.zeros(K).index_add_(0, ids, weight)  # > 0 exactly where budget k has a path
-        seen = (total > 0) & (self.targets > 0)
-
-        def per_budget(fractions: list[float]) -> torch.Tensor:
-            """token: Σ_rows f·T / Σ T (a token-weighted rate); sequence: the mean of f over rows."""
-            sums = torch.zeros(K).index_add_(0, ids, torch.tensor(fractions, dtype=torch.float32) * weight)
-            return torch.where(total > 0, sums / total.clamp(min=1e-9), torch.full((K,), float("nan")))
-
-        expected = per_budget([t.expected_use for t in student])
-        sampled = per_budget([t.teacher_use for t in student])
-        greedy = per_budget([t.greedy_use for t in student])
+        expected, sampled, greedy = (budget_rates(student, K, e, c.use_weighting)
+                                     for e in ("expected", "sampled", "greedy"))
+        seen = ~torch.isnan(expected) & (self.targets > 0)  # budget k has a path this step
         obs = {"expected": expected, "sampled": sampled, "greedy": greedy}[c.use_estimate]
         obs = torch.where(seen, obs, torch.full((K,), float("nan")))
         prev = self.use_hat  # the logged estimate follows the rollouts, warm-up included

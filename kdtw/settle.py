@@ -13,10 +13,10 @@ training verses is its use on validation verses: the two-probe run's seed-1 stud
 
 So after the last PCL step the loop freezes the weights and settles λ once more, from many probes:
 ``train.settle_rounds`` rounds, each decoding ``train.settle_probes`` training prompts per
-nonzero budget as validation decodes them (decoding.call_rule), measuring each budget's expected
-use ē_k as the λ probes do (train.use_weighting), and moving its <τ> offset (and λ_k, which the
-offset carries under train.lambda_feedforward) by the logit error logit(ē_k) − logit(b_k)
-divided by the round's number (1, 1/2, 1/3, ...: with the weights frozen the right offset is a
+nonzero budget as validation decodes them (decoding.call_rule), measuring each budget's use ē_k
+as the λ probes do (`kdtw.learner.budget_rates`: train.use_estimate, train.use_weighting), and
+moving its <τ> offset (and λ_k, which the offset carries under train.lambda_feedforward) by the
+logit error logit(ē_k) − logit(b_k) divided by the round's number (1, 1/2, 1/3, ...: with the weights frozen the right offset is a
 constant, and these gains make the last offset the one that averages every round's measurement,
 instead of the last round's noise alone; the first SmolLM2 run settled with gain 1 in both rounds
 and its second round moved "moderate" from 0.165 to 0.248 on 24 verses). No gradient step is
@@ -35,6 +35,7 @@ import torch
 from .budgets import BudgetTable
 from .config import Config
 from .examples import Example
+from .learner import budget_rates
 from .models import LM, Student
 from .rollout import student_rollouts
 
@@ -73,10 +74,9 @@ def settle_budgets(cfg: Config, student: Student, teacher: LM, train_set: list[E
             decoded_rule=cfg.decoding.call_rule)[0]
         delta = torch.zeros(K)
         parts, measured = [], [None] * K
+        rates = budget_rates(paths, K, tc.use_estimate, tc.use_weighting)
         for k in ks:
-            rows = [p for p in paths if p.budget_id == k]
-            w = [1.0 if tc.use_weighting == "sequence" else float(len(p)) for p in rows]
-            use = sum(p.expected_use * wi for p, wi in zip(rows, w)) / max(sum(w), 1e-9)
+            use = float(rates[k])
             delta[k] = (_logit(use, tc.lambda_eps) - _logit(table.targets[k], tc.lambda_eps)) / (r + 1)
             measured[k] = float(use)
             parts.append(f"{table[k].phrase} {use:.3f}/{table.targets[k]:.2f}")
@@ -85,7 +85,7 @@ def settle_budgets(cfg: Config, student: Student, teacher: LM, train_set: list[E
         total += delta
         uses.append(measured)
         log(f"[settle] round {r + 1}/{tc.settle_rounds}, {tc.settle_probes} training prompts a budget, "
-            f"expected use/target: " + ", ".join(parts))
+            f"{tc.use_estimate} use/target: " + ", ".join(parts))
     return {"shift": total.tolist(), "use": uses}
 
 
