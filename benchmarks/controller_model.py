@@ -164,19 +164,23 @@ def fit_common(report: dict, probes: int = 1) -> dict:
             "x0": X[:3].mean(0).tolist(), "sigma": sigma, "steps": steps}
 
 
-def simulate_common(m: dict, kp: float, ema: float, ki: float, kc: float, probes: int,
-                    rng: np.random.Generator) -> np.ndarray:
-    """End deviation |use − b| per budget of one run against `fit_common`'s plant: x starts at
-    the run's own x0, takes one common random-walk step N(0, q²) a step (after that step's
-    paths were collected), each budget observes logit(use) + N(0, σ²/probes)."""
+def simulate(m: dict, kp: float, ema: float, ki: float, probes: int, rng: np.random.Generator,
+             kc: float = 0.0) -> np.ndarray:
+    """End deviation |use − b| per budget of one simulated run against either plant: `fit`'s
+    (the PCL step moves x by g(λ* − λ)) or `fit_common`'s (x takes one common random-walk step
+    N(0, q²)), each after that step's paths were observed, with one probe's noise σ/√probes."""
     K = len(m["ks"])
     b = torch.tensor(m["targets"], dtype=torch.float32)
-    base = (torch.log(b) - torch.log1p(-b)).numpy()
-    integral, err_ema, lam = torch.zeros(K), torch.zeros(K), torch.zeros(K)
+    base = (torch.log(b) - torch.log1p(-b)).numpy()  # logit(b)
+    integral, err_ema = torch.zeros(K), torch.zeros(K)  # relative to λ⁰ (the controller is shift-invariant)
+    lam = torch.zeros(K)
     x = np.array(m["x0"], dtype=np.float64)
     for _ in range(m["steps"]):
-        obs_logit = base + x - lam.numpy() + rng.normal(0, m["sigma"] / math.sqrt(probes), K)
-        x = x + rng.normal(0, m["q"])
+        obs_logit = base + x - lam.numpy() + rng.normal(0, m["sigma"] / math.sqrt(probes), K)  # λ of the step before
+        if "g" in m:
+            x = x + m["g"] * (np.array(m["lam_star"]) - lam.numpy())  # the PCL step, at that λ
+        else:
+            x = x + rng.normal(0, m["q"])  # the common walk
         obs = torch.tensor(1 / (1 + np.exp(-obs_logit)), dtype=torch.float32)
         lam, integral, err_ema, _ = pid_lagrange_update(integral, err_ema, obs, b, k_i=ki, k_p=kp, ema=ema,
                                                         lam_min=-30.0, lam_max=30.0, k_c=kc)
@@ -184,24 +188,10 @@ def simulate_common(m: dict, kp: float, ema: float, ki: float, kc: float, probes
     return np.abs(end - b.numpy())
 
 
-def simulate(m: dict, kp: float, ema: float, ki: float, probes: int, rng: np.random.Generator) -> np.ndarray:
-    """End deviation |use − b| per budget of one simulated run."""
-    K = len(m["ks"])
-    b = torch.tensor(m["targets"], dtype=torch.float32)
-    base = torch.log(b) - torch.log1p(-b)  # logit(b)
-    integral, err_ema = torch.zeros(K), torch.zeros(K)  # relative to λ⁰ (the controller is shift-invariant)
-    lam = torch.zeros(K)
-    x = np.array(m["x0"], dtype=np.float64)
-    star = np.array(m["lam_star"])
-    for _ in range(m["steps"]):
-        u = x - lam.numpy()  # this step's paths: the policy and λ of the step before
-        obs_logit = base.numpy() + u + rng.normal(0, m["sigma"] / math.sqrt(probes), K)
-        x = x + m["g"] * (star - lam.numpy())  # the PCL step, at that λ
-        obs = torch.tensor(1 / (1 + np.exp(-obs_logit)), dtype=torch.float32)
-        lam, integral, err_ema, _ = pid_lagrange_update(integral, err_ema, obs, b, k_i=ki, k_p=kp, ema=ema,
-                                                        lam_min=-30.0, lam_max=30.0)
-    end = 1 / (1 + np.exp(-(base.numpy() + x - lam.numpy())))
-    return np.abs(end - b.numpy())
+def simulate_common(m: dict, kp: float, ema: float, ki: float, kc: float, probes: int,
+                    rng: np.random.Generator) -> np.ndarray:
+    """`simulate` against `fit_common`'s plant, with the common-mode gain k_c."""
+    return simulate(m, kp, ema, ki, probes, rng, kc=kc)
 
 
 def main() -> None:
@@ -214,7 +204,8 @@ def main() -> None:
     probes = [int(p) for p in args.probes.split(",")]
     for path in args.reports:
         with open(path) as f:
-            m = fit(json.load(f), probes_of_run(path))
+            report = json.load(f)
+        m = fit(report, probes_of_run(path))
         print(f"{path}: g {m['g']:.3f} a step (R² {m['r2']:.2f}), λ* − λ⁰ "
               + " ".join(f"{s:+.2f}" for s in m["lam_star"])
               + ", x at the end of warm-up " + " ".join(f"{x:+.2f}" for x in m["x0"])
@@ -226,7 +217,7 @@ def main() -> None:
                 ends = np.array([simulate(m, kp, ema, ki, n, rng) for _ in range(args.sims)])
                 ok = (ends <= args.delta).all(1).mean()
                 print(f"   {kp:<5} {ema:<5} {ki:<5} {n:>6}   {ok:>26.2f}   {np.median(ends.max(1)):>20.3f}")
-        c = fit_common(json.load(open(path)), probes_of_run(path))
+        c = fit_common(report, probes_of_run(path))
         print(f"   common-walk model: step of the common part q {c['q']:.3f} logit (of the rest {c['q_d']:.3f}), "
               f"variogram at lags {LAGS}: " + " ".join(f"{v:.3f}" for v in c["variogram"])
               + f", one probe's σ {c['sigma']:.2f}")
