@@ -98,11 +98,23 @@ def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, generator) 
 
 
 def _multinomial(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """``torch.multinomial(probs, 1)`` drawn on the generator's device (a CPU generator can
-    seed decoding on an accelerator); the result is on ``probs``' device."""
-    if generator is None or generator.device == probs.device:
-        return torch.multinomial(probs, 1, generator=generator)
-    return torch.multinomial(probs.to(generator.device), 1, generator=generator).to(probs.device)
+    """One draw from each row of ``probs`` (``[B, V]`` -> ``[B, 1]``, ``[V]`` -> ``[1]``; nonnegative
+    weights, rows need not sum to 1), as ``torch.multinomial(probs, 1)`` returns it: the inverse
+    CDF at one uniform a row (cumulative sums in float64), drawn on the generator's device (a CPU
+    generator can seed decoding on an accelerator); the result is on ``probs``' device.
+    ``torch.multinomial`` draws an exponential for every entry: 3.9 ms for 29 rows of the default
+    profile's 3,713 actions on one CPU thread against 0.2 ms here, a third of a rollout worker's
+    time (py-spy, benchmarks/throughput.py)."""
+    dev = generator.device if generator is not None else probs.device
+    cdf = probs.to(dev, torch.float64).cumsum(-1)
+    total = cdf[..., -1:]
+    if not bool(torch.isfinite(total).all()) or bool((total <= 0).any()):
+        raise ValueError("invalid distribution to sample from: a row's total is not finite and positive")
+    u = torch.rand(total.shape, generator=generator, device=dev, dtype=torch.float64) * total
+    # below the total even where u·total rounded up to it: the first entry that reaches the
+    # total has mass, so an entry of zero weight is never drawn
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, u, right=True).to(probs.device)
 
 
 def _rand(n: int, generator: torch.Generator | None, device) -> torch.Tensor:

@@ -543,3 +543,26 @@ def test_extend_many_merges_sessions_into_one_forward_with_the_answers_of_each_a
             for p, f, x in zip(prompts[1:], [feeds[1], torch.empty((1, 0), dtype=torch.long)], nxt[1:])]
     for a, b in zip(after, ref4):
         assert torch.allclose(a[:, -1], b, atol=1e-4)
+
+
+def test_categorical_draw_is_the_distribution_and_never_a_zero_weight_entry():
+    """`_multinomial` (inverse CDF, one uniform a row) draws what torch.multinomial draws: the
+    frequencies of 200k draws match the weights (unnormalised rows too), an entry of weight zero
+    is never drawn (first, middle or last: the last is <τ> when it is masked), shapes are
+    torch.multinomial's, and a row with no mass is refused."""
+    from kdtw.decoding import _multinomial
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.tensor([0.0, 0.2, 0.0, 1.2, 0.6, 0.0])
+    a = _multinomial(w.repeat(200_000, 1), g)
+    assert a.shape == (200_000, 1) and a.dtype == torch.long
+    freq = torch.bincount(a.squeeze(-1), minlength=6).double() / 200_000
+    assert torch.allclose(freq, (w / w.sum()).double(), atol=0.005)
+    assert freq[0] == 0 and freq[2] == 0 and freq[5] == 0
+    assert _multinomial(torch.tensor([0.0, 0.0, 3.0, 0.0]), g).tolist() == [2]
+    # a row whose mass is all on one entry, every draw: the uniform at the top of [0, total) included
+    assert set(_multinomial(torch.tensor([[0.0, 1.0, 0.0]] * 1000), g).squeeze(-1).tolist()) == {1}
+    with pytest.raises(ValueError, match="total"):
+        _multinomial(torch.zeros(2, 4), g)
+    with pytest.raises(ValueError, match="total"):
+        _multinomial(torch.tensor([[0.5, float("nan")]]), g)
