@@ -3,7 +3,8 @@
 A replica given more than one GPU loads the teacher across them (accelerate ``device_map``,
 bfloat16); one GPU puts it on ``cuda``; none keeps the config's device. ``ray.teacher_latency_ms``
 makes it sleep before answering each batch (the remote-latency benchmark knob). It keeps the KV
-caches of open teacher sessions within ``ray.teacher_cache_mb``. Each answer carries the teacher
+caches of open teacher sessions within ``ray.teacher_cache_mb``. Demonstrations run in a thread
+of their own (a Ray concurrency group) beside the requests of the pool. Each answer carries the teacher
 positions computed since the previous answer, by tag (the pool adds them up: a replica that
 dies loses none it has answered).
 """
@@ -20,7 +21,7 @@ from kdtw.factory import load_teacher
 from kdtw.teacher_service import TeacherService
 
 
-@ray.remote
+@ray.remote(concurrency_groups={"demos": 1})
 class TeacherActor:
     def __init__(self, cfg, replica_id: int) -> None:
         setup_threads(cfg)
@@ -40,20 +41,23 @@ class TeacherActor:
         return self.service.spec()
 
     def _positions(self) -> dict:
-        new = self.service.positions - self._reported
-        self._reported = self.service.positions.copy()
+        now, _ = self.service.counted()
+        new, self._reported = now - self._reported, now
         return dict(new)
 
     def run(self, items: list) -> tuple[list, dict]:
         """Answers to ``items`` and the teacher positions computed since the last answer."""
         return self.service.run_mixed(items), self._positions()
 
+    @ray.method(concurrency_group="demos")
     def demos(self, prompts, budget_ids, **kw):
+        """Demonstrations, decoded in a thread of their own: the session steps of the rollouts
+        they were started beside (`kdtw.rollout.collect`) are answered meanwhile, not after."""
         trajs, state = self.service.demos(prompts, budget_ids, **kw)
         return trajs, state, self._positions()
 
     def forwards(self) -> int:
-        return self.service.forwards
+        return self.service.counted()[1]
 
     def rng_state(self):
         """The generator of sampled teacher tokens (``teacher_do_sample``), for checkpoints."""

@@ -7,8 +7,10 @@ Prints four figures (goals from issues 4 and 12 in brackets):
 
 1. trajectories/s of the Ray job as a user runs it (its own local Ray, the profile's resources;
    only Phase 1 and validation are left out, in every loop alike) against the single-process
-   loop (`LocalLoop.collect` + `learn`, 1 and 2 torch threads, the faster counts), on
-   ``--config`` (the embedded default with its pretrained models when they exist): the
+   loop (`LocalLoop.collect` + `learn`, 1 and 2 torch threads: both ratios printed; 2× the
+   one-thread loop is the two cores' limit), on ``--config`` (the embedded default with its
+   pretrained models when they exist), every loop starting Phase 2 from one Phase-1 result of
+   ``--phase1-steps`` BC steps (a student that calls the teacher, past the value warm-up): the
    synchronous loop with one worker and one replica [≥ 1.0×], and the asynchronous setting
    ``--async`` (printed beside its figure) [≥ 1.6×]; with the teacher positions the replicas
    computed per rollout token (prompt + output; 1.0 = each position once);
@@ -45,13 +47,52 @@ from kdtw.config import load_config  # noqa: E402
 from kdtw.local import LocalLoop  # noqa: E402
 
 
-def local_throughput(cfg, steps: int, threads: int) -> tuple[float, list]:
+def phase1_folder(cfg, folder: str, steps: int) -> str:
+    """A Phase-1 result of ``steps`` BC steps (the local loop's), written to ``folder`` once and
+    reused: every loop starts Phase 2 from it, with a student that calls the teacher as a trained
+    one does (an untrained student hardly calls, so its rollouts would cost no teacher round trips)."""
+    import torch
+
+    from kdtw.phase1 import is_complete, read_phase1, write_phase1
+
+    if os.path.exists(os.path.join(folder, "kdtw_phase1.json")):
+        meta = read_phase1(folder)
+        if is_complete(meta) and int(meta["steps"]) == steps and meta.get("config") == cfg.name:
+            return folder
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    t0 = time.perf_counter()
+    loop = LocalLoop(cfg, log=lambda _: None)
+    for _ in range(steps):
+        loop.learner.bc_step(loop.teacher, loop.phase1_batch())
+    write_phase1(loop, folder)
+    print(f"[bench] Phase 1: {steps} BC steps in {time.perf_counter() - t0:.0f} s -> {folder}", flush=True)
+    return folder
+
+
+def local_loop(cfg, phase1: str | None) -> LocalLoop:
+    """The single-process loop at the start of Phase 2, from ``phase1`` as the Ray job starts."""
+    from kdtw.checkpoint import load_state
+    from kdtw.factory import load_teacher
+    from kdtw.models import Student
+
+    if phase1 is None:
+        loop = LocalLoop(cfg, log=lambda _: None)
+    else:
+        s = cfg.student
+        student = Student.load(os.path.join(phase1, "student"), dtype=s.dtype, device=s.device)
+        loop = LocalLoop(cfg, teacher=load_teacher(cfg), student=student, log=lambda _: None)
+        loop.learner.load_state_dict(load_state(os.path.join(phase1, "learner.pt")))
+    loop.learner.start_phase2()
+    return loop
+
+
+def local_throughput(cfg, steps: int, threads: int, phase1: str | None = None) -> tuple[float, list]:
     import torch
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        loop = LocalLoop(cfg, log=lambda _: None)
+        loop = local_loop(cfg, phase1)
         loop.learn(*loop.collect())  # warm-up
         t0 = time.perf_counter()
         batches = []
@@ -77,13 +118,14 @@ def buffer_bytes(cfg, batches: list) -> tuple[float, float, int]:
     return buf.nbytes() / buf.tokens, traced / buf.tokens, buf.tokens
 
 
-def ray_run(cfg, *, own_ray: bool = False) -> dict:
-    """One Phase-2 run of the job; ``own_ray``: in a local Ray of its own, as the job starts one."""
+def ray_run(cfg, *, own_ray: bool = False, phase1: str | None = None) -> dict:
+    """One Phase-2 run of the job (from ``phase1``, if given); ``own_ray``: in a local Ray of its
+    own, as the job starts one."""
     import ray
     import train_pcl
 
     try:
-        report, _ = train_pcl.train(cfg, log=lambda _: None, track=False)
+        report, _ = train_pcl.train(cfg, phase1=phase1, log=lambda _: None, track=False)
     finally:
         if own_ray:
             ray.shutdown()
@@ -104,11 +146,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scaling-config", default=tiny, help="profile of the latency runs (2-3)")
     ap.add_argument("--steps", type=int, default=40, help="learner steps per run (scaling runs: max(steps, 6N))")
     ap.add_argument("--workers", default="1,2,4,8")
-    ap.add_argument("--async", dest="async_", default="train.max_staleness=8,ray.num_rollout_workers=2,"
+    ap.add_argument("--async", dest="async_", default="ray.max_staleness=8,ray.num_rollout_workers=2,"
                     "ray.num_teacher_replicas=2", help="the asynchronous setting of comparison 1 (comma-separated key=value)")
     ap.add_argument("--latency-ms", type=float, default=50.0)
     ap.add_argument("--max-wait-ms", type=float, default=None,
                     help="ray.teacher_max_wait_ms of the latency runs (default: half the latency)")
+    ap.add_argument("--phase1-steps", type=int, default=100,
+                    help="comparison 1 starts every loop from a Phase 1 of this many BC steps (0: from the "
+                    "untrained student, which hardly calls the teacher)")
     ap.add_argument("--skip-compare", action="store_true", help="only the latency runs (2-3)")
     ap.add_argument("--skip-scaling", action="store_true", help="only comparisons 1 and 4")
     ap.add_argument("overrides", nargs="*", help="key=value overrides for every run")
@@ -116,8 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     ns = [int(x) for x in args.workers.split(",")]
     run_dir = os.path.join(ROOT, "runs", "bench_throughput")
     # comparison 1 runs the job as a user does: the profile's resources, its own local Ray
+    # from a shared Phase-1 result, past the value warm-up (whose steps leave the policy alone)
     user = [f"run_dir={run_dir}", "train.phase1_steps=0", "train.val_examples=2", "train.log_every=100000",
-            "ray.checkpoint_every=0", *args.overrides]
+            "ray.checkpoint_every=0", "train.value_warmup_steps=0", *args.overrides]
     # the latency runs put N workers on the cores' logical CPUs (they sleep on the teacher)
     base = [*user, "ray.rollout_worker_cpus=0.1", "ray.teacher_cpus=0.1", "ray.learner_cpus=0.1", "train.max_staleness=8"]
     async_set = [x for x in args.async_.split(",") if x]
@@ -126,9 +172,11 @@ def main(argv: list[str] | None = None) -> int:
         return load_config(path, [*over, *extra])
 
     # 1 (local) and 4 first, before Ray's processes exist
-    local_by_threads, batches = {}, None
+    local_by_threads, batches, p1 = {}, None, None
+    if not args.skip_compare and args.phase1_steps:
+        p1 = phase1_folder(cfg(args.config), os.path.join(run_dir + "_phase1"), args.phase1_steps)
     for t in [] if args.skip_compare else sorted({1, min(2, os.cpu_count() or 1)}):
-        local_by_threads[t], got = local_throughput(cfg(args.config), args.steps, t)
+        local_by_threads[t], got = local_throughput(cfg(args.config), args.steps, t, p1)
         batches = batches or got
     if not args.skip_compare:
         local = max(local_by_threads.values())
@@ -137,9 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     sync = fast = None
     if not args.skip_compare:  # each run starts and stops its own Ray, as the job does
         steps = [f"train.phase2_steps={args.steps}", f"train.validate_every={10 * args.steps}"]
-        sync = ray_run(cfg(args.config, *steps, "train.max_staleness=0", "ray.num_rollout_workers=1",
-                           "ray.num_teacher_replicas=1", over=user), own_ray=True)
-        fast = ray_run(cfg(args.config, *steps, *async_set, over=user), own_ray=True)
+        sync = ray_run(cfg(args.config, *steps, "train.max_staleness=0", "ray.max_staleness=0", "ray.num_rollout_workers=1",
+                           "ray.num_teacher_replicas=1", over=user), own_ray=True, phase1=p1)
+        fast = ray_run(cfg(args.config, *steps, *async_set, over=user), own_ray=True, phase1=p1)
     if args.skip_scaling:
         ns = []
 
@@ -162,14 +210,18 @@ def main(argv: list[str] | None = None) -> int:
     rel = lambda p: os.path.relpath(p, ROOT)  # noqa: E731
     print(f"\n{os.cpu_count()} CPU cores; {args.steps} learner steps per run (start-up excluded)")
     if fast is not None:
-        print(f"\n1. rollout throughput, {rel(args.config)}, the profile's resources, no added latency"
-              f"              traj/s   ratio   goal   teacher positions / rollout token")
+        one_thread = local_by_threads[1]
+        start = (f"from a {args.phase1_steps}-step Phase 1" if p1 else "from the untrained student") + \
+            ", train.value_warmup_steps=0"
+        print(f"\n1. rollout throughput, {rel(args.config)}, the profile's resources, no added latency, {start}")
+        print(f"   {'':<72}{'traj/s':>8}  {'vs 1 thread':>11}  {'vs faster':>9}  goal    teacher positions / rollout token")
         for t, v in local_by_threads.items():
-            print(f"   single-process loop (kdtw/local.py), {t} torch thread(s)                   {v:>8.1f}")
-        print(f"   sync Ray loop (max_staleness 0), 1 worker, 1 teacher replica            "
-              f"{sync['traj_per_s']:>8.1f}  {sync['traj_per_s'] / local:>5.2f}x  >= 1.0x  {sync['positions_per_token']:.3f}")
-        print(f"   async Ray loop ({' '.join(async_set)})".ljust(75) +
-              f"{fast['traj_per_s']:>8.1f}  {fast['traj_per_s'] / local:>5.2f}x  >= 1.6x  {fast['positions_per_token']:.3f}")
+            print(f"   {f'single-process loop (kdtw/local.py), {t} torch thread(s)':<72}{v:>8.1f}")
+        for name, r, goal in (("sync Ray loop (max_staleness 0), 1 worker, 1 teacher replica", sync, "1.0x"),
+                              (f"async Ray loop ({' '.join(async_set)})", fast, "1.6x")):
+            v = r["traj_per_s"]
+            print(f"   {name:<72}{v:>8.1f}  {v / one_thread:>10.2f}x  {v / local:>8.2f}x  >= {goal}  "
+                  f"{r['positions_per_token']:.3f}")
     if not scaling:
         ns = []
     one = scaling[ns[0]]["traj_per_s"] / ns[0] if ns else 0.0

@@ -41,6 +41,7 @@ def validate(cfg: Config, student: Student, teacher: LM, examples: list[Example]
     """Budgeted decoding of ``examples`` at every budget with the configured call rule
     (``decoding.call_rule``; tokens greedy, call draws seeded by ``decoding.seed``): teacher
     use (mean of per-sequence Σc/T) and quality, plus the mean π(<τ>) along the paths."""
+    t0 = time.perf_counter()
     table = budget_table(cfg)
     refs = [ex.target for ex in examples]
     key = primary_metric(cfg.task.metric)
@@ -79,6 +80,7 @@ def validate(cfg: Config, student: Student, teacher: LM, examples: list[Example]
         "eligible": max(devs) <= cfg.train.eligibility_delta,
         "mean_quality": sum(quality) / len(quality),
         "monotone": all(quality[i] <= quality[i + 1] + 1e-9 for i in range(len(quality) - 1)),
+        "seconds": time.perf_counter() - t0,
     }
 
 
@@ -87,7 +89,9 @@ def format_validation(v: dict, key: str) -> str:
     for phrase, r in v["budgets"].items():
         lines.append(f"  {phrase:<10}{r['target']:>8.2f}{r['use']:>8.3f}{r.get('tau_prob', float('nan')):>8.3f}"
                      f"{r[key]:>9.2f}")
-    lines.append(f"  max |use-target| {v['max_deviation']:.3f}  eligible {v['eligible']}  mean {key} {v['mean_quality']:.2f}")
+    took = f"  ({v['seconds']:.1f} s)" if "seconds" in v else ""
+    lines.append(f"  max |use-target| {v['max_deviation']:.3f}  eligible {v['eligible']}  mean {key} {v['mean_quality']:.2f}"
+                 + took)
     return "\n".join(lines)
 
 

@@ -29,6 +29,7 @@ again, which any replica can serve: a retry anywhere stays correct.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import uuid
 from collections import Counter, OrderedDict, deque
@@ -159,6 +160,20 @@ class TeacherService:
         self.sessions = SessionStore(int(cache_mb * 2**20))
         self.positions: Counter = Counter()
         self.misses = 0
+        # demonstrations may be decoded in a thread of their own beside the session steps
+        # (actors/teacher.py): the counters both touch are updated under this lock
+        self.lock = threading.Lock()
+
+    def _count(self, tag: str | None, positions: int, forwards: int = 0) -> None:
+        with self.lock:
+            if tag is not None:
+                self.positions[tag] += positions
+            self.forwards += forwards
+
+    def counted(self) -> tuple[Counter, int]:
+        """A copy of the teacher positions computed so far (by tag) and the forwards count."""
+        with self.lock:
+            return self.positions.copy(), self.forwards
 
     def spec(self) -> dict:
         t = self.teacher
@@ -176,7 +191,7 @@ class TeacherService:
         """
         if self.latency_s:
             time.sleep(self.latency_s)
-        self.forwards += 1
+        self._count(None, 0, forwards=1)
         return self._compute(kind, requests)
 
     def run_mixed(self, items: list[tuple[str, tuple]]) -> list[Any]:
@@ -187,7 +202,7 @@ class TeacherService:
             raise ValueError(f"unknown teacher request kind {unknown[0]!r}: use one of {KINDS}")
         if self.latency_s and any(k != "close" for k, _ in items):  # freeing a session is not a round trip to wait on
             time.sleep(self.latency_s)
-        self.forwards += 1
+        self._count(None, 0, forwards=1)
         out: list[Any] = [None] * len(items)
         for kind in KINDS:
             idx = [i for i, (k, _) in enumerate(items) if k == kind]
@@ -251,7 +266,7 @@ class TeacherService:
             if start == 0 and rows is not None:
                 ids, mask = self.teacher.pad_left(rows)
                 sess = Session(self.teacher.start(ids, mask), torch.zeros(len(rows), dtype=torch.bool), tag)
-                self.positions[tag] += int(mask.sum())
+                self._count(tag, int(mask.sum()))
             elif sess is None or sess.fed != start:
                 self.sessions.pop(sid)
                 self.misses += 1
@@ -259,7 +274,7 @@ class TeacherService:
                 continue
             t = torch.tensor(tokens, dtype=torch.long).reshape(len(sess.ended), -1)
             fed = fed_tokens(t, feed_last)
-            self.positions[tag] += _real_positions(fed, sess.ended, self.teacher.eos_id)
+            self._count(tag, _real_positions(fed, sess.ended, self.teacher.eos_id))
             todo.append((j, sid, sess, t, fed, feed_last, close, want))
         fulls = self.teacher.extend_many([x[2].state for x in todo], [x[4].to(self.teacher.device) for x in todo])
         for (j, sid, sess, t, _, feed_last, close, want), full in zip(todo, fulls):
@@ -282,7 +297,7 @@ class TeacherService:
         exactly as if it had decoded them itself (and a retry elsewhere gives the same paths)."""
         if self.latency_s:
             time.sleep(self.latency_s)
-        self.forwards += 1
+        self._count(None, 0, forwards=1)
         g = torch.Generator()
         g.set_state(gen_state)
         trajs = teacher_demos(self.teacher, prompts, budget_ids, max_new_tokens=max_new_tokens,
@@ -291,7 +306,7 @@ class TeacherService:
         for s in range(0, len(trajs), batch_size):
             chunk = trajs[s : s + batch_size]
             T = max(len(t.tokens) for t in chunk)
-            self.positions["rollout"] += sum(len(t.source_ids) + min(len(t.tokens), T - 1) for t in chunk)
+            self._count("rollout", sum(len(t.source_ids) + min(len(t.tokens), T - 1) for t in chunk))
         return trajs, g.get_state()
 
 
