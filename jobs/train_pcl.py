@@ -226,6 +226,7 @@ def train(cfg: Config, *, resume: tuple[str, dict] | None = None, phase1: str | 
     run is then marked KILLED (FAILED on an error)."""
     from actors.tracking import tracked
 
+    cfg = cfg.for_ray_job()  # ray.max_staleness, where set, is the job's train.max_staleness
     os.makedirs(cfg.run_dir, exist_ok=True)
     cfg.save(os.path.join(cfg.run_dir, "config.yaml"))
     meta1 = read_phase1(resume_phase1) if resume_phase1 else {}

@@ -349,6 +349,11 @@ class RayConfig:
     learner_gpus: NonNegFloat = 0.0
     # Phase-1 data-parallel ranks (Ray Train TorchTrainer: gloo on CPU, nccl on GPU).
     learner_ranks: PosInt = 1
+    # The Ray job's asynchrony: a rollout may use weights up to this many learner versions old
+    # (null: train.max_staleness). The job runs with train.max_staleness set to it
+    # (`Config.for_ray_job`); the single-process loop, where staleness only means replay, keeps
+    # train.max_staleness.
+    max_staleness: Annotated[NonNegInt | None, Hint(null="train.max_staleness", example=8)] = None
     # Teacher-pool dynamic batching, one batcher per replica: most sequences per batch, and how
     # long the first request of a batch waits for others (a batch also leaves once the clients of
     # its previous batch, or every active client homed on the replica, have a request in).
@@ -536,10 +541,12 @@ class Config:
             f"decoding.max_new_tokens = {t.batch_size * d.max_new_tokens} tokens): raise "
             f"train.buffer_tokens to at least {t.batch_size * d.max_new_tokens}",
         )
+        stale, key = (t.max_staleness, "train.max_staleness") if r.max_staleness is None else \
+            (r.max_staleness, "ray.max_staleness")
         need(
-            t.max_staleness >= r.publish_every - 1,
-            f"ray.publish_every={r.publish_every} with train.max_staleness={t.max_staleness}: "
-            "paths would be stale before the next weights arrive; set train.max_staleness >= "
+            stale >= r.publish_every - 1,
+            f"ray.publish_every={r.publish_every} with {key}={stale}: "
+            f"paths would be stale before the next weights arrive; set {key} >= "
             f"{r.publish_every - 1} or lower ray.publish_every",
         )
         if errs:
@@ -563,6 +570,15 @@ class Config:
 
         walk("", self.to_dict())
         return out
+
+    def for_ray_job(self) -> "Config":
+        """The config the Ray job runs: ``train.max_staleness`` replaced by ``ray.max_staleness``
+        where that is set (a copy; ``self`` where nothing changes)."""
+        if self.ray.max_staleness is None or self.ray.max_staleness == self.train.max_staleness:
+            return self
+        c = copy.deepcopy(self)
+        c.train.max_staleness = c.ray.max_staleness
+        return c
 
     def with_absolute_paths(self) -> "Config":
         """A copy whose relative local paths (``models_dir``, ``run_dir``, and ``task.dataset``,

@@ -263,3 +263,19 @@ def test_the_readme_drafter_command_loads_on_a_feedforward_profile(profile):
     assert not load_config(path, ["train.use_tau=false"]).train.use_tau
     with pytest.raises(ConfigError, match="train.budget_offsets=true, or train.lambda_feedforward=false"):
         load_config(path, ["train.budget_offsets=false"])
+
+
+def test_ray_max_staleness_is_the_ray_jobs_and_leaves_the_local_loop_alone():
+    """conf/default.yaml runs the Ray job asynchronously (ray.max_staleness 8) while the local
+    loop, where staleness only means replay, keeps train.max_staleness 0; null means
+    train.max_staleness; the publish rule checks the bound the job will run with."""
+    cfg = load_config(os.path.join(ROOT, "conf", "default.yaml"), [])
+    assert cfg.train.max_staleness == 0 and cfg.ray.max_staleness == 8
+    job = cfg.for_ray_job()
+    assert job.train.max_staleness == 8 and cfg.train.max_staleness == 0  # a copy
+    assert job.for_ray_job() is job
+    plain = load_config(None, ["train.max_staleness=3"])
+    assert plain.ray.max_staleness is None and plain.for_ray_job() is plain
+    with pytest.raises(ConfigError, match=r"ray.max_staleness=0.*set ray.max_staleness >= 3"):
+        load_config(None, ["train.max_staleness=5", "ray.max_staleness=0", "ray.publish_every=4"])
+    load_config(None, ["train.max_staleness=0", "ray.max_staleness=3", "ray.publish_every=4"])  # accepted
