@@ -55,6 +55,19 @@ class Actors:
         spec = ray.get(self.pool.spec.remote())
         return RemoteTeacher(PoolClient(self.pool, name), tokenizer, spec, tag="validation")
 
+    def validate(self, student, examples: list) -> dict | None:
+        """`kdtw.reporting.validate` of ``student`` on a teacher replica, next to its teacher (no
+        round trip a decode step); None if no replica answers."""
+        from actors.common import RETRY_ERRORS
+
+        weights = ray.put(pack_weights(student))
+        for replica in self.replicas:
+            try:
+                return ray.get(replica.validate.remote(self.cfg, weights, examples))
+            except RETRY_ERRORS:
+                continue
+        return None
+
     def make_worker(self, wid: int):
         from actors.rollout_worker import RolloutWorker
 

@@ -1,20 +1,18 @@
 """Train a τ-student on Ray: Phase 1 (BC, Ray Train), then asynchronous Phase 2 (PCL + λ).
 
-    python jobs/train_pcl.py --config conf/default.yaml [key=value ...]
-    python jobs/train_pcl.py --config conf/default.yaml --phase1 runs/default/phase1
+    python jobs/train_pcl.py [--config conf/default.yaml] [--phase1 runs/default/phase1] [key=value ...]
     python jobs/train_pcl.py --resume runs/default [key=value ...]
-    RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
-        python jobs/train_pcl.py --config conf/default.yaml [key=value ...]
+    RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/train_pcl.py
 
 Starts a local Ray (loopback only), or joins ``ray.address`` or the cluster of ``ray job submit``
 (actors/cluster.py). Phase 1 runs on Ray Train (actors/phase1_rank.py) unless ``--phase1 DIR``
 names its result. Phase 2 (DESIGN.md §7): the actors (actors/system.py) and the driver loop below:
-collect → learn (PCL step, λ update) → sync (published weights) → validate → checkpoint; with one
-worker, ``train.max_staleness=0`` and ``ray.publish_every=1`` it is step-for-step the local loop
-(kdtw/local.py), whose validation, selection, log lines, export, report and plot it shares
-(kdtw/reporting.py). ``--resume`` continues a run where its folder is now, in the same MLflow run.
-Ctrl-C or SIGTERM in Phase 1 or 2: the step in flight finishes, a checkpoint is written, the run
-is marked KILLED and the job exits 130 with the line that resumes it. Bad input: one line, exit 2.
+collect → learn (PCL step, λ update) → sync (published weights) → validate (on a teacher replica)
+→ checkpoint; with one worker, ``ray.max_staleness=0`` and ``ray.publish_every=1`` it is
+step-for-step the local loop (kdtw/local.py), whose validation, selection, log lines, export,
+report and plot it shares (kdtw/reporting.py). ``--resume`` continues a run where its folder is
+now, in the same MLflow run. Ctrl-C or SIGTERM: the step in flight finishes, a checkpoint is
+written, the run is marked KILLED, exit 130 with the line that resumes it. Bad input: one line, exit 2.
 """
 
 from __future__ import annotations
@@ -64,13 +62,14 @@ class Phase2:
         self.hooks: list[Callable[[Phase2, int], None]] = []
         self.stopper: Stopper | None = None  # set by `train`: a signal ends the loop with a checkpoint
 
-    replicas = property(lambda self: self.actors.replicas)
-    pool = property(lambda self: self.actors.pool)
-    workers = property(lambda self: self.actors.workers)
+    replicas, pool, workers = (property(lambda s, k=k: getattr(s.actors, k)) for k in ("replicas", "pool", "workers"))
     counters = property(lambda self: self.progress.counters)
 
     def validate(self) -> dict:
-        return validate(self.cfg, self.student, self.teacher, self.val_set)
+        v = self.actors.validate(self.student, self.val_set)  # on a replica, next to its teacher
+        if v is None:
+            self.log("[validate] no teacher replica answered: validating through the pool")
+        return v if v is not None else validate(self.cfg, self.student, self.teacher, self.val_set)
 
     def initial_validation(self) -> None:
         self.initial = self.validate()

@@ -60,6 +60,14 @@ def test_sync_parity_with_the_local_loop(ray_session, tmp_path):
     assert report["settled"]["shift"] == pytest.approx(want["shift"], abs=1e-4)
     assert report["validations"][-1]["lam"] == pytest.approx(
         [a + b for a, b in zip(local_lam[-1], want["shift"])], abs=1e-4)
+    # the Ray job validates on a teacher replica (actors/system.py: `Actors.validate`): the same
+    # table as the local loop's validation of its settled student
+    from kdtw.reporting import validate
+
+    mine, theirs = validate(local.cfg, local.student, local.teacher, local.val_set), report["validations"][-1]
+    for phrase, row in mine["budgets"].items():
+        assert theirs["budgets"][phrase]["use"] == pytest.approx(row["use"], abs=1e-9), phrase
+        assert theirs["budgets"][phrase]["bleu"] == pytest.approx(row["bleu"], abs=1e-6), phrase
 
 
 def test_teacher_sessions_through_the_pool_one_position_per_token_with_a_replica_killed(ray_session, tmp_path):
@@ -125,6 +133,35 @@ def test_teacher_sessions_through_the_pool_one_position_per_token_with_a_replica
         assert stats["sessions"]["open"] == 0
     for a in [pool, *replicas]:
         ray.kill(a)
+
+
+def test_a_replica_answers_requests_while_it_decodes_demonstrations(ray_session, tmp_path):
+    """Demonstrations run in their own concurrency group on a replica: a scoring request sent
+    after a long demonstration call is answered before that call ends (a replica without the
+    group answered it only afterwards, so a rollout's first session step waited on the
+    demonstrations it was started beside); the positions computed are all counted."""
+    ray = ray_session
+    from actors.teacher import TeacherActor
+    from kdtw.factory import load_teacher
+    from kdtw.rollout import prompt_ids
+
+    cfg = tiny(tmp_path, "ray.teacher_cpus=0")
+    replica = TeacherActor.options(num_cpus=0).remote(cfg, 0)
+    ray.get(replica.spec.remote())  # loaded
+    prompts = [f"With full teacher use, translate to French: {w}" for w in ("the cat sleeps", "a dog runs")] * 150
+    demos = replica.demos.remote(prompts, [0] * len(prompts), max_new_tokens=40, batch_size=20,
+                                 gen_state=torch.Generator().manual_seed(3).get_state())
+    rows = prompt_ids(load_teacher(cfg), prompts[:2])
+    score = replica.run.remote([("score", (rows, [[5, 6, 7], [8, 9]]))])
+    done, _ = ray.wait([score, demos], num_returns=1, timeout=120)
+    assert done == [score], "the scoring request waited for the demonstrations"
+    (answer,), _ = ray.get(score)
+    assert [len(x) for x in answer] == [3, 2]
+    trajs, _, counted_demos = ray.get(demos)
+    assert len(trajs) == len(prompts)
+    assert counted_demos.get("rollout", 0) > 0
+    assert ray.get(replica.run.remote([]))[1] == {}  # every position was in one of the two answers
+    ray.kill(replica)
 
 
 def test_killed_workers_and_teacher_replica_do_not_stop_the_run(ray_session, tmp_path):
