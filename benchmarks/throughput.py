@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     user = [f"run_dir={run_dir}", "train.phase1_steps=0", "train.val_examples=2", "train.log_every=100000",
             "ray.checkpoint_every=0", "train.value_warmup_steps=0", *args.overrides]
     # the latency runs put N workers on the cores' logical CPUs (they sleep on the teacher)
-    base = [*user, "ray.rollout_worker_cpus=0.1", "ray.teacher_cpus=0.1", "ray.learner_cpus=0.1", "train.max_staleness=8"]
+    base = [*user, "ray.rollout_worker_cpus=0.1", "ray.teacher_cpus=0.1", "ray.learner_cpus=0.1", "train.max_staleness=8",
+            "ray.max_staleness=8"]
     async_set = [x for x in args.async_.split(",") if x]
 
     def cfg(path, *extra, over=base):
@@ -202,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             steps = max(args.steps, 6 * n)
             scaling[n] = ray_run(cfg(args.scaling_config, f"train.phase2_steps={steps}", f"train.validate_every={steps}",
                                      f"ray.num_rollout_workers={n}", f"train.max_staleness={max(8, 2 * n)}",
+                                     f"ray.max_staleness={max(8, 2 * n)}",
                                      f"ray.teacher_latency_ms={args.latency_ms}", f"ray.teacher_max_wait_ms={wait}",
                                      "ray.teacher_side_demos=false"))
     finally:
