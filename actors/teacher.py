@@ -12,6 +12,7 @@ adds them up: a replica that dies loses none it has answered; validations are no
 from __future__ import annotations
 
 import copy
+import threading
 from collections import Counter
 
 import ray
@@ -36,14 +37,16 @@ class TeacherActor:
                                       latency_s=cfg.ray.teacher_latency_ms / 1000.0, seed=cfg.seed + 101 * (replica_id + 1),
                                       cache_mb=cfg.ray.teacher_cache_mb)
         self._reported: Counter = Counter()
+        self._report_lock = threading.Lock()
         self._student = None  # the student copy `validate` loads the first time it is asked
 
     def spec(self) -> dict:
         return self.service.spec()
 
     def _positions(self) -> dict:
-        now, _ = self.service.counted()
-        new, self._reported = now - self._reported, now
+        with self._report_lock:  # answers of two threads (requests, demonstrations) never share a count
+            now, _ = self.service.counted()
+            new, self._reported = now - self._reported, now
         return dict(new)
 
     def run(self, items: list) -> tuple[list, dict]:
