@@ -68,6 +68,13 @@ class Actors:
                 continue
         return None
 
+    def validate_remote(self, weights, examples: list):
+        """Start `kdtw.reporting.validate` of the published weights ``weights`` (a ref) on the next
+        teacher replica in turn, in its validation thread; returns the result's ref (training goes
+        on meanwhile: the driver lands it later, jobs/train_pcl.py)."""
+        self._turn = (getattr(self, "_turn", -1) + 1) % len(self.replicas)
+        return self.replicas[self._turn].validate.remote(self.cfg, weights, examples)
+
     def make_worker(self, wid: int):
         from actors.rollout_worker import RolloutWorker
 
@@ -219,3 +226,68 @@ def _placement(cfg):
                          + [bundle(r.learner_cpus, r.learner_gpus)], strategy="PACK")
     ray.get(pg.ready(), timeout=600)
     return pg
+
+
+
+class Validations:
+    """The job's validations (`kdtw.reporting.validate`) on a teacher replica, next to its teacher
+    (no round trip a decode step): `now` of the driver's student copy; `start` of published
+    weights while the job trains on, `land` once back (one in flight: results in step order).
+    Each result goes to ``record(v, *args)``; a replica lost meanwhile: validated again by `now`."""
+
+    def __init__(self, actors: Actors, examples: list, *, student, teacher, record, log) -> None:
+        self.actors, self.examples, self.student, self.teacher = actors, examples, student, teacher
+        self.record, self.log = record, log
+        self.ref = self.weights = self.args = None
+
+    def now(self) -> dict:
+        """Of the driver's student copy, on a replica (through the pool if no replica answers)."""
+        from kdtw.reporting import validate
+
+        v = self.actors.validate(self.student, self.examples)
+        if v is None:
+            self.log("[validate] no teacher replica answered: validating through the pool")
+            v = validate(self.actors.cfg, self.student, self.teacher, self.examples)
+        return v
+
+    def start(self, published: tuple, args: tuple) -> None:
+        """Validate ``published`` (version, [weights ref]) in the background; ``args`` go to `record`."""
+        self.land()
+        self.ref = self.actors.validate_remote(published[1][0], self.examples)
+        self.weights, self.args = published[1], args
+
+    def load(self, weights: list) -> None:
+        """The driver's student copy at published ``weights`` ([ref])."""
+        from actors.common import unpack_weights
+
+        unpack_weights(self.student, ray.get(weights[0]))
+
+    def refs(self) -> list:
+        return [] if self.ref is None else [self.ref]
+
+    def land(self) -> None:
+        """Wait for the validation in flight, if any, and record it (with the student it validated)."""
+        from actors.common import RETRY_ERRORS
+
+        if self.ref is None:
+            return
+        try:
+            v = ray.get(self.ref)
+        except RETRY_ERRORS:
+            v = None
+        weights, args = self.weights, self.args
+        self.ref = self.weights = self.args = None
+        self.load(weights)
+        self.record(v if v is not None else self.now(), *args)
+
+    def manifest(self, step: int) -> dict | None:
+        """For a checkpoint at ``step``: the validation in flight, which its resumed run starts again
+        (a checkpoint holds only its own step's weights: one of earlier weights lands first)."""
+        if self.ref is not None and self.args[1] != step:
+            self.land()
+        return None if self.ref is None else dict(zip(("title", "step", "phase", "lam"), self.args))
+
+    def resume(self, published: tuple, manifest: dict) -> None:
+        """After a restore from a checkpoint whose ``manifest`` names a validation in flight."""
+        if manifest.get("validation_in_flight"):
+            self.start(published, tuple(manifest["validation_in_flight"].values()))

@@ -4,14 +4,14 @@
     python jobs/train_pcl.py --resume runs/default [key=value ...]
     RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/train_pcl.py
 
-Starts a local Ray (loopback only), or joins ``ray.address`` or the cluster of ``ray job submit``
+Starts a local Ray (loopback only), or joins ``ray.address`` or ``ray job submit``'s cluster
 (actors/cluster.py). Phase 1 runs on Ray Train (actors/phase1_rank.py) unless ``--phase1 DIR``
 names its result. Phase 2 (DESIGN.md §7): the actors (actors/system.py) and the driver loop below:
-collect → learn (PCL step, λ update) → sync (published weights) → validate (on a teacher replica)
-→ checkpoint; with one worker, ``ray.max_staleness=0`` and ``ray.publish_every=1`` it is
-step-for-step the local loop (kdtw/local.py), whose validation, selection, log lines, export,
-report and plot it shares (kdtw/reporting.py). ``--resume`` continues a run where its folder is
-now, in the same MLflow run. Ctrl-C or SIGTERM: the step in flight finishes, a checkpoint is
+collect → learn (PCL step, λ update) → sync (published weights) → validate (on a teacher replica,
+while training goes on) → checkpoint; with one worker, ``ray.max_staleness=0`` and
+``ray.publish_every=1`` it is step-for-step the local loop (kdtw/local.py), whose validation,
+selection, log lines, export, report and plot it shares (kdtw/reporting.py). ``--resume`` goes on
+in the run's folder and MLflow run. Ctrl-C/SIGTERM: the step in flight finishes, a checkpoint is
 written, the run is marked KILLED, exit 130 with the line that resumes it. Bad input: one line, exit 2.
 """
 
@@ -35,7 +35,7 @@ from kdtw.metrics import primary_metric  # noqa: E402
 from kdtw.settle import settle_budgets  # noqa: E402
 from kdtw.phase1 import check_phase1, read_phase1  # noqa: E402
 from kdtw.reporting import (  # noqa: E402
-    LoopState, consider, finish_run, format_validation, validate, validation_examples, validation_metrics)
+    LoopState, consider, finish_run, format_validation, validation_examples, validation_metrics)
 
 PROG = "python jobs/train_pcl.py"
 Log = Callable[[str], None]
@@ -46,7 +46,7 @@ class Phase2:
 
     def __init__(self, cfg: Config, *, tracker=None, log: Log = print) -> None:
         from actors.progress import Progress
-        from actors.system import Actors
+        from actors.system import Actors, Validations
 
         self.cfg, self.tracker, self.log = cfg, tracker, log
         self.table = budget_table(cfg)
@@ -59,22 +59,13 @@ class Phase2:
         self.state, self.step, self.initial, self.published = LoopState(), 0, None, None
         self.lam: list[float] = [0.0] * len(self.table)
         self.settled: dict | None = None  # the end's settling (train.settle_probes, kdtw/settle.py)
+        self.val = Validations(self.actors, self.val_set, student=self.student, teacher=self.teacher,
+                               record=self._record, log=log)
         self.hooks: list[Callable[[Phase2, int], None]] = []
         self.stopper: Stopper | None = None  # set by `train`: a signal ends the loop with a checkpoint
 
     replicas, pool, workers = (property(lambda s, k=k: getattr(s.actors, k)) for k in ("replicas", "pool", "workers"))
     counters = property(lambda self: self.progress.counters)
-
-    def validate(self) -> dict:
-        v = self.actors.validate(self.student, self.val_set)  # on a replica, next to its teacher
-        if v is None:
-            self.log("[validate] no teacher replica answered: validating through the pool")
-        return v if v is not None else validate(self.cfg, self.student, self.teacher, self.val_set)
-
-    def initial_validation(self) -> None:
-        self.initial = self.validate()
-        key = primary_metric(self.cfg.task.metric)
-        self.log("[kdtw] before training (greedy, validation):\n" + format_validation(self.initial, key))
 
     def start(self, phase1_dir: str | None) -> None:
         """Learner (from the Phase-1 folder, if any) and workers; validates the Phase-1 student."""
@@ -90,6 +81,7 @@ class Phase2:
         self.step, self.initial = int(manifest["step"]), d["initial"]
         restore_driver(d, ckpt, self.cfg.run_dir, self.state, self.counters)
         self.log(f"[resume] {ckpt}: Phase-2 step {self.step}, policy version {self.published[0]}")
+        self.val.resume(self.published, manifest)
 
     def run(self) -> dict:
         """Phase-2 steps up to ``train.phase2_steps``, then selection, export and the report."""
@@ -133,7 +125,10 @@ class Phase2:
             if not inflight:  # nothing can move: the reported count is out of date
                 unseen, learner_waits = 0, False
                 continue
-            done, _ = ray.wait(list(inflight), num_returns=1)
+            done, _ = ray.wait(list(inflight) + self.val.refs(), num_returns=1)
+            if done[0] not in inflight:  # the validation in flight came back
+                self.val.land()
+                continue
             kind, wid = inflight.pop(done[0])
             if kind == "collect":
                 idle.add(wid)
@@ -171,36 +166,39 @@ class Phase2:
                 raise Interrupted(self.stopper.requested, self.step, ckpt, self.cfg.run_dir)
 
     def _validate(self, title: str, *, step: int, phase: int, settle: bool = False) -> None:
-        """Validate the published weights at every budget, log, and consider them for selection;
-        ``settle``: first settle the driver's copy's budgets (train.settle_probes, kdtw/settle.py)."""
-        import ray
-
-        from actors.common import unpack_weights
-
-        unpack_weights(self.student, ray.get(self.published[1][0]))
+        """Validate the published weights, log, consider them for selection; in the background but the
+        last, which with ``settle`` first settles the budgets (train.settle_probes, kdtw/settle.py)."""
+        self.val.land()
+        lam = self.lam if phase == 2 else [0.0] * len(self.table)
+        if not settle and self.cfg.ray.background_validation:
+            return self.val.start(self.published, (title, step, phase, list(lam)))
+        self.val.load(self.published[1])
         if settle and self.cfg.train.settle_probes:
             self.settled = settle_budgets(self.cfg, self.student, self.teacher, self.train_set, self.table,
                                           log=self.log)
-            self.lam = [lam + d for lam, d in zip(self.lam, self.settled["shift"])]
-        v = self.validate()
+            lam = self.lam = [lam + d for lam, d in zip(self.lam, self.settled["shift"])]
+        self._record(self.val.now(), title, step, phase, lam)
+
+    def _record(self, v: dict, title: str, step: int, phase: int, lam: list) -> None:
         self.log(f"{title}:\n" + format_validation(v, primary_metric(self.cfg.task.metric)))
         if self.tracker is not None:
             self.tracker.metrics(validation_metrics(v), step=step)
-        consider(self.state, v, step=step, phase=phase, lam=self.lam if phase == 2 else [0.0] * len(self.table),
-                 student=self.student, run_dir=self.cfg.run_dir)
+        consider(self.state, v, step=step, phase=phase, lam=lam, student=self.student, run_dir=self.cfg.run_dir)
 
     def checkpoint(self) -> str:
         from actors.system import write_job_checkpoint
 
         path = write_job_checkpoint(self.cfg, self.step, self.actors.save(), student=self.student, state=self.state,
                                     initial=self.initial, counters=self.counters,
-                                    meta={"mlflow_run_id": getattr(self.tracker, "run_id", None)})
+                                    meta={"mlflow_run_id": getattr(self.tracker, "run_id", None),
+                                          "validation_in_flight": self.val.manifest(self.step)})
         self.log(f"[checkpoint] {path}")
         return path
 
     def finish(self) -> dict:
         """Selection, export, report.json and the plot (kdtw/reporting.py), plus the system's figures."""
         c = self.cfg
+        self.val.land()
         report = finish_run(c, self.state, self.table, self.initial, teacher=self.teacher, val_set=self.val_set,
                             seconds={"phase2": self.counters["seconds"]}, log=self.log,
                             extra={"ray": self.progress.report(), "settled": self.settled})
@@ -240,7 +238,9 @@ def train(cfg: Config, *, resume: tuple[str, dict] | None = None, phase1: str | 
             else:
                 system.initial = meta1.get("initial")  # the validation before training, from a first session
                 if system.initial is None:
-                    system.initial_validation()
+                    system.initial = system.val.now()
+                    log("[kdtw] before training (greedy, validation):\n"
+                        + format_validation(system.initial, primary_metric(cfg.task.metric)))
                 if phase1 is None and cfg.train.phase1_steps:
                     from actors.phase1_rank import phase1_for_job  # Ray Train: imported when needed
 

@@ -315,6 +315,41 @@ def test_ctrl_c_in_phase_1_checkpoints_and_resume_goes_on_from_that_step(tmp_pat
         list(range(1, step + 3))
 
 
+def test_background_validations_equal_waited_ones_and_a_checkpoint_restarts_one_in_flight(ray_session, tmp_path):
+    """Phase-2 validations run on a replica while training goes on (`ray.background_validation`):
+    the same tables, in step order, as the loop that waits for each. A checkpoint written with one
+    in flight (a stop at a validation step) names it, and the resumed run validates those weights."""
+    from actors.cluster import Interrupted, Stopper
+
+    train_pcl = load_job("train_pcl")
+    over = [*QUICK, "train.phase2_steps=4", "train.validate_every=2", "train.max_staleness=0",
+            "ray.num_rollout_workers=1", "ray.num_teacher_replicas=1", "ray.checkpoint_every=0"]
+    waited, _ = train_pcl.train(tiny(tmp_path / "wait", *over, "ray.background_validation=false"),
+                                log=lambda _: None, track=False)
+    stopper = Stopper()
+
+    def stop_after_step_1(system, step):
+        if step == 1:  # as a signal would: the loop stops after step 2, a validation step
+            stopper.requested = "SIGINT"
+
+    with pytest.raises(Interrupted) as stopped:
+        train_pcl.train(tiny(tmp_path / "bg", *over), hooks=[stop_after_step_1], stopper=stopper,
+                        log=lambda _: None, track=False)
+    assert stopped.value.step == 2
+    ckpt, manifest = open_checkpoint(str(tmp_path / "bg"))
+    assert manifest["validation_in_flight"]["step"] == 2
+    saved = load_state(os.path.join(ckpt, "driver.pt"))
+    assert saved["loop"]["validations"] == []  # not landed when the checkpoint was written
+    cfg = train_pcl.load_config(os.path.join(ckpt, "config.yaml"))
+    report, _ = train_pcl.train(cfg, resume=(ckpt, manifest), log=lambda _: None, track=False)
+    assert [v["step"] for v in report["validations"]] == [v["step"] for v in waited["validations"]] == [2, 4]
+    for mine, theirs in zip(report["validations"], waited["validations"]):
+        assert mine["lam"] == pytest.approx(theirs["lam"], abs=1e-6)
+        for phrase, row in theirs["budgets"].items():
+            assert mine["budgets"][phrase]["use"] == pytest.approx(row["use"], abs=1e-9), (mine["step"], phrase)
+            assert mine["budgets"][phrase]["bleu"] == pytest.approx(row["bleu"], abs=1e-6), (mine["step"], phrase)
+
+
 def test_ctrl_c_checkpoints_and_a_copied_run_resumes_where_it_is(ray_session, tmp_path, monkeypatch):
     """SIGINT to a running job that started its own Ray: the step in flight finishes, a
     checkpoint is written, the MLflow run is KILLED, the job exits 130 with one line saying how
