@@ -23,22 +23,11 @@ METRICS_FILE = "phase1_metrics.jsonl"
 STATUS_EVERY_S = 30.0  # a status line at least this often, between the log_every lines
 
 
-def rank_threads(cfg, local_ranks: int) -> int:
-    """torch threads of one Phase-1 rank: ``ray.phase1_threads``, or its node's Ray CPUs shared by
-    the ranks on that node (Phase 1 is all the cluster runs: one thread a rank left a core idle)."""
-    if cfg.ray.phase1_threads:
-        return cfg.ray.phase1_threads
-    node = ray.get_runtime_context().get_node_id()
-    cpus = next((n["Resources"].get("CPU", 1.0) for n in ray.nodes() if n["NodeID"] == node and n["Alive"]), 1.0)
-    return max(1, int(cpus) // max(1, local_ranks))
-
-
 def train_loop(config: dict) -> None:
     cfg = on_device(config["cfg"], "learner", "student", "teacher")
+    torch.set_num_threads(cfg.ray.torch_threads)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    threads = rank_threads(cfg, ctx.get_local_world_size())
-    torch.set_num_threads(threads)
     out, resume = config["out"], config.get("resume")
     rows: list[dict] = []
     if resume and rank == 0 and os.path.exists(os.path.join(resume, METRICS_FILE)):
@@ -55,8 +44,6 @@ def train_loop(config: dict) -> None:
         if lines is not None:
             lines.put(line)
             logged_at[0] = time.perf_counter()
-
-    log(f"[phase 1] {threads} torch thread(s) a rank")
 
     def on_metrics(step: int, m: dict) -> None:
         now = time.perf_counter()

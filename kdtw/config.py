@@ -349,9 +349,6 @@ class RayConfig:
     learner_gpus: NonNegFloat = 0.0
     # Phase-1 data-parallel ranks (Ray Train TorchTrainer: gloo on CPU, nccl on GPU).
     learner_ranks: PosInt = 1
-    # torch threads of each Phase-1 rank. Phase 1 runs alone on the cluster, so by default a rank
-    # takes its node's share of Ray's CPUs (on 2 cores: 2 threads, 400 steps 257 s -> see README).
-    phase1_threads: Annotated[PosInt | None, Hint(null="the node's Ray CPUs / its ranks", example=2)] = None
     # The Ray job's asynchrony: a rollout may use weights up to this many learner versions old
     # (null: train.max_staleness). The job runs with train.max_staleness set to it
     # (`Config.for_ray_job`); the single-process loop, where staleness only means replay, keeps
