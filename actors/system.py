@@ -43,6 +43,7 @@ class Actors:
         self.learner = None
         self.workers: list = []
         self.incarnations = [0] * r.num_rollout_workers
+        self._turn = -1  # the replica that validated last (`validate_remote`)
 
     def _bundle(self, i: int):
         return None if self.pg is None else (self.pg, i)
@@ -61,9 +62,9 @@ class Actors:
         from actors.common import RETRY_ERRORS
 
         weights = ray.put(pack_weights(student))
-        for replica in self.replicas:
+        for _ in self.replicas:
             try:
-                return ray.get(replica.validate.remote(self.cfg, weights, examples))
+                return ray.get(self.validate_remote(weights, examples))
             except RETRY_ERRORS:
                 continue
         return None
@@ -72,7 +73,7 @@ class Actors:
         """Start `kdtw.reporting.validate` of the published weights ``weights`` (a ref) on the next
         teacher replica in turn, in its validation thread; returns the result's ref (training goes
         on meanwhile: the driver lands it later, jobs/train_pcl.py)."""
-        self._turn = (getattr(self, "_turn", -1) + 1) % len(self.replicas)
+        self._turn = (self._turn + 1) % len(self.replicas)
         return self.replicas[self._turn].validate.remote(self.cfg, weights, examples)
 
     def make_worker(self, wid: int):
@@ -226,7 +227,6 @@ def _placement(cfg):
                          + [bundle(r.learner_cpus, r.learner_gpus)], strategy="PACK")
     ray.get(pg.ready(), timeout=600)
     return pg
-
 
 
 class Validations:
