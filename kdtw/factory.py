@@ -57,20 +57,20 @@ def load_splits(cfg: Config) -> dict[str, list[Example]]:
     t = cfg.task
     if t.kind in GENERATED:
         splits = load_task(t.kind, **_generator_kwargs(cfg))
-    else:
-        splits = load_task(
-            "datasets",
-            path_or_name=t.dataset,
-            source_column=t.source_column,
-            target_column=t.target_column,
-            splits=dict(t.splits),
-            config_name=t.dataset_config,
-            data_files=t.data_files,
-            max_examples=t.max_examples,
-        )
-    if t.max_examples is not None:
-        splits = {k: spread(v, t.max_examples) for k, v in splits.items()}
-    return splits
+        if t.max_examples is not None:
+            splits = {k: spread(v, t.max_examples) for k, v in splits.items()}
+        return splits
+    # a `datasets` source applies max_examples itself, before it decodes the examples
+    return load_task(
+        "datasets",
+        path_or_name=t.dataset,
+        source_column=t.source_column,
+        target_column=t.target_column,
+        splits=dict(t.splits),
+        config_name=t.dataset_config,
+        data_files=t.data_files,
+        max_examples=t.max_examples,
+    )
 
 
 def task_tokenizer(cfg: Config) -> Any:

@@ -263,6 +263,27 @@ def test_data_files_map_splits_and_max_examples(tmp_path):
     assert out == {"train": expected([ROWS[0], ROWS[1], ROWS[3]]), "validation": expected(ROWS[:2])}
 
 
+def test_load_splits_caps_each_split_once_for_both_task_kinds(tmp_path):
+    """task.max_examples reaches a `datasets` source, which keeps N spread over each split, and
+    caps a generated task's splits the same way (the factory applies it once per kind)."""
+    from kdtw.config import load_config
+    from kdtw.factory import load_splits
+
+    rows = [{"de": f"quelle {i}", "en": f"target {i}", "id": i} for i in range(10)]
+    write_parquet(tmp_path / "train.parquet", rows)
+    write_parquet(tmp_path / "validation.parquet", rows[:4])
+    cfg = load_config("conf/smollm2_bible_en_es.yaml", [
+        f"task.dataset={tmp_path}", "task.source_column=de", "task.target_column=en",
+        "task.data_files={train: train.parquet, validation: validation.parquet}",
+        "task.splits={train: train, validation: validation}", "task.max_examples=3",
+    ])
+    out = load_splits(cfg)
+    assert out == {"train": expected([rows[0], rows[3], rows[6]]), "validation": expected([rows[0], rows[1], rows[2]])}
+    full = load_splits(load_config("conf/tiny.yaml"))
+    capped = load_splits(load_config("conf/tiny.yaml", ["task.max_examples=3"]))
+    assert capped == {k: spread(v, 3) for k, v in full.items()}
+
+
 def test_spread_measures_every_part_of_a_split_in_canonical_order():
     """A split stored book by book (data/bible_en_es: its first 32 validation verses all come
     from Genesis 1-31) must not be judged by its first book: N examples are spread over it."""
