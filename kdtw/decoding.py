@@ -277,12 +277,13 @@ def _generate_batch(student, teacher, prompts, *, mode, budgets, max_new_tokens,
     ptau = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=dev)
     t_logp = torch.zeros((B, max_new_tokens), dtype=torch.float32) if score_teacher else None  # filled as fed
 
-    def advance(new: torch.Tensor, start: int) -> torch.Tensor:
-        """Feed the teacher output positions ``start..`` (``new``); its next-token logits [B, V].
-        Their log p is kept only when the paths are scored (``score_teacher``)."""
+    def advance(new: torch.Tensor, start: int, need: torch.Tensor | None = None) -> torch.Tensor:
+        """Feed the teacher output positions ``start..`` (``new``); its next-token logits [B, V]
+        (only the rows in ``need`` are read: a remote teacher sends those alone). Their log p is
+        kept only when the paths are scored (``score_teacher``)."""
         if not score_teacher:
             return teacher.extend(t_state, new)[:, -1]
-        last, lp = teacher.extend_logp(t_state, new)
+        last, lp = teacher.extend_logp(t_state, new, need=need)
         t_logp[:, start : start + new.shape[1]] = lp.cpu()
         return last
     length = torch.full((B,), max_new_tokens, dtype=torch.long, device=dev)  # final length
@@ -351,7 +352,10 @@ def _generate_batch(student, teacher, prompts, *, mode, budgets, max_new_tokens,
             tok = torch.where(want, x, tok)
         elif want.any():
             new = out[:, teacher_seen:t].to(teacher.device)
-            t_logits = advance(new, teacher_seen)[:, :V].float()  # [B, V] predicts x_t
+            # [B, V] predicts x_t; rows not in `want` may be zeros (a remote teacher sends only
+            # the calling rows): their draw is discarded below, and _pick draws one uniform a row
+            # whatever the logits, so the random stream is the same
+            t_logits = advance(new, teacher_seen, want.to(teacher.device))[:, :V].float()
             teacher_seen = t
             batch_fwd += 1
             t_forwards += want.long()

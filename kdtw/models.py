@@ -219,13 +219,16 @@ class LM:
         return (logits, hid) if hidden else logits
 
     def extend_logp(self, state: DecodeState, tokens: torch.Tensor, *, feed_last: bool = True,
-                    close: bool = False) -> tuple[torch.Tensor | None, torch.Tensor]:
+                    close: bool = False, need: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Advance over ``tokens`` [B, n] and return their log-probs under this model, computed
         on the way: ``(logits [B, V] predicting the next position, log p(tokens) [B, n])``. With
         ``feed_last=False`` the last token is scored (from the logits that predict it) but not
         fed, and no next-position logits are returned: scoring a finished path this way computes
         each of its positions once. (Log-softmax over the tokenizer's ``vocab_size``, as
-        `kdtw.rollout.score_batch` does.) ``close``: the state is not used again (see `close`)."""
+        `kdtw.rollout.score_batch` does.) ``close``: the state is not used again (see `close`).
+        ``need`` ([B] bool): the rows whose next-position logits the caller reads; the others
+        may come back as zeros (a remote teacher then sends only these rows; a local one
+        ignores it)."""
         return self.scored(self.extend(state, fed_tokens(tokens, feed_last)), tokens, feed_last)
 
     def scored(self, logits: torch.Tensor, tokens: torch.Tensor,

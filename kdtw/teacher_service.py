@@ -247,13 +247,16 @@ class TeacherService:
         return out
 
     def step(self, sid: str, rows: list[list[int]] | None, start: int, tokens: list[list[int]], feed_last: bool = True,
-             close: bool = False, tag: str = "rollout", logp: bool = True) -> tuple[np.ndarray | None, Any] | str:
+             close: bool = False, tag: str = "rollout", logp: bool = True,
+             need: list[int] | None = None) -> tuple[np.ndarray | None, Any] | str:
         """Continue session ``sid`` from output position ``start`` with ``tokens`` [B][n]: returns
         (next-token logits [B, V] or None when ``feed_last`` is false, log p of the n tokens
         [B, n] or None without ``logp``), see `LM.extend_logp`. ``rows`` (unpadded prompt ids)
         open the session when ``start`` is 0 (and restart it if it exists); a session this
-        replica does not hold at ``start`` answers :data:`MISS`. ``close`` frees it after this step."""
-        return self._steps([(sid, rows, start, tokens, feed_last, close, tag, logp)])[0]
+        replica does not hold at ``start`` answers :data:`MISS`. ``close`` frees it after this step.
+        ``need``: the indices of the rows whose logits to send ([len(need), V]), not all B (a
+        decode step reads only its calling rows' logits: less to serialise and move)."""
+        return self._steps([(sid, rows, start, tokens, feed_last, close, tag, logp, need)])[0]
 
     @torch.no_grad()
     def _steps(self, requests: list[tuple]) -> list[Any]:
@@ -261,7 +264,8 @@ class TeacherService:
         (`LM.extend_many`)."""
         out: list[Any] = [None] * len(requests)
         todo = []
-        for j, (sid, rows, start, tokens, feed_last, close, tag, want) in enumerate(requests):
+        for j, (sid, rows, start, tokens, feed_last, close, tag, want, *rest) in enumerate(requests):
+            need = rest[0] if rest else None
             sess = self.sessions.get(sid)
             if start == 0 and rows is not None:
                 ids, mask = self.teacher.pad_left(rows)
@@ -275,13 +279,15 @@ class TeacherService:
             t = torch.tensor(tokens, dtype=torch.long).reshape(len(sess.ended), -1)
             fed = fed_tokens(t, feed_last)
             self._count(tag, _real_positions(fed, sess.ended, self.teacher.eos_id))
-            todo.append((j, sid, sess, t, fed, feed_last, close, want))
+            todo.append((j, sid, sess, t, fed, feed_last, close, want, need))
         fulls = self.teacher.extend_many([x[2].state for x in todo], [x[4].to(self.teacher.device) for x in todo])
-        for (j, sid, sess, t, _, feed_last, close, want), full in zip(todo, fulls):
+        for (j, sid, sess, t, _, feed_last, close, want, need), full in zip(todo, fulls):
             if want:
                 last, logp = self.teacher.scored(full, t, feed_last)
             else:  # a call that only needs the next token's logits (decoding, validation)
                 last, logp = full[:, -1, : self.teacher.vocab_size].float(), None
+            if last is not None and need is not None:
+                last = last[need]
             if close:
                 self.sessions.pop(sid)
             else:
@@ -578,17 +584,19 @@ class RemoteTeacher(LM):
         return RemoteState(prompt_ids=prompt_ids, prompt_mask=prompt_mask, rows=rows, fed=fed, sid=uuid.uuid4().hex)
 
     def extend_logp(self, state: RemoteState, tokens: torch.Tensor, *, feed_last: bool = True,
-                    close: bool = False) -> tuple[torch.Tensor | None, torch.Tensor]:
-        return self._step(state, tokens, feed_last=feed_last, close=close, logp=True)
+                    close: bool = False, need: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+        return self._step(state, tokens, feed_last=feed_last, close=close, logp=True, need=need)
 
     def _step(self, state: RemoteState, tokens: torch.Tensor, *, feed_last: bool, close: bool,
-              logp: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+              logp: bool, need: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """One session request (the whole prefix again after a miss); ``logp``: also the fed
-        tokens' log p (scoring), not only the next-token logits."""
+        tokens' log p (scoring), not only the next-token logits; ``need``: the rows whose logits
+        come back (the others are zeros here), not all B."""
         tokens = tokens.cpu().long()
         n = tokens.shape[1]
+        rows_needed = None if need is None or not feed_last else need.cpu().nonzero().flatten().tolist()
         res = self.client.step(state.sid, None if state.opened else state.rows, state.n_fed, tokens.tolist(),
-                               feed_last, close, self.tag, logp)
+                               feed_last, close, self.tag, logp, rows_needed)
         state.opened = True
         for attempt in range(self.attempts):
             if not (isinstance(res, str) and res == MISS):
@@ -598,7 +606,8 @@ class RemoteTeacher(LM):
             if attempt:
                 time.sleep(0.5)
             full = torch.cat([state.fed, tokens], dim=1)
-            res = self.client.step(state.sid, state.rows, 0, full.tolist(), feed_last, close, self.tag, logp)
+            res = self.client.step(state.sid, state.rows, 0, full.tolist(), feed_last, close, self.tag, logp,
+                                   rows_needed)
         else:
             raise RuntimeError(f"teacher session {state.sid} could not be served after {self.attempts} resends")
         last, logp = res
@@ -608,7 +617,12 @@ class RemoteTeacher(LM):
         state.fed = torch.cat([state.fed, fed_tokens(tokens, feed_last)], dim=1)
         state.n_fed = state.fed.shape[1]
         if last is not None:
-            state.last_logits = torch.from_numpy(np.array(last, dtype=np.float32))  # [B, V]
+            last = torch.from_numpy(np.array(last, dtype=np.float32))
+            if rows_needed is not None:  # only these rows came back: the rest are zeros
+                full_last = torch.zeros((tokens.shape[0], last.shape[-1]), dtype=torch.float32)
+                full_last[rows_needed] = last
+                last = full_last
+            state.last_logits = last  # [B, V]
         return state.last_logits if last is not None else None, logp
 
     def extend(self, state: RemoteState, tokens: torch.Tensor, *, hidden: bool = False):

@@ -140,10 +140,22 @@ def test_teacher_sessions_compute_each_position_once_and_survive_a_lost_session(
                         tau_bias=3.0, score_teacher=True, generator=torch.Generator().manual_seed(seed))
 
     ref = rollouts(teacher)
-    proxy, service = _proxy(teacher, student)
+    service = TeacherService(teacher)
+    sent = []  # (rows of logits sent back, rows in the batch) per answered step
+
+    class Recording(LocalClient):
+        def step(self, sid, rows, start, tokens, *rest):
+            res = super().step(sid, rows, start, tokens, *rest)
+            if res[0] is not None:
+                sent.append((len(res[0]), len(tokens)))
+            return res
+
+    proxy = RemoteTeacher(Recording(service), student.lm.tokenizer, service.spec())
     got = rollouts(proxy)
     assert any(map(any, got.call_mask)) and not all(map(all, got.call_mask))
     assert got.tokens == ref.tokens and got.teacher_logp == ref.teacher_logp
+    # a call step sends back the logits of its calling rows only, not the whole batch's
+    assert sent and all(0 < n <= b for n, b in sent) and any(n < b for n, b in sent)
     src = sum(map(len, prompt_ids(teacher, prompts)))
     assert service.positions["rollout"] == src + _real_output_positions(got.tokens, 4)
     assert len(service.sessions) == 0
