@@ -264,8 +264,7 @@ class TeacherService:
         (`LM.extend_many`)."""
         out: list[Any] = [None] * len(requests)
         todo = []
-        for j, (sid, rows, start, tokens, feed_last, close, tag, want, *rest) in enumerate(requests):
-            need = rest[0] if rest else None
+        for j, (sid, rows, start, tokens, feed_last, close, tag, want, need) in enumerate(requests):
             sess = self.sessions.get(sid)
             if start == 0 and rows is not None:
                 ids, mask = self.teacher.pad_left(rows)
