@@ -215,6 +215,10 @@ class TrainConfig:
     lr: PosFloat = 1e-4
     # Learning rate from the first Phase-2 step on (null: keep train.lr).
     phase2_lr: Annotated[PosFloat | None, Hint(null="keep train.lr", example=1e-4)] = None
+    # The Phase-2 rate (body and <τ> offsets) falls linearly over Phase 2 from phase2_lr to this
+    # fraction of it at the last step (1: constant). A lower late rate lowers the policy's own
+    # drift; λ still acts at once through the offsets (train.lambda_feedforward).
+    phase2_lr_final_factor: Annotated[Float, Field(gt=0, le=1)] = 1.0
     # Entropy weight α and discount γ of DESIGN.md §2 (1, 1 = exact reverse KL). γ < 1 with a
     # window bounds each residual's horizon (issue 11: with γ = 1 and no window the SmolLM2
     # profile's loss was 900-2,500 and clipping let the largest term pick the direction).

@@ -160,6 +160,7 @@ CONFIG_VALUES = [
     bad("seed=abc", "seed='abc' must be an integer"),
     # probabilities, rates, temperatures
     bad("train.gamma=1.5"),
+    bad("train.phase2_lr_final_factor=0", "train.phase2_lr_final_factor=0 must be a finite number in (0, 1]"),
     bad("train.demo_ratio=1.5"),
     bad("train.use_ema=1"),
     bad("train.eligibility_delta=-0.1"),

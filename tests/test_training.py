@@ -308,6 +308,30 @@ def test_value_warmup_moves_only_the_value_head_and_zero_budget_is_masked(pair):
     assert learner.opt.param_groups[1]["lr"] == learner.opt.param_groups[0]["lr"]  # offsets at the body's rate
 
 
+def test_phase2_rate_falls_linearly_to_its_final_factor(pair):
+    """train.phase2_lr_final_factor: the body's and the offsets' rate at Phase-2 step i is
+    phase2_lr·(1 − (1 − f)·i/(steps − 1)); f = 1 keeps it constant."""
+    teacher, student = pair
+    g = torch.Generator().manual_seed(0)
+    trajs, _ = student_rollouts(student, teacher, PROMPTS[:2], [1, 2], max_new_tokens=6, generator=g,
+                                budgets=[0.2, 0.5])
+    learner = _learner(copy.deepcopy(student), phase2_lr=1e-3, phase2_steps=5, phase2_lr_final_factor=0.2,
+                       value_warmup_steps=0)
+    learner.start_phase2()
+    seen = []
+    for _ in range(5):
+        learner.learn(trajs, trajs)
+        seen.append((learner.opt.param_groups[0]["lr"], learner.opt.param_groups[1]["lr"]))
+    assert [a for a, _ in seen] == pytest.approx([1e-3, 8e-4, 6e-4, 4e-4, 2e-4])
+    assert all(a == b for a, b in seen)
+    assert learner.phase2_lr() == pytest.approx(2e-4)  # past the end it stays at the floor
+    flat = _learner(copy.deepcopy(student), phase2_lr=1e-3, phase2_steps=5, value_warmup_steps=0)
+    flat.start_phase2()
+    flat.learn(trajs, trajs)
+    flat.learn(trajs, trajs)
+    assert flat.opt.param_groups[0]["lr"] == 1e-3
+
+
 def test_local_training_run_end_to_end(tmp_path):
     run_dir = tmp_path / "run"
     out = subprocess.run(
