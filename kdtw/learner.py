@@ -237,7 +237,7 @@ class Learner:
         the same rate, the <τ> offsets (issue 11: at Phase 1's fast rate a wound-up λ dragged
         every budget through the shared offset); the value head keeps its own."""
         lr = self.phase2_lr()
-        self.set_lr(lr, tau_offset_lr=lr)
+        self.set_lr(lr, tau_offset_lr=lr)  # learn() sets it again before each step
 
     def phase2_lr(self) -> float:
         """The body's (and the offsets') rate at this Phase-2 step: ``train.phase2_lr`` (else
@@ -245,7 +245,7 @@ class Learner:
         step of ``train.phase2_steps``."""
         c = self.cfg
         lr = c.phase2_lr if c.phase2_lr is not None else c.lr
-        if c.phase2_lr_final_factor == 1.0 or c.phase2_steps <= 1:
+        if c.phase2_steps <= 1:
             return lr
         frac = min(self.phase2_step / (c.phase2_steps - 1), 1.0)
         return lr * (1.0 - (1.0 - c.phase2_lr_final_factor) * frac)
@@ -256,9 +256,7 @@ class Learner:
         their `UseObservation`s). The first ``train.value_warmup_steps`` steps of Phase 2 train
         the value head alone and leave λ as it is (the policy does not move: nothing to steer)."""
         warm = self.phase2_step < self.cfg.value_warmup_steps
-        if self.cfg.phase2_lr_final_factor != 1.0:
-            lr = self.phase2_lr()
-            self.set_lr(lr, tau_offset_lr=lr)
+        self.start_phase2()  # this step's rate (train.phase2_lr_final_factor)
         m = self.pcl_step(batch, value_only=warm)
         self.version += 1
         self.phase2_step += 1
