@@ -278,6 +278,10 @@ class TrainConfig:
     # Phase 1: also fit the student's own token (KL over V, <τ> removed) at oracle call
     # positions, not only −log π(<τ>) (a kdtw option; DESIGN.md §4 has it off).
     bc_token_kl_at_calls: Bool = False
+    # Phase 1, with bc_token_kl_at_calls: weight of the call decision's cross-entropy beside the
+    # token KL (1 = the loss above exactly; < 1 lets learning to call bend the shared body less,
+    # which costs the zero budget its tokens at call positions; a kdtw option, issue 11).
+    bc_call_weight: NonNegFloat = 1.0
     # Phase 2: add this weight × the mean −log π̃(x_t) of the teacher demonstrations' tokens (π̃:
     # the student over V, <τ> removed) to the PCL loss, an anchor for the student's own quality
     # (a kdtw option; 0 = DESIGN.md).
@@ -525,6 +529,10 @@ class Config:
         )
         # Without <τ> (a drafter: train.use_tau=false) there is no λ to move, so the feedforward
         # is idle and a profile that turns it on still trains its drafter.
+        need(t.bc_call_weight == 1.0 or t.bc_token_kl_at_calls,
+             f"train.bc_call_weight={t.bc_call_weight} weighs the call decision against the token "
+             "KL at every position, which only train.bc_token_kl_at_calls=true fits: set it to "
+             "true, or train.bc_call_weight=1")
         need(not t.lambda_feedforward or not t.use_tau or t.budget_offsets,
              "train.lambda_feedforward=true moves the per-budget <τ> offsets, which "
              f"train.budget_offsets={t.budget_offsets} turns off: set "

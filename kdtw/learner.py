@@ -185,7 +185,8 @@ class Learner:
         else:  # plain distillation (the DistillSpec drafter): the token KL everywhere
             targets = torch.zeros_like(b.mask, dtype=torch.bool)
         loss, metrics = bc_loss(pol, torch.log_softmax(t_logits, -1), targets, b.mask,
-                                token_kl_at_calls=self.cfg.bc_token_kl_at_calls)
+                                token_kl_at_calls=self.cfg.bc_token_kl_at_calls,
+                                call_weight=self.cfg.bc_call_weight)
         self._apply(loss, "bc")
         metrics["bc/oracle_kl_mean"] = float((kl * b.mask).sum() / b.mask.sum())
         return metrics

@@ -23,6 +23,8 @@ the usual double-sampling variance term, which pulls the values of sibling state
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -299,6 +301,7 @@ def bc_loss(
     mask: Tensor,
     *,
     token_kl_at_calls: bool = False,
+    call_weight: float = 1.0,
 ) -> tuple[Tensor, dict[str, float]]:
     """Behaviour cloning with the KL oracle's call targets (DESIGN.md §4).
 
@@ -317,6 +320,12 @@ def bc_loss(
             with ``<τ>`` removed and renormalised (a kdtw option, off in DESIGN.md): the student
             keeps learning its own token where it learns to call, which it needs under the
             budgets that call less.
+        call_weight: with ``token_kl_at_calls`` the loss factors exactly, writing
+            ``π = (1−q)·π̃ + q·<τ>``: ``KL(p‖π) = KL(p‖π̃) − log(1−q)`` at the other positions, so
+            the loss is ``KL(p‖π̃)`` at every valid position plus the binary cross-entropy of
+            ``q = π(<τ>)`` against ``M``. ``call_weight`` scales that cross-entropy (1 gives the
+            loss above exactly; < 1 lets the call decision bend the shared body less, a kdtw
+            option). A weight other than 1 needs ``token_kl_at_calls``.
 
     Returns:
         ``(loss, metrics)``: scalar loss, the mean over all valid positions of the batch;
@@ -329,6 +338,11 @@ def bc_loss(
             f"student_logits must be [B, T, V+1] with V={V} from teacher_logp_full, "
             f"got last dim {student_logits.shape[-1]}"
         )
+    if call_weight < 0 or not math.isfinite(call_weight):
+        raise ValueError(f"call_weight must be a finite number >= 0, got {call_weight}")
+    if call_weight != 1.0 and not token_kl_at_calls:
+        raise ValueError("call_weight other than 1 needs token_kl_at_calls=True "
+                         "(set train.bc_token_kl_at_calls=true with train.bc_call_weight)")
     valid = _valid(mask)
     call = call_targets.to(torch.bool) & valid
     no_call = valid & ~call
@@ -348,7 +362,12 @@ def bc_loss(
     if token_kl_at_calls:
         log_tilde = torch.log_softmax(student_logits[..., :V].to(dtype), dim=-1)  # [B, T, V]
         kl_tilde = torch.where(p > 0, p * (teacher_logp_full - log_tilde), torch.zeros_like(p)).sum(-1)
-        per_pos = per_pos + torch.where(call, kl_tilde, zero)
+        if call_weight == 1.0:
+            per_pos = per_pos + torch.where(call, kl_tilde, zero)
+        else:  # the factored form: KL(p‖π̃) everywhere + call_weight · BCE(q, M)
+            no_call_nll = -torch.logsumexp(logpi[..., :V], dim=-1)  # −log(1 − q)
+            bce = torch.where(call, call_nll, no_call_nll)
+            per_pos = torch.where(valid, kl_tilde + call_weight * bce, zero)
     n_valid = valid.sum()
     loss = per_pos.sum() / n_valid.clamp(min=1)
 

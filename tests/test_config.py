@@ -265,6 +265,15 @@ def test_the_readme_drafter_command_loads_on_a_feedforward_profile(profile):
         load_config(path, ["train.budget_offsets=false"])
 
 
+def test_bc_call_weight_needs_the_token_fit_at_calls():
+    path = os.path.join(ROOT, "conf", "default.yaml")
+    assert load_config(path, ["train.bc_call_weight=0.3"]).train.bc_call_weight == 0.3
+    with pytest.raises(ConfigError, match="train.bc_call_weight=0.3 .*train.bc_token_kl_at_calls=true"):
+        load_config(path, ["train.bc_call_weight=0.3", "train.bc_token_kl_at_calls=false"])
+    with pytest.raises(ConfigError, match="train.bc_call_weight"):
+        load_config(path, ["train.bc_call_weight=-1"])
+
+
 def test_ray_max_staleness_is_the_ray_jobs_and_leaves_the_local_loop_alone():
     """conf/default.yaml runs the Ray job asynchronously (ray.max_staleness 8) while the local
     loop, where staleness only means replay, keeps train.max_staleness 0; null means

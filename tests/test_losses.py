@@ -374,6 +374,52 @@ def test_bc_loss_padding_changes_nothing():
     torch.testing.assert_close(loss, ref)
 
 
+def test_bc_loss_call_weight_factors_the_loss_exactly():
+    """With the token KL at calls the loss is KL(p‖π̃) + w·BCE(q, M): affine in w, and the
+    unweighted loss (w = 1, computed the direct way) lies on that line."""
+    for seed in range(4):
+        teacher_logp_full, call_targets, mask = _bc_setup(10 + seed)
+        logits = 2 * torch.randn(*teacher_logp_full.shape[:2], teacher_logp_full.shape[-1] + 1,
+                                 dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        kw = dict(token_kl_at_calls=True)
+        l0 = bc_loss(logits, teacher_logp_full, call_targets, mask, call_weight=0.0, **kw)[0]
+        l2 = bc_loss(logits, teacher_logp_full, call_targets, mask, call_weight=2.0, **kw)[0]
+        l1 = bc_loss(logits, teacher_logp_full, call_targets, mask, **kw)[0]
+        l03 = bc_loss(logits, teacher_logp_full, call_targets, mask, call_weight=0.3, **kw)[0]
+        assert float(l1) == pytest.approx(float(l0 + (l2 - l0) / 2), rel=1e-10)
+        assert float(l03) == pytest.approx(float(l0 + 0.3 * (l2 - l0) / 2), rel=1e-10)
+        # w = 0: the token KL over V with <τ> removed, at every valid position
+        logt = torch.log_softmax(logits[..., :-1], -1)
+        p = teacher_logp_full.exp()
+        kl = (p * (teacher_logp_full - logt)).sum(-1)
+        assert float(l0) == pytest.approx(float(kl[mask].mean()), rel=1e-10)
+
+
+def test_bc_loss_call_weight_zero_leaves_tau_alone_and_still_fits_tokens():
+    teacher_logp_full, call_targets, mask = _bc_setup(6)
+    logits = torch.randn(*teacher_logp_full.shape[:2], teacher_logp_full.shape[-1] + 1,
+                         dtype=torch.float64, requires_grad=True)
+    loss, _ = bc_loss(logits, teacher_logp_full, call_targets, mask, token_kl_at_calls=True, call_weight=0.0)
+    loss.backward()
+    assert torch.all(logits.grad[..., -1] == 0)
+    assert logits.grad[..., :-1][mask].abs().sum() > 0
+    logits.grad = None
+    loss, _ = bc_loss(logits, teacher_logp_full, call_targets, mask, token_kl_at_calls=True, call_weight=0.5)
+    loss.backward()
+    g = logits.grad[..., -1]
+    assert torch.all(g[call_targets & mask] < 0) and torch.all(g[~call_targets & mask] > 0)
+
+
+def test_bc_loss_call_weight_needs_token_kl_and_a_valid_number():
+    teacher_logp_full, call_targets, mask = _bc_setup(7)
+    logits = torch.randn(*teacher_logp_full.shape[:2], teacher_logp_full.shape[-1] + 1, dtype=torch.float64)
+    with pytest.raises(ValueError, match="token_kl_at_calls"):
+        bc_loss(logits, teacher_logp_full, call_targets, mask, call_weight=0.5)
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="call_weight"):
+            bc_loss(logits, teacher_logp_full, call_targets, mask, token_kl_at_calls=True, call_weight=bad)
+
+
 def test_bc_loss_pushes_tau_down_where_no_call():
     """p(<τ>) = 0, so at a non-call position the gradient on the <τ> logit is +π(<τ>) > 0."""
     teacher_logp_full, _, mask = _bc_setup(5)
