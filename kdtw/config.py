@@ -282,6 +282,10 @@ class TrainConfig:
     # token KL (1 = the loss above exactly; < 1 lets learning to call bend the shared body less,
     # which costs the zero budget its tokens at call positions; a kdtw option, issue 11).
     bc_call_weight: NonNegFloat = 1.0
+    # Phase 1: the <τ> logit's gradient reaches its output row and offsets, not the body: the
+    # call decision is a read-out of features the body learns for tokens alone (a kdtw option,
+    # issue 11; DESIGN.md §4 trains them jointly).
+    bc_call_detach: Bool = False
     # Phase 2: add this weight × the mean −log π̃(x_t) of the teacher demonstrations' tokens (π̃:
     # the student over V, <τ> removed) to the PCL loss, an anchor for the student's own quality
     # (a kdtw option; 0 = DESIGN.md).

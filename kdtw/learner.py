@@ -173,11 +173,18 @@ class Learner:
         b = collate(s.lm, trajs)
         with torch.no_grad():
             t_logits = teacher.forward(b.prompt_ids, b.prompt_mask, b.tokens)[..., : teacher.vocab_size].float()
-        logits = s.lm.forward(b.prompt_ids, b.prompt_mask, b.tokens)
+
+        def student_logits() -> torch.Tensor:
+            if not (self.cfg.bc_call_detach and self.cfg.use_tau):
+                return s.lm.forward(b.prompt_ids, b.prompt_mask, b.tokens)
+            # the call decision reads the body's features without moving them
+            return s.detach_call_path(*s.lm.forward(b.prompt_ids, b.prompt_mask, b.tokens, hidden=True))
+
+        logits = student_logits()
         if self.step == 0 and self.cfg.calibrate_tau and self.cfg.use_tau:
             # start π(<τ>) at the mean budget rather than at a random spare row's ~e^-11
             s.calibrate_tau(logits.detach(), b.mask, max(float(self.targets.mean()), 1e-3))
-            logits = s.lm.forward(b.prompt_ids, b.prompt_mask, b.tokens)
+            logits = student_logits()
         pol = self._policy(logits)  # [B, T, V+1]
         kl = oracle_kl(pol.detach(), t_logits)  # [B, T]
         if self.cfg.use_tau:

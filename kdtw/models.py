@@ -443,6 +443,19 @@ class Student(nn.Module):
             off = off + per.to(pol.dtype).reshape(per.shape + (1,) * (pol.dim() - 2))
         return torch.cat([pol[..., :-1], pol[..., -1:] + off.unsqueeze(-1)], dim=-1)
 
+    def detach_call_path(self, logits: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """``logits`` [B, T, Vm] with the same values, whose <τ> column's gradient reaches the
+        <τ> output row alone, not the body: the call decision is learned as a linear read-out of
+        the body's features (``hidden`` [B, T, H], the last hidden states of ``LM.forward``)
+        without bending them (train.bc_call_detach). A model that scales its hidden states before
+        the head (T5 with tied embeddings) gives the row a constant factor on its gradient."""
+        w = self.lm.model.get_output_embeddings().weight[self.tau_id]  # [H]
+        z = hidden.detach().to(w.dtype) @ w  # [B, T], gradient into w only
+        tau = logits[..., self.tau_id].detach() + (z - z.detach()).to(logits.dtype)
+        out = logits.clone()
+        out[..., self.tau_id] = tau
+        return out
+
     @torch.no_grad()
     def calibrate_tau(self, logits: torch.Tensor, mask: torch.Tensor, target: float) -> float:
         """Set ``tau_offset`` so that the mean π(<τ>) over valid positions of ``logits``

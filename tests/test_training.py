@@ -142,6 +142,41 @@ def test_without_tau_the_learner_is_plain_distillation(pair):
     assert learner.observe_use(trajs + [traj(4, budget=2)]) == {} and torch.all(learner.lam == 0)
 
 
+def test_bc_call_detach_keeps_the_values_and_moves_only_the_tau_row(pair):
+    """train.bc_call_detach: the <τ> logit keeps its value; its gradient reaches the <τ> output
+    row and nothing of the body; a Phase-1 step with call targets alone leaves the body as it was."""
+    teacher, student = pair
+    s = copy.deepcopy(student)
+    g = torch.Generator().manual_seed(4)
+    demos = teacher_demos(teacher, PROMPTS, [0, 1, 2], max_new_tokens=6, generator=g)
+    b = collate(s.lm, demos)
+    logits, hid = s.lm.forward(b.prompt_ids, b.prompt_mask, b.tokens, hidden=True)
+    out = s.detach_call_path(logits, hid)
+    torch.testing.assert_close(out, logits)
+    # the read-out is the head's own input: hidden @ w_τ is the <τ> logit (untied heads)
+    w = s.lm.model.get_output_embeddings().weight[s.tau_id]
+    torch.testing.assert_close(hid @ w, logits[..., s.tau_id], atol=1e-4, rtol=1e-4)
+    s.zero_grad(set_to_none=True)
+    out[..., s.tau_id].sum().backward()
+    head = s.lm.model.get_output_embeddings().weight
+    assert head.grad is not None and head.grad[s.tau_id].abs().sum() > 0
+    others = torch.ones(head.shape[0], dtype=torch.bool)
+    others[s.tau_id] = False
+    assert torch.all(head.grad[others] == 0)
+    body = [p for n, p in s.named_parameters() if p is not head and p.grad is not None and p.grad.abs().sum() > 0]
+    assert body == []
+    # without the detach the same sum moves the body
+    s.zero_grad(set_to_none=True)
+    logits, _ = s.lm.forward(b.prompt_ids, b.prompt_mask, b.tokens, hidden=True)
+    logits[..., s.tau_id].sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in s.parameters() if p is not head)
+    # a learner step: bc_call_weight and the detach together train calls and tokens, finite
+    s2 = copy.deepcopy(student)
+    learner = _learner(s2, bc_call_detach=True, bc_token_kl_at_calls=True, bc_call_weight=0.5)
+    m = learner.bc_step(teacher, demos)
+    assert math.isfinite(m["bc/loss"]) and m["bc/call_frac"] > 0
+
+
 def test_lambda_moves_toward_each_budget_and_state_roundtrips(pair):
     """The first (integral) rule on the sampled-call estimate; the zero budget is masked, so its
     λ never moves (it used to integrate without bound: its use can never undershoot 0)."""
