@@ -282,9 +282,9 @@ class TrainConfig:
     # token KL (1 = the loss above exactly; < 1 lets learning to call bend the shared body less,
     # which costs the zero budget its tokens at call positions; a kdtw option, issue 11).
     bc_call_weight: NonNegFloat = 1.0
-    # Phase 1: the <τ> logit's gradient reaches its output row and offsets, not the body: the
-    # call decision is a read-out of features the body learns for tokens alone (a kdtw option,
-    # issue 11; DESIGN.md §4 trains them jointly).
+    # Phase 1, with bc_token_kl_at_calls: the call decision's gradient reaches the <τ> output
+    # row and offsets only, not the body nor the token logits: it is a read-out of features the
+    # body learns for tokens alone (a kdtw option, issue 11; DESIGN.md §4 trains them jointly).
     bc_call_detach: Bool = False
     # Phase 2: add this weight × the mean −log π̃(x_t) of the teacher demonstrations' tokens (π̃:
     # the student over V, <τ> removed) to the PCL loss, an anchor for the student's own quality
@@ -537,6 +537,9 @@ class Config:
              f"train.bc_call_weight={t.bc_call_weight} weighs the call decision against the token "
              "KL at every position, which only train.bc_token_kl_at_calls=true fits: set it to "
              "true, or train.bc_call_weight=1")
+        need(not t.bc_call_detach or t.bc_token_kl_at_calls,
+             "train.bc_call_detach=true fits tokens by KL(p‖π̃) at every position, which is "
+             "train.bc_token_kl_at_calls=true: set it to true, or train.bc_call_detach=false")
         need(not t.lambda_feedforward or not t.use_tau or t.budget_offsets,
              "train.lambda_feedforward=true moves the per-budget <τ> offsets, which "
              f"train.budget_offsets={t.budget_offsets} turns off: set "

@@ -193,7 +193,8 @@ class Learner:
             targets = torch.zeros_like(b.mask, dtype=torch.bool)
         loss, metrics = bc_loss(pol, torch.log_softmax(t_logits, -1), targets, b.mask,
                                 token_kl_at_calls=self.cfg.bc_token_kl_at_calls,
-                                call_weight=self.cfg.bc_call_weight)
+                                call_weight=self.cfg.bc_call_weight,
+                                call_on_tau_only=self.cfg.bc_call_detach and self.cfg.use_tau)
         self._apply(loss, "bc")
         metrics["bc/oracle_kl_mean"] = float((kl * b.mask).sum() / b.mask.sum())
         return metrics

@@ -302,6 +302,7 @@ def bc_loss(
     *,
     token_kl_at_calls: bool = False,
     call_weight: float = 1.0,
+    call_on_tau_only: bool = False,
 ) -> tuple[Tensor, dict[str, float]]:
     """Behaviour cloning with the KL oracle's call targets (DESIGN.md §4).
 
@@ -326,6 +327,11 @@ def bc_loss(
             ``q = π(<τ>)`` against ``M``. ``call_weight`` scales that cross-entropy (1 gives the
             loss above exactly; < 1 lets the call decision bend the shared body less, a kdtw
             option). A weight other than 1 needs ``token_kl_at_calls``.
+        call_on_tau_only: in that factored form, the cross-entropy's log-odds
+            ``log q/(1−q) = z_τ − logsumexp(z_V)`` take the token logits' ``logsumexp`` as a
+            constant, so the call decision's gradient reaches the ``<τ>`` logit alone and the token
+            logits learn from ``KL(p‖π̃)`` only (same value; needs ``token_kl_at_calls``; with
+            ``Student.detach_call_path`` no call gradient reaches the body).
 
     Returns:
         ``(loss, metrics)``: scalar loss, the mean over all valid positions of the batch;
@@ -343,6 +349,9 @@ def bc_loss(
     if call_weight != 1.0 and not token_kl_at_calls:
         raise ValueError("call_weight other than 1 needs token_kl_at_calls=True "
                          "(set train.bc_token_kl_at_calls=true with train.bc_call_weight)")
+    if call_on_tau_only and not token_kl_at_calls:
+        raise ValueError("call_on_tau_only needs token_kl_at_calls=True "
+                         "(set train.bc_token_kl_at_calls=true with train.bc_call_detach)")
     valid = _valid(mask)
     call = call_targets.to(torch.bool) & valid
     no_call = valid & ~call
@@ -362,11 +371,13 @@ def bc_loss(
     if token_kl_at_calls:
         log_tilde = torch.log_softmax(student_logits[..., :V].to(dtype), dim=-1)  # [B, T, V]
         kl_tilde = torch.where(p > 0, p * (teacher_logp_full - log_tilde), torch.zeros_like(p)).sum(-1)
-        if call_weight == 1.0:
+        if call_weight == 1.0 and not call_on_tau_only:
             per_pos = per_pos + torch.where(call, kl_tilde, zero)
         else:  # the factored form: KL(p‖π̃) everywhere + call_weight · BCE(q, M)
-            no_call_nll = -torch.logsumexp(logpi[..., :V], dim=-1)  # −log(1 − q)
-            bce = torch.where(call, call_nll, no_call_nll)
+            z = student_logits.to(dtype)
+            lse = torch.logsumexp(z[..., :V], dim=-1)
+            log_odds = z[..., V] - (lse.detach() if call_on_tau_only else lse)  # log q/(1−q)
+            bce = torch.nn.functional.softplus(torch.where(call, -log_odds, log_odds))
             per_pos = torch.where(valid, kl_tilde + call_weight * bce, zero)
     n_valid = valid.sum()
     loss = per_pos.sum() / n_valid.clamp(min=1)

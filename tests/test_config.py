@@ -272,6 +272,9 @@ def test_bc_call_weight_needs_the_token_fit_at_calls():
         load_config(path, ["train.bc_call_weight=0.3", "train.bc_token_kl_at_calls=false"])
     with pytest.raises(ConfigError, match="train.bc_call_weight"):
         load_config(path, ["train.bc_call_weight=-1"])
+    assert load_config(path, ["train.bc_call_detach=true"]).train.bc_call_detach
+    with pytest.raises(ConfigError, match="train.bc_call_detach=true .*train.bc_token_kl_at_calls=true"):
+        load_config(path, ["train.bc_call_detach=true", "train.bc_token_kl_at_calls=false"])
 
 
 def test_ray_max_staleness_is_the_ray_jobs_and_leaves_the_local_loop_alone():

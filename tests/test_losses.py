@@ -410,11 +410,32 @@ def test_bc_loss_call_weight_zero_leaves_tau_alone_and_still_fits_tokens():
     assert torch.all(g[call_targets & mask] < 0) and torch.all(g[~call_targets & mask] > 0)
 
 
+def test_bc_loss_call_on_tau_only_same_value_call_gradient_on_tau_alone():
+    """call_on_tau_only: the loss value is unchanged; the token logits get the gradient of the
+    token KL alone (as with call_weight 0) and the <τ> logit that of the full loss."""
+    for seed in range(3):
+        teacher_logp_full, call_targets, mask = _bc_setup(20 + seed)
+        base = 2 * torch.randn(*teacher_logp_full.shape[:2], teacher_logp_full.shape[-1] + 1,
+                               dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        grads, values = {}, {}
+        for name, kw in {"tau_only": dict(call_on_tau_only=True), "full": {}, "tokens": dict(call_weight=0.0)}.items():
+            x = base.clone().requires_grad_(True)
+            loss, _ = bc_loss(x, teacher_logp_full, call_targets, mask, token_kl_at_calls=True, **kw)
+            loss.backward()
+            grads[name], values[name] = x.grad, float(loss.detach())
+        assert values["tau_only"] == pytest.approx(values["full"], rel=1e-12)
+        torch.testing.assert_close(grads["tau_only"][..., :-1], grads["tokens"][..., :-1])
+        torch.testing.assert_close(grads["tau_only"][..., -1], grads["full"][..., -1])
+        assert not torch.allclose(grads["full"][..., :-1], grads["tokens"][..., :-1])
+
+
 def test_bc_loss_call_weight_needs_token_kl_and_a_valid_number():
     teacher_logp_full, call_targets, mask = _bc_setup(7)
     logits = torch.randn(*teacher_logp_full.shape[:2], teacher_logp_full.shape[-1] + 1, dtype=torch.float64)
     with pytest.raises(ValueError, match="token_kl_at_calls"):
         bc_loss(logits, teacher_logp_full, call_targets, mask, call_weight=0.5)
+    with pytest.raises(ValueError, match="train.bc_call_detach"):
+        bc_loss(logits, teacher_logp_full, call_targets, mask, call_on_tau_only=True)
     for bad in (-0.1, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="call_weight"):
             bc_loss(logits, teacher_logp_full, call_targets, mask, token_kl_at_calls=True, call_weight=bad)
