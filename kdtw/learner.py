@@ -173,9 +173,10 @@ class Learner:
         b = collate(s.lm, trajs)
         with torch.no_grad():
             t_logits = teacher.forward(b.prompt_ids, b.prompt_mask, b.tokens)[..., : teacher.vocab_size].float()
+        detach = self.cfg.bc_call_detach and self.cfg.use_tau
 
         def student_logits() -> torch.Tensor:
-            if not (self.cfg.bc_call_detach and self.cfg.use_tau):
+            if not detach:
                 return s.lm.forward(b.prompt_ids, b.prompt_mask, b.tokens)
             # the call decision reads the body's features without moving them
             return s.detach_call_path(*s.lm.forward(b.prompt_ids, b.prompt_mask, b.tokens, hidden=True))
@@ -185,7 +186,9 @@ class Learner:
             # start π(<τ>) at the mean budget rather than at a random spare row's ~e^-11
             s.calibrate_tau(logits.detach(), b.mask, max(float(self.targets.mean()), 1e-3))
             logits = student_logits()
-        pol = self._policy(logits)  # [B, T, V+1]
+        # With the call decision a read-out of token features, the body does not learn which
+        # budget a row has: each budget's <τ> offset carries it (the zero budget masks <τ>).
+        pol = self._policy(logits, b.budget_ids if detach else None)  # [B, T, V+1]
         kl = oracle_kl(pol.detach(), t_logits)  # [B, T]
         if self.cfg.use_tau:
             targets = teacher_call_targets(kl, b.mask, self.targets[b.budget_ids.cpu()].to(kl.device))
@@ -194,7 +197,7 @@ class Learner:
         loss, metrics = bc_loss(pol, torch.log_softmax(t_logits, -1), targets, b.mask,
                                 token_kl_at_calls=self.cfg.bc_token_kl_at_calls,
                                 call_weight=self.cfg.bc_call_weight,
-                                call_on_tau_only=self.cfg.bc_call_detach and self.cfg.use_tau)
+                                call_on_tau_only=detach)
         self._apply(loss, "bc")
         metrics["bc/oracle_kl_mean"] = float((kl * b.mask).sum() / b.mask.sum())
         return metrics

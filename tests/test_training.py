@@ -173,8 +173,13 @@ def test_bc_call_detach_keeps_the_values_and_moves_only_the_tau_row(pair):
     # a learner step: bc_call_weight and the detach together train calls and tokens, finite
     s2 = copy.deepcopy(student)
     learner = _learner(s2, bc_call_detach=True, bc_token_kl_at_calls=True, bc_call_weight=0.5)
-    m = learner.bc_step(teacher, demos)
-    assert math.isfinite(m["bc/loss"]) and m["bc/call_frac"] > 0
+    assert torch.all(s2.budget_offsets == 0)
+    for _ in range(3):
+        m = learner.bc_step(teacher, demos)
+        assert math.isfinite(m["bc/loss"]) and m["bc/call_frac"] > 0
+    # each nonzero budget's offset carries its call rate (the body does not learn the budget)
+    off = s2.budget_offsets.detach()
+    assert off[0] == 0 and torch.all(off[1:] != 0)
 
 
 def test_lambda_moves_toward_each_budget_and_state_roundtrips(pair):
