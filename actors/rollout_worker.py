@@ -17,7 +17,7 @@ import ray
 import torch
 
 from actors.common import on_device, setup_threads, unpack_weights
-from actors.teacher_pool import DirectClient, PoolClient
+from actors.teacher_pool import PoolClient
 from kdtw.factory import budget_table, load_splits, load_student
 from kdtw.rollout import collect, demo_generator
 from kdtw.teacher_service import RemoteTeacher, use_by_budget
@@ -32,10 +32,7 @@ class RolloutWorker:
         self.student = load_student(cfg)
         self.version = -1
         spec = ray.get(pool.spec.remote())
-        r = cfg.ray
-        direct = r.direct_sessions and r.num_rollout_workers <= r.num_teacher_replicas
-        self.client = (DirectClient if direct else PoolClient)(pool, worker_id)
-        self.teacher = RemoteTeacher(self.client, self.student.lm.tokenizer, spec)
+        self.teacher = RemoteTeacher(PoolClient(pool, worker_id), self.student.lm.tokenizer, spec)
         seed = cfg.seed + 1000 * worker_id + 7919 * incarnation
         self.rng = random.Random(seed)
         self.gen = torch.Generator().manual_seed(seed)
@@ -70,8 +67,6 @@ class RolloutWorker:
             demo_gen=self.demo_gen, version=self.version, worker_id=self.worker_id,
             demos_elsewhere=self._demos_on_teacher if self.cfg.ray.teacher_side_demos else None,
         )
-        if isinstance(self.client, DirectClient):
-            self.client.flush()  # this batch's teacher positions are in the pool's counts
         t2 = time.perf_counter()
         added = ray.get(self.buffer.add.remote(trajs + demos))
         paths = trajs + demos

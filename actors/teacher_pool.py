@@ -141,22 +141,6 @@ class TeacherPool:
     async def spec(self) -> dict:
         return await self.router.call(lambda i: self.replicas[i].spec.remote(), 0, RETRY_ERRORS)
 
-    # -- direct sessions (`DirectClient`): the pool places, the client talks to its replica
-
-    def home_of(self, client) -> tuple[int, object]:
-        """The replica ``client`` is homed on (index, actor handle), for `DirectClient`."""
-        i = self._home(client)
-        return i, self.replicas[i]
-
-    def replica_down(self, i: int) -> None:
-        """A `DirectClient` saw replica ``i`` fail: place nothing there for the cooldown."""
-        self._down(i)
-
-    def add_counts(self, positions: dict, misses: int) -> None:
-        """Teacher positions (by tag) and session misses a `DirectClient` saw."""
-        self.positions.update(positions)
-        self.misses += misses
-
     def where(self, sid: str) -> int | None:
         """The replica session ``sid`` is pinned to (None: not placed)."""
         return self.pinned.get(sid)
@@ -190,69 +174,3 @@ class PoolClient:
 
     def score(self, prompt_rows, paths):
         return ray.get(self.pool.score.remote(prompt_rows, paths, self.client_id))
-
-
-class DirectClient(PoolClient):
-    """`PoolClient` whose session steps go straight to the client's home replica, not through
-    the pool actor (``ray.direct_sessions``): one round trip a step instead of two. The pool still
-    places the client (`TeacherPool.home_of`) and re-places it when its replica fails; it is only
-    used where no other client shares the replica (workers ≤ replicas), since a replica answers
-    direct requests one at a time, without the pool's batching across clients. A replica that
-    died or lost the session answers `MISS` (the client resends the prefix, which opens the
-    session again on the new home). The teacher positions the replica reports come back with each
-    answer and reach the pool's counts when a session closes (and at `flush`). Scoring without a
-    session still goes through the pool."""
-
-    def __init__(self, pool, client_id) -> None:
-        super().__init__(pool, client_id)
-        self.replica = None
-        self.index: int | None = None
-        self.pinned: dict[str, int] = {}  # session id -> replica index
-        self._positions: Counter = Counter()
-        self._misses = 0
-
-    def _place(self) -> None:
-        if self.replica is None:
-            self.index, self.replica = ray.get(self.pool.home_of.remote(self.client_id))
-
-    def where(self, sid: str) -> int | None:
-        return self.pinned.get(sid)
-
-    def step(self, *payload):
-        sid, rows, start, close = payload[0], payload[1], payload[2], payload[5]
-        self._place()
-        if start == 0 and rows is not None:
-            self.pinned[sid] = self.index
-        if self.pinned.get(sid) != self.index:  # its replica failed since: resend it all
-            self.pinned.pop(sid, None)
-            self._misses += 1
-            return MISS
-        try:
-            results, positions = ray.get(self.replica.run.remote([("step", payload)]))
-        except RETRY_ERRORS:
-            ray.get(self.pool.replica_down.remote(self.index))
-            self.replica = self.index = None
-            self.pinned.pop(sid, None)
-            self._misses += 1
-            return MISS
-        self._positions.update(positions)
-        res = results[0]
-        if isinstance(res, str) and res == MISS:
-            self._misses += 1
-            self.pinned.pop(sid, None)
-        elif close:
-            self.pinned.pop(sid, None)
-            self.flush()
-        return res
-
-    def close(self, sid):
-        if self.pinned.pop(sid, None) is not None and self.replica is not None:
-            self.replica.run.remote([("close", (sid,))])  # nothing to wait for
-        self.flush()
-
-    def flush(self) -> None:
-        """Hand the counted positions and misses to the pool (blocking: its stats then hold them)."""
-        if self._positions or self._misses:
-            positions, misses = dict(self._positions), self._misses
-            self._positions, self._misses = Counter(), 0
-            ray.get(self.pool.add_counts.remote(positions, misses))

@@ -156,8 +156,6 @@ def main(argv: list[str] | None = None) -> int:
                     "untrained student, which hardly calls the teacher)")
     ap.add_argument("--skip-compare", action="store_true", help="only the latency runs (2-3)")
     ap.add_argument("--skip-scaling", action="store_true", help="only comparisons 1 and 4")
-    ap.add_argument("--compare-direct", action="store_true",
-                    help="comparison 1 also runs both Ray loops with ray.direct_sessions flipped")
     ap.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     args = ap.parse_args(argv)
     ns = [int(x) for x in args.workers.split(",")]
@@ -191,12 +189,6 @@ def main(argv: list[str] | None = None) -> int:
         sync = ray_run(cfg(args.config, *steps, "train.max_staleness=0", "ray.max_staleness=0", "ray.num_rollout_workers=1",
                            "ray.num_teacher_replicas=1", over=user), own_ray=True, phase1=p1)
         fast = ray_run(cfg(args.config, *steps, *async_set, over=user), own_ray=True, phase1=p1)
-        if args.compare_direct:
-            flip = f"ray.direct_sessions={'false' if cfg(args.config, over=user).ray.direct_sessions else 'true'}"
-            sync_d = ray_run(cfg(args.config, *steps, "train.max_staleness=0", "ray.max_staleness=0",
-                                 "ray.num_rollout_workers=1", "ray.num_teacher_replicas=1", flip, over=user),
-                             own_ray=True, phase1=p1)
-            fast_d = ray_run(cfg(args.config, *steps, *async_set, flip, over=user), own_ray=True, phase1=p1)
     if args.skip_scaling:
         ns = []
 
@@ -227,11 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"   {'':<72}{'traj/s':>8}  {'vs 1 thread':>11}  {'vs faster':>9}  goal    teacher positions / rollout token")
         for t, v in local_by_threads.items():
             print(f"   {f'single-process loop (kdtw/local.py), {t} torch thread(s)':<72}{v:>8.1f}")
-        rows = [("sync Ray loop (max_staleness 0), 1 worker, 1 teacher replica", sync, "1.0x"),
-                (f"async Ray loop ({' '.join(async_set)})", fast, "1.6x")]
-        if args.compare_direct:
-            rows += [(f"sync Ray loop, {flip}", sync_d, "1.0x"), (f"async Ray loop, {flip}", fast_d, "1.6x")]
-        for name, r, goal in rows:
+        for name, r, goal in (("sync Ray loop (max_staleness 0), 1 worker, 1 teacher replica", sync, "1.0x"),
+                              (f"async Ray loop ({' '.join(async_set)})", fast, "1.6x")):
             v = r["traj_per_s"]
             print(f"   {name:<72}{v:>8.1f}  {v / one_thread:>10.2f}x  {v / local:>8.2f}x  >= {goal}  "
                   f"{r['positions_per_token']:.3f}")

@@ -380,10 +380,6 @@ class RayConfig:
     # rollouts (the demonstrations' sampler state travels with the request, so the random stream
     # is the local loop's either way), or token by token through the pool (false).
     teacher_side_demos: Bool = True
-    # A rollout worker sends its session steps straight to its home replica instead of through
-    # the pool actor (one round trip a step, not two), where no other worker shares that replica
-    # (num_rollout_workers <= num_teacher_replicas); otherwise the pool batches across workers.
-    direct_sessions: Bool = False
     # Phase-2 validations run on a teacher replica while training goes on (one at a time, recorded
     # in step order; checkpoints restart one in flight on resume); false: the loop waits for each.
     background_validation: Bool = True

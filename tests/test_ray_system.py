@@ -70,16 +70,14 @@ def test_sync_parity_with_the_local_loop(ray_session, tmp_path):
         assert theirs["budgets"][phrase]["bleu"] == pytest.approx(row["bleu"], abs=1e-6), phrase
 
 
-@pytest.mark.parametrize("direct", [False, True], ids=["pool", "direct"])
-def test_teacher_sessions_through_the_pool_one_position_per_token_with_a_replica_killed(ray_session, tmp_path, direct):
+def test_teacher_sessions_through_the_pool_one_position_per_token_with_a_replica_killed(ray_session, tmp_path):
     """Rollouts through the Ray pool: each decode batch is a session pinned to a replica; the
     replicas compute the prompt once and one position per output token (calls and scoring), as
     counted by the pool. The replica holding a session is killed mid-session: the next step is
-    a miss, the client resends the prefix, and paths and teacher log-probs equal a local run.
-    ``direct``: the same with session steps sent straight to the replica (`DirectClient`)."""
+    a miss, the client resends the prefix, and paths and teacher log-probs equal a local run."""
     ray = ray_session
     from actors.teacher import TeacherActor
-    from actors.teacher_pool import DirectClient, PoolClient, TeacherPool
+    from actors.teacher_pool import PoolClient, TeacherPool
     from kdtw.decoding import generate
     from kdtw.factory import load_pair
     from kdtw.rollout import prompt_ids
@@ -93,15 +91,13 @@ def test_teacher_sessions_through_the_pool_one_position_per_token_with_a_replica
     prompts = [f"With full teacher use, translate to French: {w}" for w in ("the cat sleeps", "a dog runs", "we eat")] * 2
     killed = []
 
-    Client = DirectClient if direct else PoolClient
-
-    class Killer(Client):  # kills the replica of the first session before its third step
+    class Killer(PoolClient):  # kills the replica of the first session before its third step
         steps = 0
 
         def step(self, *payload):
             Killer.steps += 1
             if Killer.steps == 3 and not killed:
-                i = self.where(payload[0]) if direct else ray.get(pool.where.remote(payload[0]))
+                i = ray.get(pool.where.remote(payload[0]))
                 ray.kill(replicas[i], no_restart=False)  # Ray restarts it, without its sessions
                 killed.append(i)
             return super().step(*payload)
@@ -111,9 +107,8 @@ def test_teacher_sessions_through_the_pool_one_position_per_token_with_a_replica
                         tau_bias=2.0, score_teacher=True, generator=torch.Generator().manual_seed(11))
 
     ref = rollouts(teacher)
-    for client, kill in ((Client(pool, "w0"), False), (Killer(pool, "w1"), True)):
-        stats0 = ray.get(pool.stats.remote(reset=False))
-        before = stats0["positions"].get("rollout", 0)
+    for client, kill in ((PoolClient(pool, "w0"), False), (Killer(pool, "w1"), True)):
+        before = ray.get(pool.stats.remote(reset=False))["positions"].get("rollout", 0)
         proxy = RemoteTeacher(client, student.lm.tokenizer, spec)
         got = rollouts(proxy)
         assert any(map(any, got.call_mask))
@@ -136,9 +131,6 @@ def test_teacher_sessions_through_the_pool_one_position_per_token_with_a_replica
             # replica answered any request of that session, so nothing it computed was counted
             assert prompt + output <= positions <= prompt + output + proxy.misses * (prompt + 12 * 3)
         assert stats["sessions"]["open"] == 0
-        if direct:  # every step went straight to a replica, none through the pool's batches
-            assert client.pinned == {} and stats["batch"]["requests"] == stats0["batch"]["requests"]
-            assert stats["sessions"]["misses"] - stats0["sessions"]["misses"] == proxy.misses
     for a in [pool, *replicas]:
         ray.kill(a)
 
