@@ -531,8 +531,6 @@ class Config:
             f"train.demo_ratio={t.demo_ratio} with train.batch_size={t.batch_size} leaves no on-policy "
             "row in a Phase-2 batch (the λ controller steers their use): lower train.demo_ratio, e.g. 0.25",
         )
-        # Without <τ> (a drafter: train.use_tau=false) there is no λ to move, so the feedforward
-        # is idle and a profile that turns it on still trains its drafter.
         need(t.bc_call_weight == 1.0 or t.bc_token_kl_at_calls,
              f"train.bc_call_weight={t.bc_call_weight} weighs the call decision against the token "
              "KL at every position, which only train.bc_token_kl_at_calls=true fits: set it to "
@@ -540,6 +538,8 @@ class Config:
         need(not t.bc_call_detach or t.bc_token_kl_at_calls,
              "train.bc_call_detach=true fits tokens by KL(p‖π̃) at every position, which is "
              "train.bc_token_kl_at_calls=true: set it to true, or train.bc_call_detach=false")
+        # Without <τ> (a drafter: train.use_tau=false) there is no λ to move, so the feedforward
+        # is idle and a profile that turns it on still trains its drafter.
         need(not t.lambda_feedforward or not t.use_tau or t.budget_offsets,
              "train.lambda_feedforward=true moves the per-budget <τ> offsets, which "
              f"train.budget_offsets={t.budget_offsets} turns off: set "
