@@ -144,7 +144,7 @@ def test_without_tau_the_learner_is_plain_distillation(pair):
 
 def test_bc_call_detach_keeps_the_values_and_moves_only_the_tau_row(pair):
     """train.bc_call_detach: the <τ> logit keeps its value; its gradient reaches the <τ> output
-    row and nothing of the body; a Phase-1 step with call targets alone leaves the body as it was."""
+    row and nothing of the body; Phase-1 steps with it train each nonzero budget's <τ> offset."""
     teacher, student = pair
     s = copy.deepcopy(student)
     g = torch.Generator().manual_seed(4)
@@ -163,7 +163,7 @@ def test_bc_call_detach_keeps_the_values_and_moves_only_the_tau_row(pair):
     others = torch.ones(head.shape[0], dtype=torch.bool)
     others[s.tau_id] = False
     assert torch.all(head.grad[others] == 0)
-    body = [p for n, p in s.named_parameters() if p is not head and p.grad is not None and p.grad.abs().sum() > 0]
+    body = [n for n, p in s.named_parameters() if p is not head and p.grad is not None and p.grad.abs().sum() > 0]
     assert body == []
     # without the detach the same sum moves the body
     s.zero_grad(set_to_none=True)
