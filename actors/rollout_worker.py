@@ -18,7 +18,7 @@ import torch
 
 from actors.common import on_device, setup_threads, unpack_weights
 from actors.teacher_pool import PoolClient
-from kdtw.factory import budget_table, load_splits, load_student
+from kdtw.factory import budget_table, load_splits, load_student, load_teacher
 from kdtw.rollout import collect, demo_generator
 from kdtw.teacher_service import RemoteTeacher, use_by_budget
 
@@ -31,8 +31,11 @@ class RolloutWorker:
         self.cfg, self.worker_id, self.pool, self.buffer = cfg, worker_id, pool, buffer
         self.student = load_student(cfg)
         self.version = -1
-        spec = ray.get(pool.spec.remote())
-        self.teacher = RemoteTeacher(PoolClient(pool, worker_id), self.student.lm.tokenizer, spec)
+        if cfg.ray.teacher_in_workers:  # its own teacher copy, in process (as the local loop)
+            self.teacher = load_teacher(on_device(cfg, "rollout_worker", "teacher"))
+        else:
+            spec = ray.get(pool.spec.remote())
+            self.teacher = RemoteTeacher(PoolClient(pool, worker_id), self.student.lm.tokenizer, spec)
         seed = cfg.seed + 1000 * worker_id + 7919 * incarnation
         self.rng = random.Random(seed)
         self.gen = torch.Generator().manual_seed(seed)

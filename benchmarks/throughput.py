@@ -130,11 +130,13 @@ def ray_run(cfg, *, own_ray: bool = False, phase1: str | None = None) -> dict:
         if own_ray:
             ray.shutdown()
     r = report["ray"]
+    in_workers = cfg.ray.teacher_in_workers
     warm_s, warm_n = r.get("warm_seconds", 0.0), r.get("warm_trajectories", 0)
     nb = max(r["teacher_batches"], 1)
     return {"traj_per_s": (r["trajectories"] - warm_n) / max(r["seconds"] - warm_s, 1e-9),
             "requests_per_batch": r["teacher_requests"] / nb, "rows_per_batch": r["teacher_rows"] / nb,
-            "positions_per_token": r.get("rollout_teacher_positions", 0) / max(r.get("rollout_tokens", 0), 1)}
+            "positions_per_token": r.get("rollout_teacher_positions", 0) / max(r.get("rollout_tokens", 0), 1),
+            "in_workers": in_workers}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,8 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scaling-config", default=tiny, help="profile of the latency runs (2-3)")
     ap.add_argument("--steps", type=int, default=40, help="learner steps per run (scaling runs: max(steps, 6N))")
     ap.add_argument("--workers", default="1,2,4,8")
-    ap.add_argument("--async", dest="async_", default="ray.max_staleness=8,ray.num_rollout_workers=2,"
-                    "ray.num_teacher_replicas=2", help="the asynchronous setting of comparison 1 (comma-separated key=value)")
+    ap.add_argument("--async", dest="async_", action="append",
+                    help="an asynchronous setting of comparison 1 (comma-separated key=value; repeat the option to "
+                    "measure several side by side; default: the profile's own ray section)")
+    ap.add_argument("--sync", action="append",
+                    help="extra settings of the synchronous run (comma-separated key=value; repeat the option to "
+                    "measure several side by side)")
     ap.add_argument("--latency-ms", type=float, default=50.0)
     ap.add_argument("--max-wait-ms", type=float, default=None,
                     help="ray.teacher_max_wait_ms of the latency runs (default: half the latency)")
@@ -167,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     # the latency runs put N workers on the cores' logical CPUs (they sleep on the teacher)
     base = [*user, "ray.rollout_worker_cpus=0.1", "ray.teacher_cpus=0.1", "ray.learner_cpus=0.1", "train.max_staleness=8",
             "ray.max_staleness=8"]
-    async_set = [x for x in args.async_.split(",") if x]
+    sync_sets = [[x for x in a.split(",") if x] for a in (args.sync or [""])]
+    async_sets = [[x for x in a.split(",") if x] for a in (args.async_ or [""])]
 
     def cfg(path, *extra, over=base):
         return load_config(path, [*over, *extra])
@@ -183,12 +190,13 @@ def main(argv: list[str] | None = None) -> int:
         local = max(local_by_threads.values())
         cols, traced, n_tokens = buffer_bytes(cfg(args.config), batches)
 
-    sync = fast = None
+    sync, fast = [], []
     if not args.skip_compare:  # each run starts and stops its own Ray, as the job does
         steps = [f"train.phase2_steps={args.steps}", f"train.validate_every={10 * args.steps}"]
-        sync = ray_run(cfg(args.config, *steps, "train.max_staleness=0", "ray.max_staleness=0", "ray.num_rollout_workers=1",
-                           "ray.num_teacher_replicas=1", over=user), own_ray=True, phase1=p1)
-        fast = ray_run(cfg(args.config, *steps, *async_set, over=user), own_ray=True, phase1=p1)
+        sync = [ray_run(cfg(args.config, *steps, "train.max_staleness=0", "ray.max_staleness=0",
+                            "ray.num_rollout_workers=1", "ray.num_teacher_replicas=1", *a, over=user), own_ray=True,
+                        phase1=p1) for a in sync_sets]
+        fast = [ray_run(cfg(args.config, *steps, *a, over=user), own_ray=True, phase1=p1) for a in async_sets]
     if args.skip_scaling:
         ns = []
 
@@ -211,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rel = lambda p: os.path.relpath(p, ROOT)  # noqa: E731
     print(f"\n{os.cpu_count()} CPU cores; {args.steps} learner steps per run (start-up excluded)")
-    if fast is not None:
+    if sync:
         one_thread = local_by_threads[1]
         start = (f"from a {args.phase1_steps}-step Phase 1" if p1 else "from the untrained student") + \
             ", train.value_warmup_steps=0"
@@ -219,11 +227,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"   {'':<72}{'traj/s':>8}  {'vs 1 thread':>11}  {'vs faster':>9}  goal    teacher positions / rollout token")
         for t, v in local_by_threads.items():
             print(f"   {f'single-process loop (kdtw/local.py), {t} torch thread(s)':<72}{v:>8.1f}")
-        for name, r, goal in (("sync Ray loop (max_staleness 0), 1 worker, 1 teacher replica", sync, "1.0x"),
-                              (f"async Ray loop ({' '.join(async_set)})", fast, "1.6x")):
+        rows = [(f"sync Ray loop (max_staleness 0), 1 worker, 1 teacher replica{' ' if a else ''}{' '.join(a)}",
+                 r, "1.0x") for a, r in zip(sync_sets, sync)]
+        rows += [(f"async Ray loop ({' '.join(a) or 'the profile'})", r, "1.6x") for a, r in zip(async_sets, fast)]
+        for name, r, goal in rows:
             v = r["traj_per_s"]
-            print(f"   {name:<72}{v:>8.1f}  {v / one_thread:>10.2f}x  {v / local:>8.2f}x  >= {goal}  "
-                  f"{r['positions_per_token']:.3f}")
+            ppt = f"{r['positions_per_token']:.3f}"
+            if r["in_workers"]:  # the replicas computed the demonstrations only, if anything
+                ppt = "- (calls and scoring in the workers" + (f"; demonstrations on the replica: {ppt})"
+                                                              if r["positions_per_token"] else ")")
+            print(f"   {name:<72}{v:>8.1f}  {v / one_thread:>10.2f}x  {v / local:>8.2f}x  >= {goal}  {ppt}")
     if not scaling:
         ns = []
     one = scaling[ns[0]]["traj_per_s"] / ns[0] if ns else 0.0
@@ -236,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"   {n:>7} {r['traj_per_s']:>9.1f} {up:>9.2f}x {up / n:>10.2f}         "
               f"{r['requests_per_batch']:>5.2f} / {n} = {r['requests_per_batch'] / n:.2f}"
               f"   ({r['rows_per_batch']:.1f} sequences per forward)")
-    if fast is not None:
+    if sync:
         print(f"\n4. replay buffer, {rel(args.config)} trajectories ({n_tokens} output tokens): "
               f"{cols:.2f} bytes/token in its columns, {traced:.2f} bytes/token allocated (goal <= 16)")
     return 0

@@ -380,6 +380,12 @@ class RayConfig:
     # rollouts (the demonstrations' sampler state travels with the request, so the random stream
     # is the local loop's either way), or token by token through the pool (false).
     teacher_side_demos: Bool = True
+    # Each rollout worker loads its own copy of the teacher and makes its rollouts' teacher calls
+    # and scoring against it in process, as the local loop does (no pool round trips); the
+    # replicas serve demonstrations (ray.teacher_side_demos) and validation. For teachers small
+    # enough to copy per worker (the embedded default); a large teacher stays in the pool
+    # (sessions, batching across workers).
+    teacher_in_workers: Bool = False
     # Phase-2 validations run on a teacher replica while training goes on (one at a time, recorded
     # in step order; checkpoints restart one in flight on resume); false: the loop waits for each.
     background_validation: Bool = True

@@ -30,12 +30,15 @@ def _fields(t):
             t.policy_version, t.worker_id, t.greedy_tau, t.tau_prob)
 
 
-def test_sync_parity_with_the_local_loop(ray_session, tmp_path):
-    """1 worker, 1 teacher, staleness 0: the Ray loop's first 20 losses are the local loop's."""
+@pytest.mark.parametrize("in_workers", [False, True], ids=["pool", "teacher_in_workers"])
+def test_sync_parity_with_the_local_loop(ray_session, tmp_path, in_workers):
+    """1 worker, 1 teacher, staleness 0: the Ray loop's first 20 losses are the local loop's,
+    with the worker's teacher calls going through the pool or to its own teacher copy."""
     train_pcl = load_job("train_pcl")
     over = [*QUICK, "train.phase2_steps=20", "train.validate_every=1000", "train.max_staleness=0",
             "ray.num_rollout_workers=1", "ray.num_teacher_replicas=1", "ray.publish_every=1", "ray.checkpoint_every=0",
-            "train.value_warmup_steps=5", "train.settle_probes=2", "train.settle_rounds=1"]
+            "train.value_warmup_steps=5", "train.settle_probes=2", "train.settle_rounds=1",
+            f"ray.teacher_in_workers={str(in_workers).lower()}"]
     local = LocalLoop(tiny(tmp_path / "local", *over), log=lambda _: None)
     local.learner.start_phase2()
     local_losses, local_lam = [], []
@@ -52,6 +55,8 @@ def test_sync_parity_with_the_local_loop(ray_session, tmp_path):
     ray_lam = [r["lam"] for r in report["lambda_trace"]]
     assert torch.allclose(torch.tensor(ray_lam), torch.tensor(local_lam), atol=1e-5)
     assert report["ray"]["rollout_batches"] == 20 and report["ray"]["worker_failures"] == 0
+    # rollouts reached the pool's replicas only when the workers had no teacher of their own
+    assert (report["ray"]["rollout_teacher_positions"] > 0) != in_workers
     # the end's settling (train.settle_probes): the driver settles the published weights as the
     # local loop settles its student, through the remote teacher
     from kdtw.settle import settle_budgets
