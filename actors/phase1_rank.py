@@ -25,7 +25,7 @@ STATUS_EVERY_S = 30.0  # a status line at least this often, between the log_ever
 
 def train_loop(config: dict) -> None:
     cfg = on_device(config["cfg"], "learner", "student", "teacher")
-    torch.set_num_threads(cfg.ray.torch_threads)
+    torch.set_num_threads(cfg.ray.phase1_threads or cfg.ray.torch_threads)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     out, resume = config["out"], config.get("resume")

@@ -20,7 +20,8 @@ class Progress:
         self.counters = {"worker_failures": 0, "trajectories": 0, "rollout_batches": 0, "seconds": 0.0,
                          "teacher_batches": 0, "teacher_requests": 0, "teacher_rows": 0,
                          # teacher positions the replicas computed for Phase-2 rollouts (calls, scoring,
-                         # demonstrations) and the prompt + output tokens of those paths
+                         # demonstrations; with ray.teacher_in_workers the workers' own teachers make the
+                         # calls and scoring, uncounted) and the prompt + output tokens of those paths
                          "rollout_teacher_positions": 0, "rollout_tokens": 0}
         self._positions_seen = 0  # the pool's running count of rollout positions at the last look
         self._stats_at, self._logged_at = 0.0, time.perf_counter()
@@ -75,9 +76,10 @@ class Progress:
             self.tracker.metrics(out, step=step)
         if due or now - self._logged_at >= STATUS_EVERY_S:
             self._logged_at, s = now, self._last
+            pool = "" if self.cfg.ray.teacher_in_workers else f" teacher batch {s['teacher_batch_requests']:.2f}"
             self.log(f"[phase 2] step {step}/{tc.phase2_steps} " + format_step(st)
                      + f" traj/s {out['trajectories_per_s']:.1f} lag {res['policy_lag']:.2f} "
-                     f"buffer {s['buffer_fill']:.2f} teacher batch {s['teacher_batch_requests']:.2f}")
+                     f"buffer {s['buffer_fill']:.2f}" + pool)
 
     def _system_stats(self) -> None:
         buf, pool = self.actors.stats()
@@ -104,4 +106,4 @@ class Progress:
         self._count_positions(pool)
         r = self.cfg.ray
         return {**self.counters, "buffer": buf, "teacher_pool": pool, "rollout_workers": r.num_rollout_workers,
-                "teacher_replicas": r.num_teacher_replicas}
+                "teacher_replicas": r.num_teacher_replicas, "teacher_in_workers": r.teacher_in_workers}

@@ -1,5 +1,7 @@
 """RolloutWorker: a student copy at a known weight version that decodes rollout batches with
-teacher calls through the pool and pushes the trajectories to the replay buffer.
+teacher calls through the pool (teacher sessions), or against a teacher copy of its own with
+``ray.teacher_in_workers`` (the local loop's collector in this process), and pushes the
+trajectories to the replay buffer.
 
 Weights arrive as ``(version, [ref])`` from the learner's publication (one ``ray.put`` per
 version); the worker fetches them only when the version is new. Worker ``i`` seeds its task

@@ -401,6 +401,9 @@ class RayConfig:
     max_restarts: NonNegInt = 3
     # torch threads in each actor (Ray sets one core per actor; more oversubscribes small hosts).
     torch_threads: PosInt = 1
+    # torch threads of each Phase-1 Ray Train rank (null: ray.torch_threads). Phase 1 runs alone
+    # (the other actors wait for it), so a rank may use the cores the Phase-2 actors will share.
+    phase1_threads: Annotated[PosInt | None, Hint(null="ray.torch_threads", example=2)] = None
 
 
 @dataclass(config=_SECTION)
