@@ -20,7 +20,7 @@ import torch
 
 from actors.common import on_device, setup_threads, unpack_weights
 from actors.teacher_pool import PoolClient
-from kdtw.factory import budget_table, load_splits, load_student, load_teacher
+from kdtw.factory import budget_table, load_pair, load_splits, load_student
 from kdtw.rollout import collect, demo_generator
 from kdtw.teacher_service import RemoteTeacher, use_by_budget
 
@@ -29,13 +29,14 @@ from kdtw.teacher_service import RemoteTeacher, use_by_budget
 class RolloutWorker:
     def __init__(self, cfg, worker_id: int, pool, buffer, incarnation: int = 0) -> None:
         setup_threads(cfg)
-        cfg = on_device(cfg, "rollout_worker", "student")
+        own_teacher = cfg.ray.teacher_in_workers
+        cfg = on_device(cfg, "rollout_worker", "student", *(["teacher"] if own_teacher else []))
         self.cfg, self.worker_id, self.pool, self.buffer = cfg, worker_id, pool, buffer
-        self.student = load_student(cfg)
         self.version = -1
-        if cfg.ray.teacher_in_workers:  # its own teacher copy, in process (as the local loop)
-            self.teacher = load_teacher(on_device(cfg, "rollout_worker", "teacher"))
+        if own_teacher:  # its own teacher copy, in process (as the local loop), tokenizers checked
+            self.teacher, self.student = load_pair(cfg)
         else:
+            self.student = load_student(cfg)
             spec = ray.get(pool.spec.remote())
             self.teacher = RemoteTeacher(PoolClient(pool, worker_id), self.student.lm.tokenizer, spec)
         seed = cfg.seed + 1000 * worker_id + 7919 * incarnation

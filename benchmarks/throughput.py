@@ -130,13 +130,12 @@ def ray_run(cfg, *, own_ray: bool = False, phase1: str | None = None) -> dict:
         if own_ray:
             ray.shutdown()
     r = report["ray"]
-    in_workers = cfg.ray.teacher_in_workers
     warm_s, warm_n = r.get("warm_seconds", 0.0), r.get("warm_trajectories", 0)
     nb = max(r["teacher_batches"], 1)
     return {"traj_per_s": (r["trajectories"] - warm_n) / max(r["seconds"] - warm_s, 1e-9),
             "requests_per_batch": r["teacher_requests"] / nb, "rows_per_batch": r["teacher_rows"] / nb,
             "positions_per_token": r.get("rollout_teacher_positions", 0) / max(r.get("rollout_tokens", 0), 1),
-            "in_workers": in_workers}
+            "in_workers": cfg.ray.teacher_in_workers}
 
 
 def main(argv: list[str] | None = None) -> int:
