@@ -69,6 +69,19 @@ class Actors:
                 continue
         return None
 
+    def calibrate(self, student, prompts: list, targets: list) -> list | None:
+        """`kdtw.reporting.calibrate_export` of ``student`` on a teacher replica, next to its teacher
+        (the end of the job); None if no replica answers."""
+        from actors.common import RETRY_ERRORS
+
+        weights = ray.put(pack_weights(student))
+        for r in self.replicas:
+            try:
+                return ray.get(r.calibrate.remote(self.cfg, weights, prompts, targets))
+            except RETRY_ERRORS:
+                continue
+        return None
+
     def validate_remote(self, weights, examples: list):
         """Start `kdtw.reporting.validate` of the published weights ``weights`` (a ref) on the next
         teacher replica in turn, in its validation thread; returns the result's ref (training goes

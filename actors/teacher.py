@@ -73,6 +73,28 @@ class TeacherActor:
         unpack_weights(self._student, weights)
         return validate(cfg, self._student, self.service.teacher, examples)
 
+    @ray.method(concurrency_group="validation")
+    def calibrate(self, cfg, weights: dict, prompts: list, targets: list) -> list:
+        """`kdtw.reporting.calibrate_export` of the student at ``weights`` against this replica's
+        teacher (the export's call thresholds, at the end of a job: no round trip a decode step),
+        with the node's cores (up to 8 torch threads: the job's other actors are idle by then)."""
+        import os
+
+        import torch
+
+        from kdtw.factory import load_student
+        from kdtw.reporting import calibrate_export
+
+        if self._student is None:
+            self._student = load_student(on_device(cfg, "teacher", "student"))
+        unpack_weights(self._student, weights)
+        before = torch.get_num_threads()
+        torch.set_num_threads(max(before, min(os.cpu_count() or 1, 8)))
+        try:
+            return calibrate_export(cfg, self._student, self.service.teacher, prompts, targets)
+        finally:
+            torch.set_num_threads(before)
+
     def forwards(self) -> int:
         return self.service.counted()[1]
 

@@ -200,7 +200,7 @@ class Phase2:
         c = self.cfg
         self.val.land()
         report = finish_run(c, self.state, self.table, self.initial, teacher=self.teacher, val_set=self.val_set,
-                            seconds={"phase2": self.counters["seconds"]}, log=self.log,
+                            seconds={"phase2": self.counters["seconds"]}, log=self.log, calibrate=self.actors.calibrate,
                             extra={"ray": self.progress.report(), "settled": self.settled})
         if self.tracker is not None:
             self.tracker.run_artifacts(c.run_dir, report["selected_dir"])

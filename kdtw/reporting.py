@@ -25,6 +25,8 @@ from .metrics import primary_metric, task_metrics
 from .models import LM, Student
 
 Log = Callable[[str], None]
+# (student, prompts by budget, targets) -> calibrations per budget, or None to calibrate here
+Calibrate = Callable[[Student, list, list], "list | None"]
 
 
 # ----------------------------------------------------------------------------- validation
@@ -187,10 +189,12 @@ def validation_metrics(v: dict) -> dict[str, float]:
 
 
 def finish_run(cfg: Config, state: LoopState, table: BudgetTable, initial: dict | None, *, teacher: LM,
-               val_set: list[Example], seconds: dict, log: Log = print, extra: dict | None = None) -> dict:
+               val_set: list[Example], seconds: dict, log: Log = print, extra: dict | None = None,
+               calibrate: Calibrate | None = None) -> dict:
     """The end of a run: the selected candidate becomes ``<run_dir>/student`` (with its call
-    thresholds when ``train.export_thresholds``), ``report.json`` (plus ``extra``) and
-    ``lambda_trace.png`` are written, and the selection is logged. Returns the report."""
+    thresholds when ``train.export_thresholds``, calibrated by ``calibrate`` if given, else here
+    against ``teacher``), ``report.json`` (plus ``extra``) and ``lambda_trace.png`` are written,
+    and the selection is logged. Returns the report."""
     tc = cfg.train
     key = primary_metric(cfg.task.metric)
     best = state.best
@@ -199,7 +203,7 @@ def finish_run(cfg: Config, state: LoopState, table: BudgetTable, initial: dict 
     if best is not None:
         replace_dir(best["dir"], selected_dir)  # the candidate folder becomes the student, whole
         if tc.use_tau and tc.export_thresholds:
-            thresholds = export_thresholds(cfg, table, teacher, selected_dir, val_set, log=log)
+            thresholds = export_thresholds(cfg, table, teacher, selected_dir, val_set, log=log, calibrate=calibrate)
     report = run_report(cfg, initial, state, table, selected_dir, seconds=seconds)
     report["call_thresholds"] = thresholds
     report.update(extra or {})
@@ -217,17 +221,29 @@ def finish_run(cfg: Config, state: LoopState, table: BudgetTable, initial: dict 
     return report
 
 
+def calibrate_export(cfg: Config, student: Student, teacher: LM, prompts: list[list[str]],
+                     targets: list[float]) -> list:
+    """`kdtw.calibration.calibrate_budgets` as the export runs it (``call_rule: threshold``)."""
+    from .calibration import calibrate_budgets
+
+    return calibrate_budgets(student, teacher, prompts, targets, rule="threshold",
+                             max_new_tokens=cfg.decoding.max_new_tokens, batch_size=cfg.decoding.batch_size)
+
+
 def export_thresholds(cfg: Config, table: BudgetTable, teacher: LM, folder: str, val_set: list[Example], *,
-                      log: Log = print) -> dict:
+                      log: Log = print, calibrate: Calibrate | None = None) -> dict:
     """θ_k of ``call_rule: threshold`` for the exported student, calibrated on the validation
-    examples and saved beside it (``call_thresholds.json``)."""
-    from .calibration import calibrate_budgets, save_thresholds
+    examples (by ``calibrate(student, prompts, targets)`` if given: the Ray job runs
+    `calibrate_export` on a teacher replica) and saved beside it (``call_thresholds.json``)."""
+    from .calibration import save_thresholds
 
     t0 = time.perf_counter()
     student = Student.load(folder, dtype=cfg.student.dtype, device=cfg.student.device)
     prompts = [[table.prompt(b.phrase, cfg.task.instruction, ex.source) for ex in val_set] for b in table]
-    cal = calibrate_budgets(student, teacher, prompts, table.targets, rule="threshold",
-                            max_new_tokens=cfg.decoding.max_new_tokens, batch_size=cfg.decoding.batch_size)
+    targets = list(table.targets)
+    cal = calibrate(student, prompts, targets) if calibrate is not None else None
+    if cal is None:
+        cal = calibrate_export(cfg, student, teacher, prompts, targets)
     theta = {b.phrase: x.theta for b, x in zip(table, cal)}
     save_thresholds(folder, {"threshold": theta, "split": "validation", "n": len(val_set),
                              "use": {b.phrase: x.use for b, x in zip(table, cal)}})

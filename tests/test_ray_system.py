@@ -74,6 +74,18 @@ def test_sync_parity_with_the_local_loop(ray_session, tmp_path, in_workers):
     for phrase, row in mine["budgets"].items():
         assert theirs["budgets"][phrase]["use"] == pytest.approx(row["use"], abs=1e-9), phrase
         assert theirs["budgets"][phrase]["bleu"] == pytest.approx(row["bleu"], abs=1e-6), phrase
+    # the export's call thresholds, calibrated on a replica (`Actors.calibrate`), are those the
+    # local loop's teacher gives the selected student
+    from kdtw.reporting import calibrate_export
+
+    sel = Student.load(report["selected_dir"])
+    prompts = [[local.table.prompt(b.phrase, local.cfg.task.instruction, ex.source) for ex in local.val_set]
+               for b in local.table]
+    cal = calibrate_export(local.cfg, sel, local.teacher, prompts, list(local.table.targets))
+    want = {b.phrase: (None if c.theta == float("inf") else c.theta) for b, c in zip(local.table, cal)}
+    assert report["call_thresholds"] is not None and report["call_thresholds"].keys() == want.keys()
+    for phrase, theta in want.items():
+        assert report["call_thresholds"][phrase] == (None if theta is None else pytest.approx(theta, abs=1e-6)), phrase
 
 
 def test_teacher_sessions_through_the_pool_one_position_per_token_with_a_replica_killed(ray_session, tmp_path):
