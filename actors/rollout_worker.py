@@ -71,7 +71,7 @@ class RolloutWorker:
         trajs, demos = collect(
             self.cfg, self.student, self.teacher, self.train_set, self.table, rng=self.rng, gen=self.gen,
             demo_gen=self.demo_gen, version=self.version, worker_id=self.worker_id,
-            demos_elsewhere=self._demos_on_teacher if self.cfg.ray.teacher_side_demos else None,
+            demos_elsewhere=self._demos_on_teacher if self.cfg.demos_on_replica() else None,
         )
         t2 = time.perf_counter()
         added = ray.get(self.buffer.add.remote(trajs + demos))

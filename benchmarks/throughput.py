@@ -118,24 +118,40 @@ def buffer_bytes(cfg, batches: list) -> tuple[float, float, int]:
     return buf.nbytes() / buf.tokens, traced / buf.tokens, buf.tokens
 
 
+def cpu_jiffies() -> tuple[int, int] | None:
+    """(busy, total) CPU time of the whole machine so far, in jiffies (/proc/stat; None elsewhere)."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
+    return sum(v[:8]) - idle, sum(v[:8])
+
+
 def ray_run(cfg, *, own_ray: bool = False, phase1: str | None = None) -> dict:
     """One Phase-2 run of the job (from ``phase1``, if given); ``own_ray``: in a local Ray of its
-    own, as the job starts one."""
+    own, as the job starts one. ``cpu_busy``: the machine's cores busy on average over the run
+    (start-up included; every process on the machine, so run the benchmark alone)."""
     import ray
     import train_pcl
 
+    before = cpu_jiffies()
     try:
         report, _ = train_pcl.train(cfg, phase1=phase1, log=lambda _: None, track=False)
     finally:
         if own_ray:
             ray.shutdown()
+    after = cpu_jiffies()
+    busy = None if before is None or after is None else \
+        (after[0] - before[0]) / max(after[1] - before[1], 1) * (os.cpu_count() or 1)
     r = report["ray"]
     warm_s, warm_n = r.get("warm_seconds", 0.0), r.get("warm_trajectories", 0)
     nb = max(r["teacher_batches"], 1)
     return {"traj_per_s": (r["trajectories"] - warm_n) / max(r["seconds"] - warm_s, 1e-9),
             "requests_per_batch": r["teacher_requests"] / nb, "rows_per_batch": r["teacher_rows"] / nb,
             "positions_per_token": r.get("rollout_teacher_positions", 0) / max(r.get("rollout_tokens", 0), 1),
-            "in_workers": cfg.ray.teacher_in_workers}
+            "in_workers": cfg.ray.teacher_in_workers, "cpu_busy": busy}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,13 +233,14 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
 
     rel = lambda p: os.path.relpath(p, ROOT)  # noqa: E731
+    busy = lambda r: "-" if r["cpu_busy"] is None else f"{r['cpu_busy']:.2f}"  # noqa: E731
     print(f"\n{os.cpu_count()} CPU cores; {args.steps} learner steps per run (start-up excluded)")
     if sync:
         one_thread = local_by_threads[1]
         start = (f"from a {args.phase1_steps}-step Phase 1" if p1 else "from the untrained student") + \
             ", train.value_warmup_steps=0"
         print(f"\n1. rollout throughput, {rel(args.config)}, the profile's resources, no added latency, {start}")
-        print(f"   {'':<72}{'traj/s':>8}  {'vs 1 thread':>11}  {'vs faster':>9}  goal    teacher positions / rollout token")
+        print(f"   {'':<72}{'traj/s':>8}  {'vs 1 thread':>11}  {'vs faster':>9}  goal    cores busy  teacher positions / rollout token")
         for t, v in local_by_threads.items():
             print(f"   {f'single-process loop (kdtw/local.py), {t} torch thread(s)':<72}{v:>8.1f}")
         rows = [(f"sync Ray loop (max_staleness 0), 1 worker, 1 teacher replica{' ' if a else ''}{' '.join(a)}",
@@ -235,19 +252,20 @@ def main(argv: list[str] | None = None) -> int:
             if r["in_workers"]:  # the replicas computed the demonstrations only, if anything
                 ppt = "- (calls and scoring in the workers" + (f"; demonstrations on the replica: {ppt})"
                                                               if r["positions_per_token"] else ")")
-            print(f"   {name:<72}{v:>8.1f}  {v / one_thread:>10.2f}x  {v / local:>8.2f}x  >= {goal}  {ppt}")
+            print(f"   {name:<72}{v:>8.1f}  {v / one_thread:>10.2f}x  {v / local:>8.2f}x  >= {goal}  {busy(r):>10}  {ppt}")
     if not scaling:
         ns = []
     one = scaling[ns[0]]["traj_per_s"] / ns[0] if ns else 0.0
     if ns:
         print(f"\n2-3. {rel(args.scaling_config)}, teacher latency {args.latency_ms:.0f} ms per batch, one replica, "
               f"ray.teacher_max_wait_ms={wait:g}")
-        print("   workers    traj/s   speed-up   /N (goal >= 0.8)   teacher batch / workers (goal >= 0.7)")
+        print("   workers    traj/s   speed-up   /N (goal >= 0.8)   teacher batch / workers (goal >= 0.7)"
+              f"   cores busy (of {os.cpu_count()})")
     for n, r in scaling.items():
         up = r["traj_per_s"] / one
         print(f"   {n:>7} {r['traj_per_s']:>9.1f} {up:>9.2f}x {up / n:>10.2f}         "
               f"{r['requests_per_batch']:>5.2f} / {n} = {r['requests_per_batch'] / n:.2f}"
-              f"   ({r['rows_per_batch']:.1f} sequences per forward)")
+              f"   ({r['rows_per_batch']:.1f} sequences per forward)   {busy(r)}")
     if sync:
         print(f"\n4. replay buffer, {rel(args.config)} trajectories ({n_tokens} output tokens): "
               f"{cols:.2f} bytes/token in its columns, {traced:.2f} bytes/token allocated (goal <= 16)")

@@ -378,8 +378,13 @@ class RayConfig:
     teacher_latency_ms: NonNegFloat = 0.0
     # Teacher demonstrations decoded on a replica in one call, while the worker runs its student
     # rollouts (the demonstrations' sampler state travels with the request, so the random stream
-    # is the local loop's either way), or token by token through the pool (false).
-    teacher_side_demos: Bool = True
+    # is the local loop's either way), or in the worker (false: token by token through the pool,
+    # or against the worker's own teacher with ray.teacher_in_workers). null: on, but off in an
+    # asynchronous job with the teacher in the workers (benchmarks/throughput.py, 2026-12-03, side
+    # by side: synchronous 1.14-1.38x the local loop on, 0.85-1.17x off; asynchronous 1.59-1.95x
+    # on, 1.89-2.18x off). `Config.for_ray_job` writes the choice into the job's config.
+    teacher_side_demos: Annotated[Bool | None, Hint(null="on, off when asynchronous with ray.teacher_in_workers",
+                                                    example=True)] = None
     # Each rollout worker loads its own copy of the teacher and makes its rollouts' teacher calls
     # and scoring against it in process, as the local loop does (no pool round trips); the
     # replicas serve demonstrations (ray.teacher_side_demos) and validation. For teachers small
@@ -604,12 +609,25 @@ class Config:
 
     def for_ray_job(self) -> "Config":
         """The config the Ray job runs: ``train.max_staleness`` replaced by ``ray.max_staleness``
-        where that is set (a copy; ``self`` where nothing changes)."""
-        if self.ray.max_staleness is None or self.ray.max_staleness == self.train.max_staleness:
+        where that is set, and ``ray.teacher_side_demos`` decided where null (a copy; ``self``
+        where nothing changes)."""
+        staleness = self.train.max_staleness if self.ray.max_staleness is None else self.ray.max_staleness
+        if staleness == self.train.max_staleness and self.ray.teacher_side_demos is not None:
             return self
         c = copy.deepcopy(self)
-        c.train.max_staleness = c.ray.max_staleness
+        c.train.max_staleness = staleness
+        c.ray.teacher_side_demos = c.demos_on_replica()
         return c
+
+    def demos_on_replica(self) -> bool:
+        """Whether a Ray rollout worker has its teacher demonstrations decoded on a replica
+        (``ray.teacher_side_demos``; null: yes, unless the job is asynchronous and the workers
+        hold the teacher)."""
+        r = self.ray
+        if r.teacher_side_demos is not None:
+            return r.teacher_side_demos
+        staleness = self.train.max_staleness if r.max_staleness is None else r.max_staleness
+        return not (r.teacher_in_workers and staleness > 0)
 
     def with_absolute_paths(self) -> "Config":
         """A copy whose relative local paths (``models_dir``, ``run_dir``, and ``task.dataset``,

@@ -277,6 +277,24 @@ def test_bc_call_weight_needs_the_token_fit_at_calls():
         load_config(path, ["train.bc_call_detach=true", "train.bc_token_kl_at_calls=false"])
 
 
+def test_teacher_side_demos_null_is_decided_by_where_the_teacher_is_and_the_jobs_staleness():
+    """ray.teacher_side_demos null: demonstrations on a replica, except in an asynchronous job whose
+    workers hold the teacher (conf/default.yaml: in the workers; its synchronous run: the replica);
+    for_ray_job writes the decision into the job's config; a value given is kept."""
+    path = os.path.join(ROOT, "conf", "default.yaml")
+    cfg = load_config(path, [])
+    assert cfg.ray.teacher_side_demos is None and cfg.ray.teacher_in_workers
+    assert cfg.for_ray_job().ray.teacher_side_demos is False and cfg.ray.teacher_side_demos is None
+    assert load_config(path, ["ray.max_staleness=0"]).for_ray_job().ray.teacher_side_demos is True
+    assert load_config(path, ["ray.teacher_in_workers=false"]).for_ray_job().ray.teacher_side_demos is True
+    assert load_config(path, ["ray.max_staleness=0", "ray.teacher_side_demos=false"]).demos_on_replica() is False
+    assert load_config(path, ["ray.teacher_side_demos=true"]).for_ray_job().ray.teacher_side_demos is True
+    job = load_config(None, [])  # the built-in defaults: the pool, synchronous
+    assert job.demos_on_replica() and job.for_ray_job().for_ray_job().ray.teacher_side_demos is True
+    with pytest.raises(ConfigError, match="ray.teacher_side_demos"):
+        load_config(path, ["ray.teacher_side_demos=sometimes"])
+
+
 def test_ray_max_staleness_is_the_ray_jobs_and_leaves_the_local_loop_alone():
     """conf/default.yaml runs the Ray job asynchronously (ray.max_staleness 8) while the local
     loop, where staleness only means replay, keeps train.max_staleness 0; null means
@@ -286,7 +304,7 @@ def test_ray_max_staleness_is_the_ray_jobs_and_leaves_the_local_loop_alone():
     job = cfg.for_ray_job()
     assert job.train.max_staleness == 8 and cfg.train.max_staleness == 0  # a copy
     assert job.for_ray_job() is job
-    plain = load_config(None, ["train.max_staleness=3"])
+    plain = load_config(None, ["train.max_staleness=3", "ray.teacher_side_demos=true"])
     assert plain.ray.max_staleness is None and plain.for_ray_job() is plain
     with pytest.raises(ConfigError, match=r"ray.max_staleness=0.*set ray.max_staleness >= 3"):
         load_config(None, ["train.max_staleness=5", "ray.max_staleness=0", "ray.publish_every=4"])

@@ -38,7 +38,8 @@ def test_sync_parity_with_the_local_loop(ray_session, tmp_path, in_workers):
     over = [*QUICK, "train.phase2_steps=20", "train.validate_every=1000", "train.max_staleness=0",
             "ray.num_rollout_workers=1", "ray.num_teacher_replicas=1", "ray.publish_every=1", "ray.checkpoint_every=0",
             "train.value_warmup_steps=5", "train.settle_probes=2", "train.settle_rounds=1",
-            # with its own teacher the worker decodes the demonstrations too (conf/default.yaml's setting)
+            # with its own teacher the worker decodes the demonstrations too (conf/default.yaml's
+            # asynchronous setting; here, synchronous, null would put them on the replica)
             *(["ray.teacher_in_workers=true", "ray.teacher_side_demos=false"] if in_workers else [])]
     local = LocalLoop(tiny(tmp_path / "local", *over), log=lambda _: None)
     local.learner.start_phase2()
