@@ -10,6 +10,7 @@ import time
 from typing import Callable
 
 from kdtw.reporting import LoopState, format_step, step_metrics, trace_entry
+from kdtw.teacher_service import BatchStats
 
 STATUS_EVERY_S = 30.0
 
@@ -83,8 +84,8 @@ class Progress:
 
     def _system_stats(self) -> None:
         buf, pool = self.actors.stats()
-        for k in ("batches", "requests", "rows"):
-            self.counters[f"teacher_{k}"] += pool["batch"][k]
+        for k in BatchStats.KEYS:  # batches, requests, rows, wait_s, timeouts, serve_s
+            self.counters[f"teacher_{k}"] = self.counters.get(f"teacher_{k}", 0) + pool["batch"][k]
         self._count_positions(pool)
         self._last = {
             "buffer_fill": buf["fill"], "buffer_bytes_per_token": buf["bytes"] / max(buf["tokens"], 1),

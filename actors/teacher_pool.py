@@ -146,11 +146,11 @@ class TeacherPool:
         return self.pinned.get(sid)
 
     def stats(self, reset: bool = True) -> dict:
-        """Batches, requests and sequences per batch (since the last reset); router counters;
-        teacher positions computed, by tag (since the start); sessions."""
+        """Batches, requests and sequences per batch, waits and answer times (since the last reset);
+        router counters; teacher positions computed, by tag (since the start); sessions."""
         total = BatchStats()
         for b in self.batchers:
-            for k in ("batches", "requests", "rows"):
+            for k in BatchStats.KEYS:
                 setattr(total, k, getattr(total, k) + getattr(b.stats, k))
             if reset:
                 b.stats = BatchStats()

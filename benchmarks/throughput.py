@@ -131,27 +131,30 @@ def cpu_jiffies() -> tuple[int, int] | None:
 
 def ray_run(cfg, *, own_ray: bool = False, phase1: str | None = None) -> dict:
     """One Phase-2 run of the job (from ``phase1``, if given); ``own_ray``: in a local Ray of its
-    own, as the job starts one. ``cpu_busy``: the machine's cores busy on average over the run
-    (start-up included; every process on the machine, so run the benchmark alone)."""
+    own, as the job starts one. ``cpu_busy``: the machine's cores busy on average from the middle
+    learner step to the one before the last (every process on the machine: run the benchmark alone)."""
     import ray
     import train_pcl
 
-    before = cpu_jiffies()
+    marks = []  # the machine's CPU jiffies after each learner step
     try:
-        report, _ = train_pcl.train(cfg, phase1=phase1, log=lambda _: None, track=False)
+        report, _ = train_pcl.train(cfg, phase1=phase1, log=lambda _: None, track=False,
+                                    hooks=[lambda _system, _step: marks.append(cpu_jiffies())])
     finally:
         if own_ray:
             ray.shutdown()
-    after = cpu_jiffies()
-    busy = None if before is None or after is None else \
-        (after[0] - before[0]) / max(after[1] - before[1], 1) * (os.cpu_count() or 1)
+    (b0, t0), (b1, t1) = (marks[len(marks) // 2], marks[-2]) if len(marks) > 3 and marks[-2] else ((0, 0), (0, 0))
+    busy = (b1 - b0) / (t1 - t0) * (os.cpu_count() or 1) if t1 > t0 else None
     r = report["ray"]
     warm_s, warm_n = r.get("warm_seconds", 0.0), r.get("warm_trajectories", 0)
     nb = max(r["teacher_batches"], 1)
     return {"traj_per_s": (r["trajectories"] - warm_n) / max(r["seconds"] - warm_s, 1e-9),
             "requests_per_batch": r["teacher_requests"] / nb, "rows_per_batch": r["teacher_rows"] / nb,
             "positions_per_token": r.get("rollout_teacher_positions", 0) / max(r.get("rollout_tokens", 0), 1),
-            "in_workers": cfg.ray.teacher_in_workers, "cpu_busy": busy}
+            "in_workers": cfg.ray.teacher_in_workers, "cpu_busy": busy,
+            # per teacher batch: ms waited for more requests once the replica was free, ms to answer
+            "wait_ms": 1000 * r.get("teacher_wait_s", 0.0) / nb, "serve_ms": 1000 * r.get("teacher_serve_s", 0.0) / nb,
+            "timeouts": r.get("teacher_timeouts", 0) / nb}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -260,12 +263,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n2-3. {rel(args.scaling_config)}, teacher latency {args.latency_ms:.0f} ms per batch, one replica, "
               f"ray.teacher_max_wait_ms={wait:g}")
         print("   workers    traj/s   speed-up   /N (goal >= 0.8)   teacher batch / workers (goal >= 0.7)"
-              f"   cores busy (of {os.cpu_count()})")
+              f"   cores busy (of {os.cpu_count()})   per batch: ms waiting / ms answering, share left at max wait")
     for n, r in scaling.items():
         up = r["traj_per_s"] / one
         print(f"   {n:>7} {r['traj_per_s']:>9.1f} {up:>9.2f}x {up / n:>10.2f}         "
               f"{r['requests_per_batch']:>5.2f} / {n} = {r['requests_per_batch'] / n:.2f}"
-              f"   ({r['rows_per_batch']:.1f} sequences per forward)   {busy(r)}")
+              f"   ({r['rows_per_batch']:.1f} sequences per forward)   {busy(r)}"
+              f"   {r['wait_ms']:.1f} / {r['serve_ms']:.1f}, {r['timeouts']:.2f}")
     if sync:
         print(f"\n4. replay buffer, {rel(args.config)} trajectories ({n_tokens} output tokens): "
               f"{cols:.2f} bytes/token in its columns, {traced:.2f} bytes/token allocated (goal <= 16)")

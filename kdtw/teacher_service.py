@@ -353,15 +353,22 @@ class _Pending:
 
 @dataclass
 class BatchStats:
-    """Batches sent and the requests and sequences in them."""
+    """Batches sent and the requests and sequences in them; the seconds batches waited for more
+    requests once a replica was free (``wait_s``), how many left at ``max_wait_s`` (``timeouts``),
+    and the seconds the replicas took to answer them (``serve_s``)."""
 
     batches: int = 0
     requests: int = 0
     rows: int = 0
+    wait_s: float = 0.0
+    timeouts: int = 0
+    serve_s: float = 0.0
+
+    KEYS = ("batches", "requests", "rows", "wait_s", "timeouts", "serve_s")
 
     def as_dict(self) -> dict[str, float]:
         n = max(self.batches, 1)
-        return {"batches": self.batches, "requests": self.requests, "rows": self.rows,
+        return {**{k: getattr(self, k) for k in self.KEYS},
                 "requests_per_batch": self.requests / n, "rows_per_batch": self.rows / n}
 
 
@@ -437,7 +444,8 @@ class DynamicBatcher:
             await self._slots.acquire()
             # max_wait counts from when a replica is free (requests queued behind a busy replica
             # have waited anyway; the ones about to come back may still join)
-            deadline = max(self._queue[0].t, time.monotonic()) + self.max_wait_s
+            ready = max(self._queue[0].t, time.monotonic())
+            deadline = ready + self.max_wait_s
             while True:
                 n, rows, full = self._take(deadline)
                 left = deadline - time.monotonic()
@@ -453,9 +461,12 @@ class DynamicBatcher:
             self.stats.batches += 1
             self.stats.requests += len(items)
             self.stats.rows += rows
+            self.stats.wait_s += time.monotonic() - ready
+            self.stats.timeouts += not full
             asyncio.get_running_loop().create_task(self._serve(items))
 
     async def _serve(self, items: list[_Pending]) -> None:
+        t0 = time.monotonic()
         try:
             results = await self.run([p.payload for p in items])
             for p, r in zip(items, results):
@@ -466,6 +477,7 @@ class DynamicBatcher:
                 if not p.future.done():
                     p.future.set_exception(e)
         finally:
+            self.stats.serve_s += time.monotonic() - t0
             self._slots.release()
 
 

@@ -248,6 +248,7 @@ def test_dynamic_batcher_merges_waits_and_fails_together():
         t0 = time.monotonic()
         await b.submit(0, 1, client="a")  # "b" comes back fast as a rule: waited for, max_wait ...
         assert time.monotonic() - t0 >= 0.3
+        assert b.stats.timeouts == 1 and b.stats.wait_s >= 0.3 and b.stats.serve_s >= 3 * 0.05 - 0.01
         t0 = time.monotonic()
         await b.submit(0, 1, client="a")  # ... once: "b" was not in the last batch
         assert time.monotonic() - t0 < 0.2 and [len(c) for c in calls] == [2, 2, 1, 1]
