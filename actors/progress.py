@@ -19,7 +19,7 @@ class Progress:
     def __init__(self, cfg, phrases: list[str], actors, *, tracker=None, log: Callable[[str], None] = print) -> None:
         self.cfg, self.phrases, self.actors, self.tracker, self.log = cfg, phrases, actors, tracker, log
         self.counters = {"worker_failures": 0, "trajectories": 0, "rollout_batches": 0, "seconds": 0.0,
-                         "teacher_batches": 0, "teacher_requests": 0, "teacher_rows": 0,
+                         **{f"teacher_{k}": 0 for k in BatchStats.KEYS},  # the pool's batches, waits, ...
                          # teacher positions the replicas computed for Phase-2 rollouts (calls, scoring,
                          # demonstrations; with ray.teacher_in_workers the workers' own teachers make the
                          # calls and scoring, uncounted) and the prompt + output tokens of those paths
@@ -84,8 +84,8 @@ class Progress:
 
     def _system_stats(self) -> None:
         buf, pool = self.actors.stats()
-        for k in BatchStats.KEYS:  # batches, requests, rows, wait_s, timeouts, serve_s
-            self.counters[f"teacher_{k}"] = self.counters.get(f"teacher_{k}", 0) + pool["batch"][k]
+        for k in BatchStats.KEYS:
+            self.counters[f"teacher_{k}"] += pool["batch"][k]
         self._count_positions(pool)
         self._last = {
             "buffer_fill": buf["fill"], "buffer_bytes_per_token": buf["bytes"] / max(buf["tokens"], 1),

@@ -59,35 +59,35 @@ class Actors:
     def validate(self, student, examples: list) -> dict | None:
         """`kdtw.reporting.validate` of ``student`` on a teacher replica, next to its teacher (no
         round trip a decode step); None if no replica answers."""
+        return self._on_a_replica("validate", student, examples)
+
+    def calibrate(self, student, prompts: list, targets: list) -> list | None:
+        """`kdtw.reporting.calibrate_export` of ``student`` on a teacher replica, next to its teacher
+        (the end of the job); None if no replica answers."""
+        return self._on_a_replica("calibrate", student, prompts, targets)
+
+    def _on_a_replica(self, method: str, student, *args):
+        """``TeacherActor.<method>(cfg, weights of student, *args)`` on the replicas in turn until one
+        answers; None if none does."""
         from actors.common import RETRY_ERRORS
 
         weights = ray.put(pack_weights(student))
         for _ in self.replicas:
             try:
-                return ray.get(self.validate_remote(weights, examples))
+                return ray.get(self._next_replica(method, weights, *args))
             except RETRY_ERRORS:
                 continue
         return None
 
-    def calibrate(self, student, prompts: list, targets: list) -> list | None:
-        """`kdtw.reporting.calibrate_export` of ``student`` on a teacher replica, next to its teacher
-        (the end of the job); None if no replica answers."""
-        from actors.common import RETRY_ERRORS
-
-        weights = ray.put(pack_weights(student))
-        for r in self.replicas:
-            try:
-                return ray.get(r.calibrate.remote(self.cfg, weights, prompts, targets))
-            except RETRY_ERRORS:
-                continue
-        return None
+    def _next_replica(self, method: str, weights, *args):
+        self._turn = (self._turn + 1) % len(self.replicas)
+        return getattr(self.replicas[self._turn], method).remote(self.cfg, weights, *args)
 
     def validate_remote(self, weights, examples: list):
         """Start `kdtw.reporting.validate` of the published weights ``weights`` (a ref) on the next
         teacher replica in turn, in its validation thread; returns the result's ref (training goes
         on meanwhile: the driver lands it later, jobs/train_pcl.py)."""
-        self._turn = (self._turn + 1) % len(self.replicas)
-        return self.replicas[self._turn].validate.remote(self.cfg, weights, examples)
+        return self._next_replica("validate", weights, examples)
 
     def make_worker(self, wid: int):
         from actors.rollout_worker import RolloutWorker

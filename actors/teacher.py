@@ -38,7 +38,7 @@ class TeacherActor:
                                       cache_mb=cfg.ray.teacher_cache_mb)
         self._reported: Counter = Counter()
         self._report_lock = threading.Lock()
-        self._student = None  # the student copy `validate` loads the first time it is asked
+        self._student = None  # the student copy `validate` and `calibrate` load the first time they are asked
 
     def spec(self) -> dict:
         return self.service.spec()
@@ -65,13 +65,9 @@ class TeacherActor:
         """`kdtw.reporting.validate` of the student at ``weights`` (`pack_weights`) against this
         replica's own teacher, in a thread of its own: no round trip a decode step (the driver's
         validation through the pool took about 3x as long as the local loop's)."""
-        from kdtw.factory import load_student
         from kdtw.reporting import validate
 
-        if self._student is None:
-            self._student = load_student(on_device(cfg, "teacher", "student"))
-        unpack_weights(self._student, weights)
-        return validate(cfg, self._student, self.service.teacher, examples)
+        return validate(cfg, self._student_at(cfg, weights), self.service.teacher, examples)
 
     @ray.method(concurrency_group="validation")
     def calibrate(self, cfg, weights: dict, prompts: list, targets: list) -> list:
@@ -82,18 +78,24 @@ class TeacherActor:
 
         import torch
 
-        from kdtw.factory import load_student
         from kdtw.reporting import calibrate_export
+
+        student = self._student_at(cfg, weights)
+        before = torch.get_num_threads()
+        torch.set_num_threads(max(before, min(os.cpu_count() or 1, 8)))
+        try:
+            return calibrate_export(cfg, student, self.service.teacher, prompts, targets)
+        finally:
+            torch.set_num_threads(before)
+
+    def _student_at(self, cfg, weights: dict):
+        """This replica's student copy (loaded the first time) at ``weights`` (`pack_weights`)."""
+        from kdtw.factory import load_student
 
         if self._student is None:
             self._student = load_student(on_device(cfg, "teacher", "student"))
         unpack_weights(self._student, weights)
-        before = torch.get_num_threads()
-        torch.set_num_threads(max(before, min(os.cpu_count() or 1, 8)))
-        try:
-            return calibrate_export(cfg, self._student, self.service.teacher, prompts, targets)
-        finally:
-            torch.set_num_threads(before)
+        return self._student
 
     def forwards(self) -> int:
         return self.service.counted()[1]

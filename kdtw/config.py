@@ -611,13 +611,16 @@ class Config:
         """The config the Ray job runs: ``train.max_staleness`` replaced by ``ray.max_staleness``
         where that is set, and ``ray.teacher_side_demos`` decided where null (a copy; ``self``
         where nothing changes)."""
-        staleness = self.train.max_staleness if self.ray.max_staleness is None else self.ray.max_staleness
-        if staleness == self.train.max_staleness and self.ray.teacher_side_demos is not None:
+        if self.job_staleness() == self.train.max_staleness and self.ray.teacher_side_demos is not None:
             return self
         c = copy.deepcopy(self)
-        c.train.max_staleness = staleness
+        c.train.max_staleness = c.job_staleness()
         c.ray.teacher_side_demos = c.demos_on_replica()
         return c
+
+    def job_staleness(self) -> int:
+        """The Ray job's staleness bound: ``ray.max_staleness``, or ``train.max_staleness`` where null."""
+        return self.train.max_staleness if self.ray.max_staleness is None else self.ray.max_staleness
 
     def demos_on_replica(self) -> bool:
         """Whether a Ray rollout worker has its teacher demonstrations decoded on a replica
@@ -626,8 +629,7 @@ class Config:
         r = self.ray
         if r.teacher_side_demos is not None:
             return r.teacher_side_demos
-        staleness = self.train.max_staleness if r.max_staleness is None else r.max_staleness
-        return not (r.teacher_in_workers and staleness > 0)
+        return not (r.teacher_in_workers and self.job_staleness() > 0)
 
     def with_absolute_paths(self) -> "Config":
         """A copy whose relative local paths (``models_dir``, ``run_dir``, and ``task.dataset``,

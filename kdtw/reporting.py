@@ -38,6 +38,12 @@ def validation_examples(cfg: Config, splits: dict[str, list[Example]]) -> list[E
     return spread(splits["validation"], cfg.train.val_examples)
 
 
+def budget_prompts(cfg: Config, table: BudgetTable, examples: list[Example], budgets=None) -> list[list[str]]:
+    """The prompts of ``examples`` at each budget of ``table`` (or of ``budgets``, rows of it)."""
+    return [[table.prompt(b.phrase, cfg.task.instruction, ex.source) for ex in examples]
+            for b in (table if budgets is None else budgets)]
+
+
 @torch.no_grad()
 def validate(cfg: Config, student: Student, teacher: LM, examples: list[Example], *, strict: bool = False) -> dict:
     """Budgeted decoding of ``examples`` at every budget with the configured call rule
@@ -53,15 +59,14 @@ def validate(cfg: Config, student: Student, teacher: LM, examples: list[Example]
     budgets = list(table) if cfg.train.use_tau else [min(table, key=lambda b: b.target)]
     rule = cfg.decoding.call_rule
     thresholds = None
+    by_budget = budget_prompts(cfg, table, examples, budgets)
     if rule == "threshold" and cfg.train.use_tau:
         from .calibration import calibrate_thresholds
 
         thresholds = calibrate_thresholds(
-            student, teacher, [[table.prompt(b.phrase, cfg.task.instruction, ex.source) for ex in examples]
-                               for b in budgets], [b.target for b in budgets], rule="threshold",
+            student, teacher, by_budget, [b.target for b in budgets], rule="threshold",
             max_new_tokens=cfg.decoding.max_new_tokens, batch_size=cfg.decoding.batch_size)
-    for i, b in enumerate(budgets):
-        prompts = [table.prompt(b.phrase, cfg.task.instruction, ex.source) for ex in examples]
+    for i, (b, prompts) in enumerate(zip(budgets, by_budget)):
         gen = torch.Generator().manual_seed(cfg.decoding.seed + i)
         out = generate(student, teacher, prompts, mode="budgeted" if cfg.train.use_tau else "student",
                        budgets=b.target, strict=strict, max_new_tokens=cfg.decoding.max_new_tokens,
@@ -239,7 +244,7 @@ def export_thresholds(cfg: Config, table: BudgetTable, teacher: LM, folder: str,
 
     t0 = time.perf_counter()
     student = Student.load(folder, dtype=cfg.student.dtype, device=cfg.student.device)
-    prompts = [[table.prompt(b.phrase, cfg.task.instruction, ex.source) for ex in val_set] for b in table]
+    prompts = budget_prompts(cfg, table, val_set)
     targets = list(table.targets)
     cal = calibrate(student, prompts, targets) if calibrate is not None else None
     if cal is None:

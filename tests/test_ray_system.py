@@ -77,12 +77,11 @@ def test_sync_parity_with_the_local_loop(ray_session, tmp_path, in_workers):
         assert theirs["budgets"][phrase]["bleu"] == pytest.approx(row["bleu"], abs=1e-6), phrase
     # the export's call thresholds, calibrated on a replica (`Actors.calibrate`), are those the
     # local loop's teacher gives the selected student
-    from kdtw.reporting import calibrate_export
+    from kdtw.reporting import budget_prompts, calibrate_export
 
     sel = Student.load(report["selected_dir"])
-    prompts = [[local.table.prompt(b.phrase, local.cfg.task.instruction, ex.source) for ex in local.val_set]
-               for b in local.table]
-    cal = calibrate_export(local.cfg, sel, local.teacher, prompts, list(local.table.targets))
+    cal = calibrate_export(local.cfg, sel, local.teacher, budget_prompts(local.cfg, local.table, local.val_set),
+                           list(local.table.targets))
     want = {b.phrase: (None if c.theta == float("inf") else c.theta) for b, c in zip(local.table, cal)}
     assert report["call_thresholds"] is not None and report["call_thresholds"].keys() == want.keys()
     for phrase, theta in want.items():
