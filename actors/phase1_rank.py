@@ -61,7 +61,9 @@ def train_loop(config: dict) -> None:
         log(f"[phase 1] checkpoint at step {loop.learner.step} -> {out}")
 
     def write(loop, rngs: list[dict] | None) -> None:
-        write_phase1(loop, out, world=world, rngs=rngs, extra=config.get("meta"),
+        # the marker records the threads each rank ran with (`ray.phase1_threads`): Phase-1 timings read with it
+        write_phase1(loop, out, world=world, rngs=rngs, extra={**(config.get("meta") or {}),
+                                                                "torch_threads": torch.get_num_threads()},
                      files={METRICS_FILE: "".join(json.dumps(r) + "\n" for r in rows)})
 
     loop = run_phase1(cfg, rank=rank, world=world, log=log, on_metrics=on_metrics, resume=resume,
@@ -89,7 +91,8 @@ def run_bc(cfg, *, tracker=None, log=print, resume: str | None = None, stopper=N
     use_gpu = r.learner_gpus > 0
     resources = {"CPU": r.learner_cpus, **({"GPU": r.learner_gpus} if use_gpu else {})}
     log(f"[phase 1] {cfg.train.phase1_steps} BC steps on {r.learner_ranks} Ray Train rank(s) "
-        f"({'nccl' if use_gpu else 'gloo'}), a checkpoint every {r.checkpoint_every or 'no'} steps")
+        f"({'nccl' if use_gpu else 'gloo'}, {r.phase1_threads or r.torch_threads} torch thread(s) each), "
+        f"a checkpoint every {r.checkpoint_every or 'no'} steps")
     t0 = time.perf_counter()
     lines = Queue(actor_options={"num_cpus": 0})  # rank 0's log lines, printed here as they come
     control = Queue(actor_options={"num_cpus": 0})  # one item: stop after the step in flight

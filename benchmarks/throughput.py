@@ -13,7 +13,9 @@ Prints four figures (goals from issues 4 and 12 in brackets):
    ``--phase1-steps`` BC steps (a student that calls the teacher, past the value warm-up): the
    synchronous loop with one worker and one replica [≥ 1.0×], and the asynchronous setting
    ``--async`` (printed beside its figure) [≥ 1.6×]; with the teacher positions the replicas
-   computed per rollout token (prompt + output; 1.0 = each position once);
+   computed per rollout token (prompt + output; 1.0 = each position once), the machine's cores
+   busy over the steady part of each Ray run, and the cores each role kept busy there (Ray actors
+   by class, the driver, Ray's daemons; /proc) with the CPU milliseconds per trajectory;
 2. scaling: trajectories/s with N = 1, 2, 4, 8 rollout workers against one teacher replica that
    sleeps ``--latency-ms`` before answering each batch (``ray.teacher_latency_ms``), on
    ``--scaling-config``, relative to N = 1 [≥ 0.8·N]; teacher demonstrations go token by token
@@ -129,6 +131,38 @@ def cpu_jiffies() -> tuple[int, int] | None:
     return sum(v[:8]) - idle, sum(v[:8])
 
 
+def cpu_by_role() -> dict[str, int]:
+    """CPU time (user + system jiffies) of this machine's processes so far, by role: each Ray
+    actor by its class (``ray::RolloutWorker`` -> ``RolloutWorker``), this process as ``driver``,
+    Ray's own daemons by name, the rest as ``other`` ({} where /proc is missing)."""
+    out: dict[str, int] = {}
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return out
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = f.read().decode(errors="replace").split("\0")
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        cmd, full = args[0], " ".join(args)
+        if int(pid) == os.getpid():
+            role = "driver"
+        elif cmd.startswith("ray::"):  # a Ray worker's title: ray::<Class>[.<method>]
+            role = (cmd[5:].split(".")[0].split() or ["ray::"])[0]
+        elif os.path.basename(cmd.split()[0] if cmd.strip() else "") in ("gcs_server", "raylet"):
+            role = os.path.basename(cmd.split()[0])
+        elif "ray" in full and any(w in full for w in ("dashboard", "log_monitor", "runtime_env", "monitor.py")):
+            role = "ray daemons"
+        else:
+            role = "other"
+        out[role] = out.get(role, 0) + int(fields[11]) + int(fields[12])  # utime, stime
+    return out
+
+
 def ray_run(cfg, *, own_ray: bool = False, phase1: str | None = None) -> dict:
     """One Phase-2 run of the job (from ``phase1``, if given); ``own_ray``: in a local Ray of its
     own, as the job starts one. ``cpu_busy``: the machine's cores busy on average from the middle
@@ -137,21 +171,32 @@ def ray_run(cfg, *, own_ray: bool = False, phase1: str | None = None) -> dict:
     import train_pcl
 
     marks = []  # the machine's CPU jiffies after each learner step
+    n = cfg.train.phase2_steps
+    roles = {}  # CPU by role at the two marks the busy cores are measured between
+
+    def hook(_system, step):
+        marks.append(cpu_jiffies())
+        if step in (n // 2 + 1, n - 1):
+            roles[step] = cpu_by_role()
+
     try:
-        report, _ = train_pcl.train(cfg, phase1=phase1, log=lambda _: None, track=False,
-                                    hooks=[lambda _system, _step: marks.append(cpu_jiffies())])
+        report, _ = train_pcl.train(cfg, phase1=phase1, log=lambda _: None, track=False, hooks=[hook])
     finally:
         if own_ray:
             ray.shutdown()
     (b0, t0), (b1, t1) = (marks[len(marks) // 2], marks[-2]) if len(marks) > 3 and marks[-2] else ((0, 0), (0, 0))
     busy = (b1 - b0) / (t1 - t0) * (os.cpu_count() or 1) if t1 > t0 else None
+    # cores each role kept busy over the same window (sorted, largest first)
+    r0, r1 = roles.get(n // 2 + 1, {}), roles.get(n - 1, {})
+    by_role = sorted(((k, (v - r0.get(k, 0)) / (t1 - t0) * (os.cpu_count() or 1)) for k, v in r1.items()),
+                     key=lambda kv: -kv[1]) if t1 > t0 else []
     r = report["ray"]
     warm_s, warm_n = r.get("warm_seconds", 0.0), r.get("warm_trajectories", 0)
     nb = max(r["teacher_batches"], 1)
     return {"traj_per_s": (r["trajectories"] - warm_n) / max(r["seconds"] - warm_s, 1e-9),
             "requests_per_batch": r["teacher_requests"] / nb, "rows_per_batch": r["teacher_rows"] / nb,
             "positions_per_token": r.get("rollout_teacher_positions", 0) / max(r.get("rollout_tokens", 0), 1),
-            "in_workers": cfg.ray.teacher_in_workers, "cpu_busy": busy,
+            "in_workers": cfg.ray.teacher_in_workers, "cpu_busy": busy, "by_role": by_role,
             # per teacher batch: ms waited for more requests once the replica was free, ms to answer
             "wait_ms": 1000 * r.get("teacher_wait_s", 0.0) / nb, "serve_ms": 1000 * r.get("teacher_serve_s", 0.0) / nb,
             "timeouts": r.get("teacher_timeouts", 0) / nb}
@@ -256,6 +301,12 @@ def main(argv: list[str] | None = None) -> int:
                 ppt = "- (calls and scoring in the workers" + (f"; demonstrations on the replica: {ppt})"
                                                               if r["positions_per_token"] else ")")
             print(f"   {name:<72}{v:>8.1f}  {v / one_thread:>10.2f}x  {v / local:>8.2f}x  >= {goal}  {busy(r):>10}  {ppt}")
+        print("   cores busy by role (same window) and CPU ms per trajectory (the 1-thread local loop: "
+              f"{1000 / one_thread:.1f} ms, one core):")
+        for name, r, _ in rows:
+            roles = ", ".join(f"{k} {c:.2f}" for k, c in r["by_role"] if c >= 0.005)
+            ms = 1000 * r["cpu_busy"] / r["traj_per_s"] if r["cpu_busy"] else float("nan")
+            print(f"   {name[:40]:<40} {ms:5.1f} ms/traj: {roles}")
     if not scaling:
         ns = []
     one = scaling[ns[0]]["traj_per_s"] / ns[0] if ns else 0.0

@@ -30,7 +30,7 @@ def test_ray_job_submit_runs_train_pcl_and_logs_to_mlflow(tmp_path, monkeypatch)
         submit = [ray, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", ".", "--",
                   "python", "jobs/train_pcl.py", "--config", "conf/tiny.yaml", f"run_dir={run_dir}",
                   "train.phase1_steps=2", "train.phase2_steps=4", "train.validate_every=2", "train.val_examples=4",
-                  "train.log_every=2", "train.max_staleness=1", "ray.num_rollout_workers=2"]
+                  "train.log_every=2", "train.max_staleness=1", "ray.num_rollout_workers=2", "ray.phase1_threads=2"]
         deadline = time.monotonic() + 120
         while True:
             job = subprocess.run(submit, env=env, cwd=ROOT, capture_output=True, text=True, timeout=480)
@@ -41,6 +41,7 @@ def test_ray_job_submit_runs_train_pcl_and_logs_to_mlflow(tmp_path, monkeypatch)
             time.sleep(3)
         assert job.returncode == 0 and "succeeded" in log, log[-4000:]
         assert "[phase 1]" in log and "[phase 2] step 4/4" in log
+        assert "(gloo, 2 torch thread(s) each)" in log
     finally:
         subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
 
@@ -60,6 +61,10 @@ def test_ray_job_submit_runs_train_pcl_and_logs_to_mlflow(tmp_path, monkeypatch)
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "report.json", "lambda_trace.png", "student"} <= arts
     assert os.path.exists(run_dir / "student" / "kdtw_student.json")
+    # the Phase-1 rank ran with ray.phase1_threads (2), not the other roles' ray.torch_threads (1)
+    from kdtw.phase1 import read_phase1
+
+    assert read_phase1(str(run_dir / "phase1"))["torch_threads"] == 2
 
 
 def test_train_bc_finds_models_under_a_relative_models_dir_and_resumes(tmp_path):

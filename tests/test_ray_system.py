@@ -182,13 +182,17 @@ def test_a_replica_answers_requests_while_it_decodes_demonstrations(ray_session,
     ray.kill(replica)
 
 
-def test_killed_workers_and_teacher_replica_do_not_stop_the_run(ray_session, tmp_path):
-    """Rollout workers killed three times and a teacher replica once; the run completes."""
+@pytest.mark.parametrize("in_workers", [False, True], ids=["pool", "teacher_in_workers"])
+def test_killed_workers_and_teacher_replica_do_not_stop_the_run(ray_session, tmp_path, in_workers):
+    """Rollout workers killed three times and a teacher replica once; the run completes. With
+    ``ray.teacher_in_workers`` (conf/default.yaml's placement) each replacement worker loads its
+    own teacher copy, and the replicas only validate (the killed one restarts for that)."""
     ray = ray_session
     train_pcl = load_job("train_pcl")
-    cfg = tiny(tmp_path, *QUICK, "train.phase2_steps=12", "train.validate_every=12", "train.max_staleness=2",
+    cfg = tiny(tmp_path, *QUICK, "train.phase2_steps=12", "train.validate_every=6", "train.max_staleness=2",
                "ray.num_rollout_workers=2", "ray.num_teacher_replicas=2", "ray.teacher_latency_ms=20",
-               "ray.checkpoint_every=0", "ray.teacher_side_demos=false")
+               "ray.checkpoint_every=0", "ray.teacher_side_demos=false",
+               *(["ray.teacher_in_workers=true"] if in_workers else []))
     killed = {"workers": 0, "teacher": 0}
 
     def chaos(system, step):
@@ -196,7 +200,7 @@ def test_killed_workers_and_teacher_replica_do_not_stop_the_run(ray_session, tmp
             ray.kill(system.workers[(step // 2 + 1) % 2])  # w0, w1, then w0's replacement
             killed["workers"] += 1
         if step == 3:  # kill replica 0 while it serves a batch: its sessions must move to replica 1
-            deadline = time.time() + 30
+            deadline = time.time() + (0 if in_workers else 30)  # in the workers' mode it serves no rollout
             while ray.get(system.pool.stats.remote(reset=False))["router"]["load"][0] == 0 and time.time() < deadline:
                 time.sleep(0.002)
             ray.kill(system.replicas[0], no_restart=False)  # Ray restarts it (max_restarts)
@@ -207,13 +211,18 @@ def test_killed_workers_and_teacher_replica_do_not_stop_the_run(ray_session, tmp
     assert system.step == 12 and len(system.state.losses) == 12
     assert all(torch.isfinite(torch.tensor(system.state.losses)))
     assert report["ray"]["worker_failures"] == 3
+    assert [v["step"] for v in report["validations"] if v["step"] > 0][-2:] == [6, 12]  # on the replicas after the kill
     pool = report["ray"]["teacher_pool"]
-    # the kill was seen and routed around. Whether a session was pinned to the replica at that
-    # moment depends on timing (the load it waits for may be a demonstration or scoring request:
-    # measured, a CI run under load saw 1 failure and 0 misses), so the MISS-and-resend path is
-    # asserted where it is deterministic: test_teacher_sessions_through_the_pool_..._killed above
-    assert pool["router"]["failures"] >= 1
-    assert report["ray"]["rollout_teacher_positions"] > 0 and report["ray"]["rollout_tokens"] > 0
+    if in_workers:  # the workers' own teachers answered every call: no rollout reached a replica
+        assert report["ray"]["rollout_teacher_positions"] == 0
+    else:
+        # the kill was seen and routed around. Whether a session was pinned to the replica at that
+        # moment depends on timing (the load it waits for may be a demonstration or scoring request:
+        # measured, a CI run under load saw 1 failure and 0 misses), so the MISS-and-resend path is
+        # asserted where it is deterministic: test_teacher_sessions_through_the_pool_..._killed above
+        assert pool["router"]["failures"] >= 1
+        assert report["ray"]["rollout_teacher_positions"] > 0
+    assert report["ray"]["rollout_tokens"] > 0
     assert report["selected"] is not None and os.path.exists(tmp_path / "student" / "kdtw_student.json")
 
 
