@@ -14,7 +14,7 @@ Prints four figures (goals from issues 4 and 12 in brackets):
    synchronous loop with one worker and one replica [≥ 1.0×], and the asynchronous setting
    ``--async`` (printed beside its figure) [≥ 1.6×]; with the teacher positions the replicas
    computed per rollout token (prompt + output; 1.0 = each position once), the machine's cores
-   busy over the steady part of each Ray run, and the cores each role kept busy there (Ray actors
+   busy over the steady part of each Ray run (and those the hypervisor gave to others: stolen), and the cores each role kept busy there (Ray actors
    by class, the driver, Ray's daemons; /proc) with the CPU milliseconds per trajectory;
 2. scaling: trajectories/s with N = 1, 2, 4, 8 rollout workers against one teacher replica that
    sleeps ``--latency-ms`` before answering each batch (``ray.teacher_latency_ms``), on
@@ -89,6 +89,8 @@ def local_loop(cfg, phase1: str | None) -> LocalLoop:
 
 
 def local_throughput(cfg, steps: int, threads: int, phase1: str | None = None) -> tuple[float, list]:
+    """(trajectories/s, the batches) of the single-process loop; prints the cores it kept busy
+    and those the hypervisor took meanwhile."""
     import torch
 
     before = torch.get_num_threads()
@@ -96,12 +98,17 @@ def local_throughput(cfg, steps: int, threads: int, phase1: str | None = None) -
     try:
         loop = local_loop(cfg, phase1)
         loop.learn(*loop.collect())  # warm-up
-        t0 = time.perf_counter()
+        t0, j0 = time.perf_counter(), cpu_jiffies()
         batches = []
         for _ in range(steps):
             trajs, demos = loop.collect()
             loop.learn(trajs, demos)
             batches.append(trajs + demos)
+        j1 = cpu_jiffies()
+        if j0 and j1 and j1[1] > j0[1]:
+            n = os.cpu_count() or 1
+            print(f"[local loop, {threads} thread(s)] cores busy {(j1[0] - j0[0]) / (j1[1] - j0[1]) * n:.2f} "
+                  f"(stolen {(j1[2] - j0[2]) / (j1[1] - j0[1]) * n:.2f})", flush=True)
         return sum(map(len, batches)) / (time.perf_counter() - t0), batches
     finally:
         torch.set_num_threads(before)
@@ -120,15 +127,18 @@ def buffer_bytes(cfg, batches: list) -> tuple[float, float, int]:
     return buf.nbytes() / buf.tokens, traced / buf.tokens, buf.tokens
 
 
-def cpu_jiffies() -> tuple[int, int] | None:
-    """(busy, total) CPU time of the whole machine so far, in jiffies (/proc/stat; None elsewhere)."""
+def cpu_jiffies() -> tuple[int, int, int] | None:
+    """(busy, total, stolen) CPU time of the whole machine so far, in jiffies (/proc/stat; None
+    elsewhere). ``stolen``: time the hypervisor gave to other machines (a shared host's noise),
+    not counted as busy."""
     try:
         with open("/proc/stat") as f:
             v = [int(x) for x in f.readline().split()[1:]]
     except (OSError, ValueError):
         return None
     idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
-    return sum(v[:8]) - idle, sum(v[:8])
+    steal = v[7] if len(v) > 7 else 0
+    return sum(v[:8]) - idle - steal, sum(v[:8]), steal
 
 
 def cpu_by_role() -> dict[str, int]:
@@ -184,8 +194,10 @@ def ray_run(cfg, *, own_ray: bool = False, phase1: str | None = None) -> dict:
     finally:
         if own_ray:
             ray.shutdown()
-    (b0, t0), (b1, t1) = (marks[len(marks) // 2], marks[-2]) if len(marks) > 3 and marks[-2] else ((0, 0), (0, 0))
+    (b0, t0, s0), (b1, t1, s1) = ((marks[len(marks) // 2], marks[-2]) if len(marks) > 3 and marks[-2]
+                                  else ((0, 0, 0), (0, 0, 0)))
     busy = (b1 - b0) / (t1 - t0) * (os.cpu_count() or 1) if t1 > t0 else None
+    stolen = (s1 - s0) / (t1 - t0) * (os.cpu_count() or 1) if t1 > t0 else None
     # cores each role kept busy over the same window (sorted, largest first)
     r0, r1 = roles.get(n // 2 + 1, {}), roles.get(n - 1, {})
     by_role = sorted(((k, (v - r0.get(k, 0)) / (t1 - t0) * (os.cpu_count() or 1)) for k, v in r1.items()),
@@ -196,7 +208,7 @@ def ray_run(cfg, *, own_ray: bool = False, phase1: str | None = None) -> dict:
     return {"traj_per_s": (r["trajectories"] - warm_n) / max(r["seconds"] - warm_s, 1e-9),
             "requests_per_batch": r["teacher_requests"] / nb, "rows_per_batch": r["teacher_rows"] / nb,
             "positions_per_token": r.get("rollout_teacher_positions", 0) / max(r.get("rollout_tokens", 0), 1),
-            "in_workers": cfg.ray.teacher_in_workers, "cpu_busy": busy, "by_role": by_role,
+            "in_workers": cfg.ray.teacher_in_workers, "cpu_busy": busy, "cpu_stolen": stolen, "by_role": by_role,
             # per teacher batch: ms waited for more requests once the replica was free, ms to answer
             "wait_ms": 1000 * r.get("teacher_wait_s", 0.0) / nb, "serve_ms": 1000 * r.get("teacher_serve_s", 0.0) / nb,
             "timeouts": r.get("teacher_timeouts", 0) / nb}
@@ -281,14 +293,14 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
 
     rel = lambda p: os.path.relpath(p, ROOT)  # noqa: E731
-    busy = lambda r: "-" if r["cpu_busy"] is None else f"{r['cpu_busy']:.2f}"  # noqa: E731
+    busy = lambda r: "-" if r["cpu_busy"] is None else f"{r['cpu_busy']:.2f} ({r['cpu_stolen']:.2f})"  # noqa: E731
     print(f"\n{os.cpu_count()} CPU cores; {args.steps} learner steps per run (start-up excluded)")
     if sync:
         one_thread = local_by_threads[1]
         start = (f"from a {args.phase1_steps}-step Phase 1" if p1 else "from the untrained student") + \
             ", train.value_warmup_steps=0"
         print(f"\n1. rollout throughput, {rel(args.config)}, the profile's resources, no added latency, {start}")
-        print(f"   {'':<72}{'traj/s':>8}  {'vs 1 thread':>11}  {'vs faster':>9}  goal    cores busy  teacher positions / rollout token")
+        print(f"   {'':<72}{'traj/s':>8}  {'vs 1 thread':>11}  {'vs faster':>9}  goal    cores busy (stolen)  teacher positions / rollout token")
         for t, v in local_by_threads.items():
             print(f"   {f'single-process loop (kdtw/local.py), {t} torch thread(s)':<72}{v:>8.1f}")
         rows = [(f"sync Ray loop (max_staleness 0), 1 worker, 1 teacher replica{' ' if a else ''}{' '.join(a)}",
@@ -300,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
             if r["in_workers"]:  # the replicas computed the demonstrations only, if anything
                 ppt = "- (calls and scoring in the workers" + (f"; demonstrations on the replica: {ppt})"
                                                               if r["positions_per_token"] else ")")
-            print(f"   {name:<72}{v:>8.1f}  {v / one_thread:>10.2f}x  {v / local:>8.2f}x  >= {goal}  {busy(r):>10}  {ppt}")
+            print(f"   {name:<72}{v:>8.1f}  {v / one_thread:>10.2f}x  {v / local:>8.2f}x  >= {goal}  {busy(r):>19}  {ppt}")
         print("   cores busy by role (same window) and CPU ms per trajectory (the 1-thread local loop: "
               f"{1000 / one_thread:.1f} ms, one core):")
         for name, r, _ in rows:
@@ -314,13 +326,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n2-3. {rel(args.scaling_config)}, teacher latency {args.latency_ms:.0f} ms per batch, one replica, "
               f"ray.teacher_max_wait_ms={wait:g}")
         print("   workers    traj/s   speed-up   /N (goal >= 0.8)   teacher batch / workers (goal >= 0.7)"
-              f"   cores busy (of {os.cpu_count()})   per batch: ms waiting / ms answering, share left at max wait")
+              f"   cores busy (of {os.cpu_count()}; stolen)   per batch: ms waiting / ms answering, share left at max wait")
     for n, r in scaling.items():
         up = r["traj_per_s"] / one
         print(f"   {n:>7} {r['traj_per_s']:>9.1f} {up:>9.2f}x {up / n:>10.2f}         "
               f"{r['requests_per_batch']:>5.2f} / {n} = {r['requests_per_batch'] / n:.2f}"
               f"   ({r['rows_per_batch']:.1f} sequences per forward)   {busy(r)}"
               f"   {r['wait_ms']:.1f} / {r['serve_ms']:.1f}, {r['timeouts']:.2f}")
+    for n, r in scaling.items():
+        print(f"   cores busy by role, {n} worker(s): " + ", ".join(f"{k} {c:.2f}" for k, c in r["by_role"] if c >= 0.005))
     if sync:
         print(f"\n4. replay buffer, {rel(args.config)} trajectories ({n_tokens} output tokens): "
               f"{cols:.2f} bytes/token in its columns, {traced:.2f} bytes/token allocated (goal <= 16)")
