@@ -23,7 +23,9 @@ Prints four figures (goals from issues 4 and 12 in brackets):
    teacher ~20 times);
 3. mean teacher batch (worker requests per teacher forward) / concurrent workers, same runs [≥ 0.7];
 4. replay-buffer bytes per stored output token: the buffer's own count and the memory Python
-   allocates for it (tracemalloc), filled with the single-process run's trajectories [≤ 16].
+   allocates for it (tracemalloc), filled with the single-process run's trajectories, once (a
+   young buffer: each stored chunk's fixed cost weighs more) and again and again up to the
+   profile's ``train.buffer_tokens`` and past it (the steady state of a run) [≤ 16].
 
 Every Ray run is a real `jobs/train_pcl.py` Phase-2 loop (learner steps, λ, weight publication,
 ``train.phase1_steps=0``); its throughput counts trajectories pushed to the buffer per second of
@@ -35,6 +37,7 @@ the machine's real cores).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -114,14 +117,25 @@ def local_throughput(cfg, steps: int, threads: int, phase1: str | None = None) -
         torch.set_num_threads(before)
 
 
-def buffer_bytes(cfg, batches: list) -> tuple[float, float, int]:
-    """(columns bytes / token, traced allocation bytes / token, tokens) for these batches."""
+def buffer_bytes(cfg, batches: list, *, fill_to: int | None = None) -> tuple[float, float, int]:
+    """(columns bytes / token, traced allocation bytes / token, tokens) for these batches; with
+    ``fill_to``, the batches added again and again (each time as a newer policy version) into a
+    buffer of that capacity until it has evicted for a while: its steady state, where the fixed
+    cost of each stored chunk is spread over many more tokens than in a young buffer."""
     tc = cfg.train
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
-    buf = ReplayBuffer(capacity_tokens=10**9, demo_ratio=tc.demo_ratio, max_staleness=10**6, batch_size=tc.batch_size)
-    for b in batches:
-        buf.add(b)
+    buf = ReplayBuffer(capacity_tokens=fill_to or 10**9, demo_ratio=tc.demo_ratio, max_staleness=10**6,
+                       batch_size=tc.batch_size)
+    if fill_to is None:
+        for b in batches:
+            buf.add(b)
+    else:
+        version, added = 0, 0
+        while added < 2 * fill_to:  # full, then as many tokens again evicted and replaced
+            for b in batches:
+                buf.add([dataclasses.replace(t, policy_version=version) for t in b])
+                version, added = version + 1, added + sum(map(len, b))
     traced = tracemalloc.get_traced_memory()[0] - base
     tracemalloc.stop()
     return buf.nbytes() / buf.tokens, traced / buf.tokens, buf.tokens
@@ -264,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_compare:
         local = max(local_by_threads.values())
         cols, traced, n_tokens = buffer_bytes(cfg(args.config), batches)
+        full = buffer_bytes(cfg(args.config), batches, fill_to=cfg(args.config).train.buffer_tokens)
 
     sync, fast = [], []
     if not args.skip_compare:  # each run starts and stops its own Ray, as the job does
@@ -338,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     if sync:
         print(f"\n4. replay buffer, {rel(args.config)} trajectories ({n_tokens} output tokens): "
               f"{cols:.2f} bytes/token in its columns, {traced:.2f} bytes/token allocated (goal <= 16)")
+        print(f"   the same trajectories again and again into a buffer of the profile's capacity "
+              f"(train.buffer_tokens, {full[2]} tokens held): {full[0]:.2f} bytes/token in its columns, "
+              f"{full[1]:.2f} allocated (goal <= 16)")
     return 0
 
 
