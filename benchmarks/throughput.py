@@ -14,8 +14,9 @@ Prints four figures (goals from issues 4 and 12 in brackets):
    synchronous loop with one worker and one replica [≥ 1.0×], and the asynchronous setting
    ``--async`` (printed beside its figure) [≥ 1.6×]; with the teacher positions the replicas
    computed per rollout token (prompt + output; 1.0 = each position once), the machine's cores
-   busy over the steady part of each Ray run (and those the hypervisor gave to others: stolen), and the cores each role kept busy there (Ray actors
-   by class, the driver, Ray's daemons; /proc) with the CPU milliseconds per trajectory;
+   busy over the steady part of each Ray run (and those the hypervisor gave to other machines:
+   stolen), and the cores each role kept busy there (Ray actors by class, the driver, Ray's
+   daemons; /proc) with the CPU milliseconds per trajectory;
 2. scaling: trajectories/s with N = 1, 2, 4, 8 rollout workers against one teacher replica that
    sleeps ``--latency-ms`` before answering each batch (``ray.teacher_latency_ms``), on
    ``--scaling-config``, relative to N = 1 [≥ 0.8·N]; teacher demonstrations go token by token
@@ -225,7 +226,10 @@ def ray_run(cfg, *, own_ray: bool = False, phase1: str | None = None) -> dict:
             "in_workers": cfg.ray.teacher_in_workers, "cpu_busy": busy, "cpu_stolen": stolen, "by_role": by_role,
             # per teacher batch: ms waited for more requests once the replica was free, ms to answer
             "wait_ms": 1000 * r.get("teacher_wait_s", 0.0) / nb, "serve_ms": 1000 * r.get("teacher_serve_s", 0.0) / nb,
-            "timeouts": r.get("teacher_timeouts", 0) / nb}
+            "timeouts": r.get("teacher_timeouts", 0) / nb,
+            # a worker's wall time per rollout batch: fetching new weights, decoding, pushing to the buffer
+            "worker_ms": {k: 1000 * r.get(f"worker_{k}_s", 0.0) / max(r["rollout_batches"], 1)
+                          for k in ("sync", "rollout", "push")}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -333,7 +337,9 @@ def main(argv: list[str] | None = None) -> int:
         for name, r, _ in rows:
             roles = ", ".join(f"{k} {c:.2f}" for k, c in r["by_role"] if c >= 0.005)
             ms = 1000 * r["cpu_busy"] / r["traj_per_s"] if r["cpu_busy"] else float("nan")
-            print(f"   {name[:40]:<40} {ms:5.1f} ms/traj: {roles}")
+            w = r["worker_ms"]
+            print(f"   {name[:40]:<40} {ms:5.1f} ms/traj: {roles}; a worker's rollout batch: weights "
+                  f"{w['sync']:.0f} ms, decoding {w['rollout']:.0f} ms, push {w['push']:.0f} ms")
     if not scaling:
         ns = []
     one = scaling[ns[0]]["traj_per_s"] / ns[0] if ns else 0.0
