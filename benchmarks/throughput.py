@@ -39,7 +39,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
+import shutil
 import sys
 import time
 import tracemalloc
@@ -108,11 +110,9 @@ def local_throughput(cfg, steps: int, threads: int, phase1: str | None = None) -
             trajs, demos = loop.collect()
             loop.learn(trajs, demos)
             batches.append(trajs + demos)
-        j1 = cpu_jiffies()
-        if j0 and j1 and j1[1] > j0[1]:
-            n = os.cpu_count() or 1
-            print(f"[local loop, {threads} thread(s)] cores busy {(j1[0] - j0[0]) / (j1[1] - j0[1]) * n:.2f} "
-                  f"(stolen {(j1[2] - j0[2]) / (j1[1] - j0[1]) * n:.2f})", flush=True)
+        busy, stolen = cores(j0, cpu_jiffies())
+        if busy is not None:
+            print(f"[local loop, {threads} thread(s)] cores busy {busy:.2f} (stolen {stolen:.2f})", flush=True)
         return sum(map(len, batches)) / (time.perf_counter() - t0), batches
     finally:
         torch.set_num_threads(before)
@@ -156,6 +156,14 @@ def cpu_jiffies() -> tuple[int, int, int] | None:
     return sum(v[:8]) - idle - steal, sum(v[:8]), steal
 
 
+def cores(j0, j1) -> tuple[float | None, float | None]:
+    """(busy, stolen) cores on average between two `cpu_jiffies` readings ((None, None) without)."""
+    if not (j0 and j1 and j1[1] > j0[1]):
+        return None, None
+    scale = (os.cpu_count() or 1) / (j1[1] - j0[1])
+    return (j1[0] - j0[0]) * scale, (j1[2] - j0[2]) * scale
+
+
 def cpu_by_role() -> dict[str, int]:
     """CPU time (user + system jiffies) of this machine's processes so far, by role: each Ray
     actor by its class (``ray::RolloutWorker`` -> ``RolloutWorker``), this process as ``driver``,
@@ -188,35 +196,38 @@ def cpu_by_role() -> dict[str, int]:
     return out
 
 
-def ray_run(cfg, *, own_ray: bool = False, phase1: str | None = None) -> dict:
+def ray_run(cfg, *, own_ray: bool = False, phase1: str | None = None, keep: str | None = None) -> dict:
     """One Phase-2 run of the job (from ``phase1``, if given); ``own_ray``: in a local Ray of its
     own, as the job starts one. ``cpu_busy``: the machine's cores busy on average from the middle
-    learner step to the one before the last (every process on the machine: run the benchmark alone)."""
+    learner step to the one before the last (every process on the machine: run the benchmark alone).
+    ``keep``: a folder the run's report.json is copied into."""
     import ray
     import train_pcl
 
-    marks = []  # the machine's CPU jiffies after each learner step
+    # the steady window: from the middle learner step to the one before the last
     n = cfg.train.phase2_steps
-    roles = {}  # CPU by role at the two marks the busy cores are measured between
+    window = (n // 2, n - 2) if n > 3 else ()
+    marks = {}  # i -> (the machine's CPU jiffies, CPU by role) after the i-th learner step (from 0)
+    steps = [0]
 
-    def hook(_system, step):
-        marks.append(cpu_jiffies())
-        if step in (n // 2 + 1, n - 1):
-            roles[step] = cpu_by_role()
+    def hook(_system, _step):
+        if steps[0] in window:
+            marks[steps[0]] = (cpu_jiffies(), cpu_by_role())
+        steps[0] += 1
 
     try:
         report, _ = train_pcl.train(cfg, phase1=phase1, log=lambda _: None, track=False, hooks=[hook])
     finally:
         if own_ray:
             ray.shutdown()
-    (b0, t0, s0), (b1, t1, s1) = ((marks[len(marks) // 2], marks[-2]) if len(marks) > 3 and marks[-2]
-                                  else ((0, 0, 0), (0, 0, 0)))
-    busy = (b1 - b0) / (t1 - t0) * (os.cpu_count() or 1) if t1 > t0 else None
-    stolen = (s1 - s0) / (t1 - t0) * (os.cpu_count() or 1) if t1 > t0 else None
+    (j0, r0), (j1, r1) = (marks[i] for i in window) if len(marks) == 2 else ((None, {}), (None, {}))
+    busy, stolen = cores(j0, j1)
     # cores each role kept busy over the same window (sorted, largest first)
-    r0, r1 = roles.get(n // 2 + 1, {}), roles.get(n - 1, {})
-    by_role = sorted(((k, (v - r0.get(k, 0)) / (t1 - t0) * (os.cpu_count() or 1)) for k, v in r1.items()),
-                     key=lambda kv: -kv[1]) if t1 > t0 else []
+    scale = (os.cpu_count() or 1) / (j1[1] - j0[1]) if busy is not None else 0.0
+    by_role = sorted(((k, (v - r0.get(k, 0)) * scale) for k, v in r1.items()), key=lambda kv: -kv[1]) if scale else []
+    if keep:
+        os.makedirs(keep, exist_ok=True)
+        shutil.copy(os.path.join(cfg.run_dir, "report.json"), os.path.join(keep, "report.json"))
     r = report["ray"]
     warm_s, warm_n = r.get("warm_seconds", 0.0), r.get("warm_trajectories", 0)
     nb = max(r["teacher_batches"], 1)
@@ -255,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
                     "untrained student, which hardly calls the teacher)")
     ap.add_argument("--skip-compare", action="store_true", help="only the latency runs (2-3)")
     ap.add_argument("--skip-scaling", action="store_true", help="only comparisons 1 and 4")
+    ap.add_argument("--out", default=None,
+                    help="folder to keep the figures (throughput.json) and each Ray run's report.json "
+                         "(<out>/sync<i>/, async<i>/, scaling_n<N>/) in")
     ap.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     args = ap.parse_args(argv)
     ns = [int(x) for x in args.workers.split(",")]
@@ -271,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def cfg(path, *extra, over=base):
         return load_config(path, [*over, *extra])
+
+    def keep(label):
+        return os.path.join(args.out, label) if args.out else None
 
     # 1 (local) and 4 first, before Ray's processes exist
     local_by_threads, batches, p1 = {}, None, None
@@ -289,8 +306,9 @@ def main(argv: list[str] | None = None) -> int:
         steps = [f"train.phase2_steps={args.steps}", f"train.validate_every={10 * args.steps}"]
         sync = [ray_run(cfg(args.config, *steps, "train.max_staleness=0", "ray.max_staleness=0",
                             "ray.num_rollout_workers=1", "ray.num_teacher_replicas=1", *a, over=user), own_ray=True,
-                        phase1=p1) for a in sync_sets]
-        fast = [ray_run(cfg(args.config, *steps, *a, over=user), own_ray=True, phase1=p1) for a in async_sets]
+                        phase1=p1, keep=keep(f"sync{i}")) for i, a in enumerate(sync_sets)]
+        fast = [ray_run(cfg(args.config, *steps, *a, over=user), own_ray=True, phase1=p1, keep=keep(f"async{i}"))
+                for i, a in enumerate(async_sets)]
     if args.skip_scaling:
         ns = []
 
@@ -307,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
                                      f"ray.num_rollout_workers={n}", f"train.max_staleness={max(8, 2 * n)}",
                                      f"ray.max_staleness={max(8, 2 * n)}",
                                      f"ray.teacher_latency_ms={args.latency_ms}", f"ray.teacher_max_wait_ms={wait}",
-                                     "ray.teacher_side_demos=false"))
+                                     "ray.teacher_side_demos=false"), keep=keep(f"scaling_n{n}"))
     finally:
         ray.shutdown()
 
@@ -362,6 +380,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"   the same trajectories again and again into a buffer of the profile's capacity "
               f"(train.buffer_tokens, {full[2]} tokens held): {full[0]:.2f} bytes/token in its columns, "
               f"{full[1]:.2f} allocated (goal <= 16)")
+    if args.out:  # the figures printed above, to recompute them from
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "throughput.json"), "w") as f:
+            json.dump({"argv": argv if argv is not None else sys.argv[1:], "cpu_count": os.cpu_count(),
+                       "local_traj_per_s": {str(t): v for t, v in local_by_threads.items()},
+                       "sync": dict(zip((" ".join(a) for a in sync_sets), sync)),
+                       "async": dict(zip((" ".join(a) for a in async_sets), fast)),
+                       "scaling": {str(n): r for n, r in scaling.items()},
+                       "buffer": None if not sync else {"tokens": n_tokens, "columns": cols, "allocated": traced,
+                                                        "at_capacity": dict(zip(("columns", "allocated", "tokens"),
+                                                                                full))}}, f, indent=1)
     return 0
 
 
