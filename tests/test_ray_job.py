@@ -99,3 +99,22 @@ def test_train_bc_finds_models_under_a_relative_models_dir_and_resumes(tmp_path)
     assert out["mlflow_run_id"] == json.loads(job.stdout.strip().splitlines()[-1])["mlflow_run_id"]
     with open(tmp_path / "run" / "phase1" / "kdtw_phase1.json") as f:
         assert json.load(f)["steps"] == 3
+
+
+def test_phase1_step_benchmark_times_the_local_loop_and_the_ray_train_rank(tmp_path):
+    """benchmarks/phase1_step.py runs both sides on one config and prints their seconds per step."""
+    import re
+    import sys
+
+    env = ray_env(dict(os.environ))
+    run = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "phase1_step.py"), "--config",
+         os.path.join(ROOT, "conf", "tiny.yaml"), "--steps", "3", "--warmup", "1", "--repeats", "1",
+         "--run-dir", str(tmp_path / "bench"), "ray.num_cpus=2"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=480)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    assert re.search(r"single-process loop\s+run 1: \d+\.\d+ s/step \(steal \d+\.\d+ cores\)", run.stdout), run.stdout
+    assert re.search(r"Ray Train rank\s+run 1: \d+\.\d+ s/step", run.stdout), run.stdout
+    m = re.search(r"Ray Train rank (\d+\.\d+) s/step: (\d+\.\d+)x the local step", run.stdout)
+    assert m and float(m.group(1)) > 0 and float(m.group(2)) > 0, run.stdout
+    assert not os.path.exists(tmp_path / "bench")  # its scratch runs are removed
