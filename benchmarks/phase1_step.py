@@ -26,22 +26,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from kdtw.config import load_config  # noqa: E402
+from throughput import cores, cpu_jiffies  # noqa: E402  (benchmarks/throughput.py: /proc/stat readings)
 
 
-def cpu_jiffies() -> tuple[int, int]:
-    """(stolen, total) jiffies of the machine so far (Linux; zeros elsewhere)."""
-    try:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:9]]
-    except OSError:
-        return 0, 0
-    return v[7], sum(v)
-
-
-def stolen(j0: tuple[int, int], j1: tuple[int, int]) -> float:
-    """Cores the hypervisor took between two readings."""
-    d = j1[1] - j0[1]
-    return (os.cpu_count() or 1) * (j1[0] - j0[0]) / d if d > 0 else 0.0
+def stolen(j0) -> float:
+    """Cores the hypervisor took since the `cpu_jiffies` reading ``j0`` (nan without /proc)."""
+    st = cores(j0, cpu_jiffies())[1]
+    return float("nan") if st is None else st
 
 
 def per_step(times: dict[int, float], warmup: int, steps: int) -> float:
@@ -61,7 +52,7 @@ def local_run(cfg, warmup: int) -> tuple[float, float]:
         run_phase1(cfg, log=lambda _: None, on_metrics=lambda step, _: times.__setitem__(step, time.perf_counter()))
     finally:
         torch.set_num_threads(before)
-    return per_step(times, warmup, cfg.train.phase1_steps), stolen(j0, cpu_jiffies())
+    return per_step(times, warmup, cfg.train.phase1_steps), stolen(j0)
 
 
 def ray_run(cfg, warmup: int) -> tuple[float, float]:
@@ -73,7 +64,7 @@ def ray_run(cfg, warmup: int) -> tuple[float, float]:
         out = run_bc(cfg, log=lambda _: None, stopper=stopper)
     with open(os.path.join(out, METRICS_FILE)) as f:
         times = {r["step"]: r["seconds"] for r in map(json.loads, filter(str.strip, f))}
-    return per_step(times, warmup, cfg.train.phase1_steps), stolen(j0, cpu_jiffies())
+    return per_step(times, warmup, cfg.train.phase1_steps), stolen(j0)
 
 
 def main(argv: list[str] | None = None) -> int:
