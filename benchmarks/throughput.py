@@ -71,7 +71,7 @@ def phase1_folder(cfg, folder: str, steps: int) -> str:
     t0 = time.perf_counter()
     loop = LocalLoop(cfg, log=lambda _: None)
     for _ in range(steps):
-        loop.learner.bc_step(loop.teacher, loop.phase1_batch())
+        loop.learner.bc_step(loop.teacher, *loop.phase1_batch())
     write_phase1(loop, folder)
     print(f"[bench] Phase 1: {steps} BC steps in {time.perf_counter() - t0:.0f} s -> {folder}", flush=True)
     return folder

@@ -47,6 +47,9 @@ class DecodeOutput:
     tau_prob: list[list[float]] = field(default_factory=list)
     # teacher log p(x_t | s_t) of every output token (``score_teacher``; empty otherwise)
     teacher_logp: list[list[float]] = field(default_factory=list)
+    # the teacher's logits [L_i, V] at every output position, the distributions the tokens were
+    # drawn from (teacher mode with ``keep_teacher_logits``; empty otherwise)
+    teacher_logits: list[torch.Tensor] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -147,6 +150,7 @@ def generate(
     call_rule: str = "argmax",
     call_threshold: float | list[float] | None = None,
     score_teacher: bool = False,
+    keep_teacher_logits: bool = False,
 ) -> DecodeOutput:
     """Decode ``prompts`` (full input texts, budget instruction included).
 
@@ -155,6 +159,10 @@ def generate(
     scored as they are fed, and the rest of each path (the tail after the last call) in one more
     forward at the end, so each output position costs the teacher one position in all (what a
     rollout needs: its calls and its scoring, DESIGN.md §3).
+
+    ``keep_teacher_logits`` (teacher mode): also return the teacher's logits over V at every
+    output position (``teacher_logits``, [L_i, V] per sequence), the ones each token was drawn
+    from: a Phase-1 step reads them instead of running the teacher over the paths again.
 
     ``budgets``: the target fraction per prompt (or one for all); needed for ``strict``. A prompt
     whose budget is 0 decodes with <τ> masked (DESIGN.md §5 revision: the zero budget is masked,
@@ -190,6 +198,8 @@ def generate(
         raise ValueError(f"{len(call_threshold)} call thresholds for {len(prompts)} prompts")
     if not prompts:
         raise ValueError("no prompts to decode (empty input)")
+    if keep_teacher_logits and mode != "teacher":
+        raise ValueError(f"keep_teacher_logits needs mode='teacher' (got mode={mode!r})")
     if mode != "teacher" and student is None:
         raise ValueError(f"mode={mode} needs a student")
     if mode != "student" and teacher is None:
@@ -221,6 +231,7 @@ def generate(
                 call_rule=call_rule,
                 thresholds=None if call_threshold is None else call_threshold[s : s + batch_size],
                 score_teacher=score_teacher,
+                keep_teacher_logits=keep_teacher_logits,
             )
         )
     out = DecodeOutput(
@@ -237,13 +248,14 @@ def generate(
         mode=mode,
         tau_prob=[t for p in parts for t in p.tau_prob],
         teacher_logp=[t for p in parts for t in p.teacher_logp],
+        teacher_logits=[t for p in parts for t in p.teacher_logits],
     )
     return out
 
 
 def _generate_batch(student, teacher, prompts, *, mode, budgets, max_new_tokens, do_sample,
                     temperature, teacher_do_sample, strict, tau_bias, generator, call_rule="argmax",
-                    thresholds=None, score_teacher=False) -> DecodeOutput:
+                    thresholds=None, score_teacher=False, keep_teacher_logits=False) -> DecodeOutput:
     lm = student.lm if student is not None else teacher
     ref = teacher if teacher is not None else lm
     B = len(prompts)
@@ -276,6 +288,7 @@ def _generate_batch(student, teacher, prompts, *, mode, budgets, max_new_tokens,
     gtau = torch.zeros((B, max_new_tokens), dtype=torch.bool, device=dev)
     ptau = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=dev)
     t_logp = torch.zeros((B, max_new_tokens), dtype=torch.float32) if score_teacher else None  # filled as fed
+    kept: list[torch.Tensor] = []  # keep_teacher_logits: the teacher's [B, V] logits at each step
 
     def advance(new: torch.Tensor, start: int, need: torch.Tensor | None = None) -> torch.Tensor:
         """Feed the teacher output positions ``start..`` (``new``); its next-token logits [B, V]
@@ -356,6 +369,8 @@ def _generate_batch(student, teacher, prompts, *, mode, budgets, max_new_tokens,
             # the calling rows): their draw is discarded below, and _pick draws one uniform a row
             # whatever the logits, so the random stream is the same
             t_logits = advance(new, teacher_seen, want.to(teacher.device))[:, :V].float()
+            if keep_teacher_logits:  # teacher mode: every step up to the last runs the teacher
+                kept.append(t_logits.detach().to("cpu", copy=True))
             teacher_seen = t
             batch_fwd += 1
             t_forwards += want.long()
@@ -383,11 +398,14 @@ def _generate_batch(student, teacher, prompts, *, mode, budgets, max_new_tokens,
         teacher.close(t_state)
     t_tokens = torch.minimum(length, torch.full_like(length, computed))
     lengths = torch.minimum(length, torch.tensor(T, device=dev)).tolist()
-    toks, masks, lps, gts, pts, tlp = [], [], [], [], [], []
+    toks, masks, lps, gts, pts, tlp, tlg = [], [], [], [], [], [], []
+    all_logits = torch.stack(kept, 1) if keep_teacher_logits else None  # [B, T, V]
     for i in range(B):
         L = lengths[i]
         if score_teacher:
             tlp.append(t_logp[i, :L].tolist())
+        if all_logits is not None:
+            tlg.append(all_logits[i, :L])  # views of one [B, T, V] tensor
         toks.append(out[i, :L].tolist())
         masks.append(calls[i, :L].tolist())
         lps.append(blogp[i, :L].tolist())
@@ -407,6 +425,7 @@ def _generate_batch(student, teacher, prompts, *, mode, budgets, max_new_tokens,
         mode=mode,
         tau_prob=pts,
         teacher_logp=tlp,
+        teacher_logits=tlg,
     )
 
 

@@ -62,6 +62,21 @@ def collate(lm: LM, trajs: list[Trajectory]) -> PathBatch:
                      demo.to(dev))
 
 
+def padded_logits(logits: list[torch.Tensor], trajs: list[Trajectory], vocab_size: int) -> torch.Tensor:
+    """Per-path logits [L_i, V] right-padded with zeros to ``collate``'s [B, T, V] (the padding
+    is masked wherever it is read)."""
+    if len(logits) != len(trajs):
+        raise ValueError(f"{len(logits)} teacher logit tensors for {len(trajs)} paths")
+    B, T = len(trajs), max(len(t) for t in trajs)
+    out = torch.zeros((B, T, vocab_size))
+    for i, (lg, t) in enumerate(zip(logits, trajs)):
+        if tuple(lg.shape) != (len(t), vocab_size):
+            raise ValueError(f"path {i}: teacher logits of shape {tuple(lg.shape)}, expected "
+                             f"({len(t)}, {vocab_size}) (its length by the teacher's vocabulary)")
+        out[i, : len(t)] = lg
+    return out
+
+
 class RunningStd:
     """Running standard deviation (Welford) for reward scaling; never subtracts the mean."""
 
@@ -166,13 +181,20 @@ class Learner:
 
     # -- Phase 1
 
-    def bc_step(self, teacher: LM, trajs: list[Trajectory]) -> dict[str, float]:
+    def bc_step(self, teacher: LM, trajs: list[Trajectory],
+                teacher_logits: list[torch.Tensor] | None = None) -> dict[str, float]:
         """Behaviour cloning with the KL oracle on teacher (or reference) paths (DESIGN.md §4).
-        The trajectories' ``tokens`` are the paths; their budget sets the oracle's call count."""
+        The trajectories' ``tokens`` are the paths; their budget sets the oracle's call count.
+        ``teacher_logits``: the teacher's logits [len(path), V] over each path, as decoding the
+        demonstrations computed them (`kdtw.rollout.teacher_demos` with ``keep_logits``); without
+        them the teacher runs over the paths here (the same values up to float rounding)."""
         s = self.student
         b = collate(s.lm, trajs)
-        with torch.no_grad():
-            t_logits = teacher.forward(b.prompt_ids, b.prompt_mask, b.tokens)[..., : teacher.vocab_size].float()
+        if teacher_logits is not None:
+            t_logits = padded_logits(teacher_logits, trajs, teacher.vocab_size).to(b.tokens.device)
+        else:
+            with torch.no_grad():
+                t_logits = teacher.forward(b.prompt_ids, b.prompt_mask, b.tokens)[..., : teacher.vocab_size].float()
         detach = self.cfg.bc_call_detach and self.cfg.use_tau
 
         def student_logits() -> torch.Tensor:

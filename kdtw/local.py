@@ -75,14 +75,17 @@ class LocalLoop:
 
     # -- phases
 
-    def phase1_batch(self) -> list[Trajectory]:
+    def phase1_batch(self) -> tuple[list[Trajectory], list[torch.Tensor] | None]:
+        """One Phase-1 batch: the paths, and the teacher's logits over them where decoding them
+        computed those (teacher demonstrations; ``None`` for reference paths): ``bc_step``'s
+        arguments after the teacher."""
         c = self.cfg
         prompts, bids, picks = sample_tasks(self.train_set, self.table, c.train.batch_size, self.rng,
                                             c.task.instruction)
         if c.train.bc_targets == "reference":
-            return reference_paths(self.student, prompts, bids, [ex.target for ex in picks])
+            return reference_paths(self.student, prompts, bids, [ex.target for ex in picks]), None
         return teacher_demos(self.teacher, prompts, bids, max_new_tokens=c.decoding.max_new_tokens,
-                             batch_size=c.decoding.batch_size, generator=self.gen)
+                             batch_size=c.decoding.batch_size, generator=self.gen, keep_logits=True)
 
     def collect(self) -> tuple[list[Trajectory], list[Trajectory]]:
         """On-policy student paths and teacher demonstrations for one learner step
@@ -118,7 +121,7 @@ class LocalLoop:
 
         t1 = time.perf_counter()
         for step in range(tc.phase1_steps):
-            m = self.learner.bc_step(self.teacher, self.phase1_batch())
+            m = self.learner.bc_step(self.teacher, *self.phase1_batch())
             if (step + 1) % tc.log_every == 0 or step + 1 == tc.phase1_steps:
                 el = time.perf_counter() - t1
                 log(f"[phase 1] step {step + 1}/{tc.phase1_steps} bc loss {m['bc/loss']:.3f} "

@@ -137,7 +137,7 @@ def run_phase1(cfg: Config, *, rank: int = 0, world: int = 1, log: Callable[[str
     tc = c.train
     stop = False
     while loop.learner.step < tc.phase1_steps and not stop:
-        m = loop.learner.bc_step(loop.teacher, loop.phase1_batch())
+        m = loop.learner.bc_step(loop.teacher, *loop.phase1_batch())
         step = loop.learner.step
         if on_metrics is not None:
             on_metrics(step, m)

@@ -111,14 +111,18 @@ def teacher_demos(
     generator: torch.Generator | None = None,
     version: int = 0,
     worker_id: int = 0,
-) -> list[Trajectory]:
+    keep_logits: bool = False,
+) -> list[Trajectory] | tuple[list[Trajectory], list[torch.Tensor]]:
     """Teacher-sampled paths x ~ p(· | Y): actions are their tokens, c_t = 0 (DESIGN.md §3); their
-    log p is the one computed while they were decoded (no second teacher pass)."""
+    log p is the one computed while they were decoded (no second teacher pass). ``keep_logits``:
+    also return the teacher's logits [L_i, V] over each path, the distributions its tokens were
+    drawn from (`kdtw.learner.Learner.bc_step` reads them instead of a second teacher pass)."""
     out = generate(None, teacher, prompts, mode="teacher", max_new_tokens=max_new_tokens,
-                   teacher_do_sample=True, batch_size=batch_size, generator=generator, score_teacher=True)
+                   teacher_do_sample=True, batch_size=batch_size, generator=generator, score_teacher=True,
+                   keep_teacher_logits=keep_logits)
     t_logp = out.teacher_logp
     src = prompt_ids(teacher, prompts)
-    return [
+    trajs = [
         Trajectory(
             source_ids=src[i], budget_id=budget_ids[i], tokens=out.tokens[i],
             actions_tau=[False] * len(out.tokens[i]), behaviour_logp=t_logp[i],
@@ -126,6 +130,7 @@ def teacher_demos(
         )
         for i in range(len(prompts))
     ]
+    return (trajs, out.teacher_logits) if keep_logits else trajs
 
 
 DemoFn = Callable[[list[str], list[int], torch.Generator], Callable[[], list[Trajectory]]]

@@ -15,6 +15,7 @@ import torch
 from conftest import PROMPTS, ROOT
 from kdtw.buffer import BufferError, ReplayBuffer
 from kdtw.config import TrainConfig
+from kdtw.decoding import generate
 from kdtw.learner import Learner, collate
 from kdtw.models import Student
 from kdtw.rollout import prompt_ids, score_paths, student_rollouts, teacher_demos
@@ -104,6 +105,43 @@ def test_learner_steps_lower_the_loss_and_refuse_nan(pair):
     assert all(torch.equal(a, b) for a, b in zip(before, student.parameters()))
     m = learner.bc_step(teacher, teacher_demos(teacher, PROMPTS, [0, 1, 2], max_new_tokens=6, generator=g))
     assert m["bc/loss"] > 0
+
+
+def test_bc_step_reads_the_teacher_logits_kept_while_decoding(pair):
+    """Phase 1 keeps the logits its demonstrations were drawn from and skips a second teacher
+    pass: the same paths (the random stream is untouched), the same logits as a teacher-forced
+    pass over them, and so the same BC steps, up to float rounding."""
+    teacher, student = pair
+    plain = teacher_demos(teacher, PROMPTS, [0, 1, 2], max_new_tokens=6, generator=torch.Generator().manual_seed(4))
+    demos, logits = teacher_demos(teacher, PROMPTS, [0, 1, 2], max_new_tokens=6,
+                                  generator=torch.Generator().manual_seed(4), keep_logits=True)
+    assert [d.tokens for d in demos] == [d.tokens for d in plain]
+    assert [d.teacher_logp for d in demos] == [d.teacher_logp for d in plain]
+    b = collate(student.lm, demos)
+    fresh = teacher.forward(b.prompt_ids, b.prompt_mask, b.tokens)[..., : teacher.vocab_size].float()
+    for i, (d, lg) in enumerate(zip(demos, logits)):
+        assert lg.shape == (len(d), teacher.vocab_size)
+        torch.testing.assert_close(lg, fresh[i, : len(d)], atol=1e-4, rtol=1e-4)
+    # each token's logged log p is the one the kept logits give it
+    for d, lg in zip(demos, logits):
+        lp = torch.log_softmax(lg, -1).gather(-1, torch.tensor(d.tokens)[:, None]).squeeze(-1)
+        torch.testing.assert_close(lp, torch.tensor(d.teacher_logp), atol=1e-5, rtol=1e-5)
+    a, k = _learner(copy.deepcopy(student)), _learner(copy.deepcopy(student))
+    for step in range(3):
+        ma, mk = a.bc_step(teacher, demos), k.bc_step(teacher, demos, logits)
+        for key in ("bc/loss", "bc/kl", "bc/call_nll", "bc/oracle_kl_mean"):
+            assert ma[key] == pytest.approx(mk[key], rel=1e-4, abs=1e-5), key
+        if step == 0:  # the same gradients (later parameters drift apart where Adam's first steps
+            # turn a near-zero gradient's rounding into ±lr)
+            for pa, pk in zip(a.student.parameters(), k.student.parameters()):
+                if pa.grad is not None:
+                    torch.testing.assert_close(pa.grad, pk.grad, atol=1e-5, rtol=1e-3)
+    with pytest.raises(ValueError, match=r"path 0: teacher logits of shape .* expected"):
+        k.bc_step(teacher, demos, [lg[:-1] for lg in logits] if len(demos[0]) > 1 else [lg[:, :-1] for lg in logits])
+    with pytest.raises(ValueError, match="2 teacher logit tensors for 3 paths"):
+        k.bc_step(teacher, demos, logits[:2])
+    with pytest.raises(ValueError, match="keep_teacher_logits needs mode='teacher'"):
+        generate(student, teacher, PROMPTS, mode="student", max_new_tokens=4, keep_teacher_logits=True)
 
 
 def test_demo_nll_anchor_raises_the_student_likelihood_of_demonstrations(pair):
