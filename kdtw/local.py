@@ -72,20 +72,52 @@ class LocalLoop:
                                    max_staleness=tc.max_staleness, batch_size=tc.batch_size, seed=cfg.seed)
         self.state = LoopState()
         self.in_phase2 = False
+        # Phase-1 batches decoded ahead (train.phase1_demo_steps), the task and teacher draw
+        # states before they were drawn, and how many of them were handed out
+        self._phase1_ahead: list[tuple[list[Trajectory], list[torch.Tensor]]] = []
+        self._phase1_start: tuple | None = None
+        self._phase1_taken = 0
 
     # -- phases
 
     def phase1_batch(self) -> tuple[list[Trajectory], list[torch.Tensor] | None]:
         """One Phase-1 batch: the paths, and the teacher's logits over them where decoding them
         computed those (teacher demonstrations; ``None`` for reference paths): ``bc_step``'s
-        arguments after the teacher."""
+        arguments after the teacher. Teacher demonstrations are decoded
+        ``train.phase1_demo_steps`` batches at a time and handed out one by one."""
         c = self.cfg
-        prompts, bids, picks = sample_tasks(self.train_set, self.table, c.train.batch_size, self.rng,
-                                            c.task.instruction)
+        B, k = c.train.batch_size, c.train.phase1_demo_steps
         if c.train.bc_targets == "reference":
+            prompts, bids, picks = sample_tasks(self.train_set, self.table, B, self.rng, c.task.instruction)
             return reference_paths(self.student, prompts, bids, [ex.target for ex in picks]), None
-        return teacher_demos(self.teacher, prompts, bids, max_new_tokens=c.decoding.max_new_tokens,
-                             batch_size=c.decoding.batch_size, generator=self.gen, keep_logits=True)
+        if not self._phase1_ahead:
+            self._phase1_start, self._phase1_taken = (self.rng.getstate(), self.gen.get_state()), 0
+            prompts, bids, _ = sample_tasks(self.train_set, self.table, k * B, self.rng, c.task.instruction)
+            trajs, logits = teacher_demos(self.teacher, prompts, bids, max_new_tokens=c.decoding.max_new_tokens,
+                                          batch_size=c.decoding.batch_size * k, generator=self.gen,
+                                          keep_logits=True)
+            self._phase1_ahead = [(trajs[i * B:(i + 1) * B], logits[i * B:(i + 1) * B]) for i in range(k)]
+        self._phase1_taken += 1
+        return self._phase1_ahead.pop(0)
+
+    def phase1_draw_state(self) -> tuple[tuple, torch.Tensor, int]:
+        """Where Phase 1's draws stand, to resume them exactly: the task and teacher random
+        states before the batches decoded ahead were drawn, and how many of those were handed
+        out (`resume_phase1_draws`); with none ahead, the current states and 0."""
+        if self._phase1_ahead:
+            py, gen = self._phase1_start
+            return py, gen, self._phase1_taken
+        return self.rng.getstate(), self.gen.get_state(), 0
+
+    def resume_phase1_draws(self, py: tuple, gen: torch.Tensor, taken: int) -> None:
+        """Set what `phase1_draw_state` returned: the random states, then the ``taken`` batches
+        already trained on decoded again (the same paths, drawn from the same states) and
+        dropped."""
+        self.rng.setstate(py)
+        self.gen.set_state(gen)
+        self._phase1_ahead, self._phase1_taken = [], 0
+        for _ in range(taken):
+            self.phase1_batch()
 
     def collect(self) -> tuple[list[Trajectory], list[Trajectory]]:
         """On-policy student paths and teacher demonstrations for one learner step

@@ -89,14 +89,16 @@ def rank_config(cfg: Config, world: int) -> Config:
 
 def rng_state(loop: LocalLoop) -> dict:
     """The random state this rank's Phase 1 draws from: tasks (``loop.rng``), teacher samples
-    (``loop.gen``) and torch's global generator (dropout). Tensors and plain data only."""
-    return {"python": loop.rng.getstate(), "gen": loop.gen.get_state(), "torch": torch.get_rng_state()}
+    (``loop.gen``), both as they were before the batches decoded ahead
+    (``train.phase1_demo_steps``) with the number of those already trained on, and torch's
+    global generator (dropout). Tensors and plain data only."""
+    py, gen, taken = loop.phase1_draw_state()
+    return {"python": py, "gen": gen, "torch": torch.get_rng_state(), "phase1_taken": taken}
 
 
 def set_rng_state(loop: LocalLoop, state: dict) -> None:
     version, internal, gauss = state["python"]
-    loop.rng.setstate((version, tuple(internal), gauss))
-    loop.gen.set_state(state["gen"])
+    loop.resume_phase1_draws((version, tuple(internal), gauss), state["gen"], int(state.get("phase1_taken", 0)))
     torch.set_rng_state(state["torch"])
 
 

@@ -21,8 +21,12 @@ def _weights(loop) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in loop.student.state_dict().items()}
 
 
-def test_a_stopped_phase1_resumes_bitwise_where_it_stopped(tmp_path):
-    cfg = tiny(tmp_path / "a", *STEPS)
+@pytest.mark.parametrize("ahead", [1, 3])
+def test_a_stopped_phase1_resumes_bitwise_where_it_stopped(tmp_path, ahead):
+    """``ahead`` = train.phase1_demo_steps: with 3, the stop comes after the second of three
+    batches decoded together; the resumed run decodes them again and trains on the third."""
+    steps = [*STEPS, f"train.phase1_demo_steps={ahead}"]
+    cfg = tiny(tmp_path / "a", *steps)
     whole = run_phase1(cfg, log=lambda _: None)
     assert whole.learner.step == 4
 
@@ -36,8 +40,9 @@ def test_a_stopped_phase1_resumes_bitwise_where_it_stopped(tmp_path):
     def save(loop, rngs):
         write_phase1(loop, folder, rngs=rngs, extra={"mlflow_run_id": "r1"})
 
-    first = run_phase1(tiny(tmp_path / "b", *STEPS), log=lambda _: None, should_stop=stop, on_checkpoint=save)
+    first = run_phase1(tiny(tmp_path / "b", *steps), log=lambda _: None, should_stop=stop, on_checkpoint=save)
     assert first.learner.step == 2 and len(asked) == 2  # the step in flight finished, then it stopped
+    assert load_state(os.path.join(folder, "rng.pt"))[0]["phase1_taken"] == (2 if ahead == 3 else 0)
     meta = read_phase1(folder)
     assert (meta["steps"], meta["of"], meta["mlflow_run_id"]) == (2, 4, "r1")
     with pytest.raises(ValueError, match=r"unfinished Phase 1 \(step 2 of 4\): continue it with --resume"):
@@ -45,7 +50,7 @@ def test_a_stopped_phase1_resumes_bitwise_where_it_stopped(tmp_path):
     assert check_phase1(folder, complete=False) == folder
 
     lines: list[str] = []
-    rest = run_phase1(tiny(tmp_path / "b", *STEPS), log=lines.append, resume=folder)
+    rest = run_phase1(tiny(tmp_path / "b", *steps), log=lines.append, resume=folder)
     assert rest.learner.step == 4
     assert any("resumed at step 2/4" in ln for ln in lines), lines
     a, b = _weights(whole), _weights(rest)
