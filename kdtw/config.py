@@ -292,10 +292,10 @@ class TrainConfig:
     demo_nll_weight: NonNegFloat = 0.0
     # Phase-1 targets: "teacher" (a teacher-sampled path) or "reference" (the dataset target).
     bc_targets: Literal["teacher", "reference"] = "teacher"
-    # Phase 1 decodes the teacher demonstrations of this many steps at once, in one batch of
-    # this many times decoding.batch_size (the teacher is frozen, so they are the same paths'
-    # distribution; token-by-token decoding runs at a better rate in a larger batch). 1: each
-    # step decodes its own.
+    # Phase 1 (bc_targets: teacher) decodes the teacher demonstrations of this many steps at
+    # once, in one batch of this many times decoding.batch_size (the teacher is frozen, so they
+    # are the same paths' distribution; token-by-token decoding runs at a better rate in a
+    # larger batch). 1: each step decodes its own.
     phase1_demo_steps: PosInt = 1
     # At export, calibrate θ_k of decoding.call_rule=threshold on the validation examples and
     # save them with the student (call_thresholds.json): up to 9 decodes of them per budget.

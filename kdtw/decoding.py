@@ -370,7 +370,7 @@ def _generate_batch(student, teacher, prompts, *, mode, budgets, max_new_tokens,
             # whatever the logits, so the random stream is the same
             t_logits = advance(new, teacher_seen, want.to(teacher.device))[:, :V].float()
             if keep_teacher_logits:  # teacher mode: every step up to the last runs the teacher
-                kept.append(t_logits.detach().to("cpu", copy=True))
+                kept.append(t_logits.detach().clone())  # on the teacher's device: no sync
             teacher_seen = t
             batch_fwd += 1
             t_forwards += want.long()

@@ -68,7 +68,7 @@ def padded_logits(logits: list[torch.Tensor], trajs: list[Trajectory], vocab_siz
     if len(logits) != len(trajs):
         raise ValueError(f"{len(logits)} teacher logit tensors for {len(trajs)} paths")
     B, T = len(trajs), max(len(t) for t in trajs)
-    out = torch.zeros((B, T, vocab_size))
+    out = torch.zeros((B, T, vocab_size), device=logits[0].device if logits else "cpu")
     for i, (lg, t) in enumerate(zip(logits, trajs)):
         if tuple(lg.shape) != (len(t), vocab_size):
             raise ValueError(f"path {i}: teacher logits of shape {tuple(lg.shape)}, expected "
