@@ -72,11 +72,10 @@ class LocalLoop:
                                    max_staleness=tc.max_staleness, batch_size=tc.batch_size, seed=cfg.seed)
         self.state = LoopState()
         self.in_phase2 = False
-        # Phase-1 batches decoded ahead (train.phase1_demo_steps), the task and teacher draw
-        # states before they were drawn, and how many of them were handed out
+        # Phase-1 batches decoded ahead (train.phase1_demo_steps) and the task and teacher draw
+        # states before they were drawn
         self._phase1_ahead: list[tuple[list[Trajectory], list[torch.Tensor]]] = []
         self._phase1_start: tuple | None = None
-        self._phase1_taken = 0
 
     # -- phases
 
@@ -91,13 +90,12 @@ class LocalLoop:
             prompts, bids, picks = sample_tasks(self.train_set, self.table, B, self.rng, c.task.instruction)
             return reference_paths(self.student, prompts, bids, [ex.target for ex in picks]), None
         if not self._phase1_ahead:
-            self._phase1_start, self._phase1_taken = (self.rng.getstate(), self.gen.get_state()), 0
+            self._phase1_start = (self.rng.getstate(), self.gen.get_state())
             prompts, bids, _ = sample_tasks(self.train_set, self.table, k * B, self.rng, c.task.instruction)
             trajs, logits = teacher_demos(self.teacher, prompts, bids, max_new_tokens=c.decoding.max_new_tokens,
                                           batch_size=c.decoding.batch_size * k, generator=self.gen,
                                           keep_logits=True)
             self._phase1_ahead = [(trajs[i * B:(i + 1) * B], logits[i * B:(i + 1) * B]) for i in range(k)]
-        self._phase1_taken += 1
         return self._phase1_ahead.pop(0)
 
     def phase1_draw_state(self) -> tuple[tuple, torch.Tensor, int]:
@@ -106,7 +104,7 @@ class LocalLoop:
         out (`resume_phase1_draws`); with none ahead, the current states and 0."""
         if self._phase1_ahead:
             py, gen = self._phase1_start
-            return py, gen, self._phase1_taken
+            return py, gen, self.cfg.train.phase1_demo_steps - len(self._phase1_ahead)
         return self.rng.getstate(), self.gen.get_state(), 0
 
     def resume_phase1_draws(self, py: tuple, gen: torch.Tensor, taken: int) -> None:
@@ -115,7 +113,7 @@ class LocalLoop:
         dropped."""
         self.rng.setstate(py)
         self.gen.set_state(gen)
-        self._phase1_ahead, self._phase1_taken = [], 0
+        self._phase1_ahead = []
         for _ in range(taken):
             self.phase1_batch()
 
