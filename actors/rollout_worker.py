@@ -21,7 +21,7 @@ import torch
 from actors.common import on_device, setup_threads, unpack_weights
 from actors.teacher_pool import PoolClient
 from kdtw.factory import budget_table, load_pair, load_splits, load_student
-from kdtw.rollout import collect, demo_generator
+from kdtw.rollout import DemoQueue, collect, decode_demos, demo_generator
 from kdtw.teacher_service import RemoteTeacher, use_by_budget
 
 
@@ -43,6 +43,7 @@ class RolloutWorker:
         self.rng = random.Random(seed)
         self.gen = torch.Generator().manual_seed(seed)
         self.demo_gen = demo_generator(seed)
+        self.demo_queue = DemoQueue(cfg.train.phase2_demo_steps)
         self.train_set = load_splits(cfg)["train"]
         self.table = budget_table(cfg)
 
@@ -50,7 +51,8 @@ class RolloutWorker:
         """Start the demonstrations on a replica (decoded there while this worker runs its
         student rollouts); the returned function waits for them."""
         d = self.cfg.decoding
-        ref = self.pool.demos.remote(prompts, budget_ids, max_new_tokens=d.max_new_tokens, batch_size=d.batch_size,
+        ref = self.pool.demos.remote(prompts, budget_ids, max_new_tokens=d.max_new_tokens,
+                                     batch_size=d.batch_size * self.cfg.train.phase2_demo_steps,
                                      gen_state=gen.get_state(), version=self.version, worker_id=self.worker_id)
 
         def wait():
@@ -72,6 +74,7 @@ class RolloutWorker:
             self.cfg, self.student, self.teacher, self.train_set, self.table, rng=self.rng, gen=self.gen,
             demo_gen=self.demo_gen, version=self.version, worker_id=self.worker_id,
             demos_elsewhere=self._demos_on_teacher if self.cfg.demos_on_replica() else None,
+            demo_queue=self.demo_queue,
         )
         t2 = time.perf_counter()
         added = ray.get(self.buffer.add.remote(trajs + demos))
@@ -83,10 +86,23 @@ class RolloutWorker:
                 "seconds": {"sync": t1 - t0, "rollout": t2 - t1, "push": time.perf_counter() - t2}}
 
     def rng_state(self) -> dict:
-        return {"rng": self.rng.getstate(), "gen": self.gen.get_state(), "demo_gen": self.demo_gen.get_state()}
+        """Random streams, and the demonstrations decoded ahead (train.phase2_demo_steps) as
+        their prompts and stream state: what resumes this worker's draws exactly."""
+        return {"rng": self.rng.getstate(), "gen": self.gen.get_state(), "demo_gen": self.demo_gen.get_state(),
+                "demos_ahead": self.demo_queue.state()}
 
     def set_rng_state(self, state: dict) -> None:
         self.rng.setstate(state["rng"])
         self.gen.set_state(state["gen"])
+        if state.get("demos_ahead") is not None:  # decoded again from their saved stream state
+            self.demo_queue.restore(state["demos_ahead"], self._decode_demos, self.demo_gen)
         if "demo_gen" in state:  # checkpoints written before demonstrations had their own stream
             self.demo_gen.set_state(state["demo_gen"])
+
+    def _decode_demos(self, prompts, budget_ids, gen):
+        """Demonstrations the way `collect` decodes them on this worker (on a replica or through
+        its teacher), for `DemoQueue.restore`."""
+        if self.cfg.demos_on_replica():
+            return self._demos_on_teacher(prompts, budget_ids, gen)()
+        return decode_demos(self.cfg, self.teacher, prompts, budget_ids, gen, steps=self.demo_queue.steps,
+                            version=self.version, worker_id=self.worker_id)

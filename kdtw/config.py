@@ -297,6 +297,11 @@ class TrainConfig:
     # are the same paths' distribution; token-by-token decoding runs at a better rate in a
     # larger batch). 1: each step decodes its own.
     phase1_demo_steps: PosInt = 1
+    # Phase 2 likewise: a collector decodes the teacher demonstrations (train.demo_ratio of each
+    # rollout batch) of this many steps at once and hands them out one step's at a time
+    # (kdtw.rollout.DemoQueue; a Ray checkpoint keeps them to resume exactly). 1: each step
+    # decodes its own.
+    phase2_demo_steps: PosInt = 1
     # At export, calibrate θ_k of decoding.call_rule=threshold on the validation examples and
     # save them with the student (call_thresholds.json): up to 9 decodes of them per budget.
     export_thresholds: Bool = True

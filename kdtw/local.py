@@ -25,7 +25,7 @@ from .metrics import primary_metric
 from .models import LM, Student
 from .reporting import (LoopState, consider, finish_run, format_step, format_validation, trace_entry, validate,
                         validation_examples)
-from .rollout import collect, demo_generator, prompt_ids, sample_tasks, teacher_demos
+from .rollout import DemoQueue, collect, demo_generator, prompt_ids, sample_tasks, teacher_demos
 from .settle import settle_budgets
 from .trajectory import Trajectory
 
@@ -59,6 +59,7 @@ class LocalLoop:
         self.rng = random.Random(cfg.seed)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.demo_gen = demo_generator(cfg.seed)
+        self.demo_queue = DemoQueue(cfg.train.phase2_demo_steps)
         if teacher is None or student is None:
             teacher, student = load_pair(cfg)
         self.teacher, self.student = teacher, student
@@ -121,7 +122,7 @@ class LocalLoop:
         """On-policy student paths and teacher demonstrations for one learner step
         (`kdtw.rollout.collect`, the collector a Ray rollout worker runs too)."""
         return collect(self.cfg, self.student, self.teacher, self.train_set, self.table, rng=self.rng, gen=self.gen,
-                       demo_gen=self.demo_gen, version=self.learner.version)
+                       demo_gen=self.demo_gen, version=self.learner.version, demo_queue=self.demo_queue)
 
     def learn(self, trajs: list[Trajectory], demos: list[Trajectory]) -> StepStats:
         self.buffer.add(trajs + demos)

@@ -142,9 +142,76 @@ def demo_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed + 7_777_777)
 
 
+def decode_demos(cfg, teacher: LM, prompts: list[str], budget_ids: list[int], demo_gen: torch.Generator, *,
+                 steps: int = 1, version: int = 0, worker_id: int = 0) -> list[Trajectory]:
+    """A collector's teacher demonstrations of ``steps`` rollout batches, decoded through
+    ``teacher`` in batches of ``steps``·decoding.batch_size (`DemoQueue.restore` decodes them again
+    the same way)."""
+    return teacher_demos(teacher, prompts, budget_ids, max_new_tokens=cfg.decoding.max_new_tokens,
+                         batch_size=cfg.decoding.batch_size * steps, generator=demo_gen, version=version,
+                         worker_id=worker_id)
+
+
+class DemoQueue:
+    """A collector's teacher demonstrations decoded ``steps`` rollout batches at a time
+    (``train.phase2_demo_steps``) and handed out one batch per `collect`: the teacher is frozen,
+    so demonstrations decoded a few steps early are the same paths' distribution, and the
+    teacher decodes them at a better rate in one larger batch (8 demonstrations a step on the
+    default profile are few enough that its per-forward overhead dominates). With ``steps`` 1 a
+    collect decodes its own, as before the queue.
+
+    `state` is what a checkpoint keeps to resume exactly: the prompts of the batches decoded
+    ahead, the demonstration stream's state before they were decoded and how many were handed
+    out; `restore` decodes them again from that state (the same paths) and drops those."""
+
+    def __init__(self, steps: int = 1) -> None:
+        self.steps = steps
+        self.ahead: list[list[Trajectory]] = []
+        self.drawn: dict | None = None  # prompts, budget ids and demo_gen state of the ahead batches
+
+    def start(self, prompts: list[str], budget_ids: list[int], demo_gen: torch.Generator) -> None:
+        self.drawn = {"prompts": list(prompts), "budget_ids": list(budget_ids), "gen": demo_gen.get_state()}
+
+    def fill(self, demos: list[Trajectory]) -> None:
+        n = len(demos) // self.steps
+        self.ahead = [demos[i * n:(i + 1) * n] for i in range(self.steps)]
+
+    def take(self, version: int) -> list[Trajectory]:
+        """The next batch, labelled with the version it is handed out at (the buffer's staleness
+        counts learner versions; a demonstration's behaviour policy is the frozen teacher)."""
+        demos = self.ahead.pop(0)
+        for t in demos:
+            t.policy_version = version
+        return demos
+
+    def state(self) -> dict | None:
+        if not self.ahead or self.drawn is None:
+            return None
+        return {**self.drawn, "steps": self.steps, "taken": self.steps - len(self.ahead)}
+
+    def restore(self, state: dict | None, decode: Callable[[list[str], list[int], torch.Generator], list[Trajectory]],
+                demo_gen: torch.Generator) -> None:
+        """Set what `state` returned: the ahead batches decoded again by ``decode(prompts,
+        budget_ids, gen)`` from the saved stream state, the ``taken`` ones dropped; ``demo_gen``
+        ends where that decode leaves it (where it stood when the state was saved)."""
+        self.ahead, self.drawn = [], None
+        if state is None:
+            return
+        if state["steps"] != self.steps:
+            raise ValueError(f"the checkpoint's demonstrations were decoded {state['steps']} steps at a time, "
+                             f"not train.phase2_demo_steps={self.steps}: resume with "
+                             f"train.phase2_demo_steps={state['steps']}")
+        demo_gen.set_state(state["gen"])
+        self.start(state["prompts"], state["budget_ids"], demo_gen)
+        self.fill(decode(state["prompts"], state["budget_ids"], demo_gen))
+        for _ in range(state["taken"]):
+            self.ahead.pop(0)
+
+
 def collect(cfg, student: Student, teacher: LM, train_set: list[Example], table: BudgetTable, *,
             rng: random.Random, gen: torch.Generator, demo_gen: torch.Generator, version: int, worker_id: int = 0,
-            demos_elsewhere: DemoFn | None = None) -> tuple[list[Trajectory], list[Trajectory]]:
+            demos_elsewhere: DemoFn | None = None,
+            demo_queue: DemoQueue | None = None) -> tuple[list[Trajectory], list[Trajectory]]:
     """One rollout batch, the collector of both transports (`kdtw.local.LocalLoop` with a local
     teacher, a Ray rollout worker with a `kdtw.teacher_service.RemoteTeacher`):
     ``train.batch_size`` paths, ``round(batch_size·demo_ratio)`` of them teacher demonstrations,
@@ -155,13 +222,22 @@ def collect(cfg, student: Student, teacher: LM, train_set: list[Example], table:
     same batch on either transport. ``demos_elsewhere(prompts, budget_ids, demo_gen)`` starts the
     demonstrations on the teacher's side and returns a function that waits for them: they are
     decoded there while the student's rollouts run here. Without it they are decoded through
-    ``teacher`` after the rollouts."""
+    ``teacher`` after the rollouts. ``demo_queue`` (a `DemoQueue`, kept by the caller across
+    calls) decodes them ``train.phase2_demo_steps`` batches at a time: the tasks of all of them
+    are drawn from ``rng`` at the call that decodes them; without it each call decodes its own."""
     c, tc = cfg, cfg.train
     n_demo = round(tc.batch_size * tc.demo_ratio)
     n_on = tc.batch_size - n_demo
+    queue = demo_queue if demo_queue is not None else DemoQueue()
     prompts, bids, _ = sample_tasks(train_set, table, n_on, rng, c.task.instruction)
-    d_prompts, d_bids, _ = sample_tasks(train_set, table, n_demo, rng, c.task.instruction)
-    pending = demos_elsewhere(d_prompts, d_bids, demo_gen) if (n_demo and demos_elsewhere is not None) else None
+    # the demonstrations of queue.steps batches, drawn here when none are left from earlier ones
+    refill = bool(n_demo) and not queue.ahead
+    pending = None
+    if refill:
+        d_prompts, d_bids, _ = sample_tasks(train_set, table, n_demo * queue.steps, rng, c.task.instruction)
+        queue.start(d_prompts, d_bids, demo_gen)
+        if demos_elsewhere is not None:
+            pending = demos_elsewhere(d_prompts, d_bids, demo_gen)
     # λ probes (train.decoded_per_budget): training prompts for every nonzero budget, decoded
     # after the rollouts as validation decodes them; the buffer drops them, the λ estimate reads them
     probe_bids = [k for k in range(len(table)) if table.targets[k] > 0] * tc.decoded_per_budget
@@ -175,12 +251,7 @@ def collect(cfg, student: Student, teacher: LM, train_set: list[Example], table:
                 temperature=tc.rollout_temperature, batch_size=c.decoding.batch_size, generator=gen,
                 version=version, worker_id=worker_id, budgets=[table.targets[b] for b in bs],
                 decoded_rule=rule)[0]
-    if pending is not None:
-        demos = pending()
-    elif n_demo:
-        demos = teacher_demos(teacher, d_prompts, d_bids, max_new_tokens=c.decoding.max_new_tokens,
-                              batch_size=c.decoding.batch_size, generator=demo_gen, version=version,
-                              worker_id=worker_id)
-    else:
-        demos = []
-    return trajs, demos
+    if refill:
+        queue.fill(pending() if pending is not None else decode_demos(
+            c, teacher, d_prompts, d_bids, demo_gen, steps=queue.steps, version=version, worker_id=worker_id))
+    return trajs, (queue.take(version) if n_demo else [])

@@ -20,10 +20,10 @@ import torch
 from conftest import PROMPTS, ROOT
 from conftest_ray import free_port, tiny
 from kdtw.buffer import ReplayBuffer
-from kdtw.checkpoint import CheckpointError, open_checkpoint, write_checkpoint
+from kdtw.checkpoint import CheckpointError, load_state, open_checkpoint, save_state, write_checkpoint
 from kdtw.decoding import generate
 from kdtw.local import LocalLoop
-from kdtw.rollout import collect, demo_generator, prompt_ids, score_paths
+from kdtw.rollout import DemoQueue, collect, decode_demos, demo_generator, prompt_ids, score_paths
 from kdtw.teacher_service import MISS, DynamicBatcher, LocalClient, RemoteTeacher, Router, TeacherService, next_logits
 from kdtw.trajectory import Trajectory
 
@@ -78,19 +78,22 @@ def test_remote_teacher_decodes_and_scores_like_the_local_one(pair):
     assert all(a >= b for r in tl for a, b in zip(r, r[1:])) and max(max(r) for r in tl) <= 0
 
 
-@pytest.mark.parametrize("extra", [[], ["train.decoded_per_budget=1", "decoding.call_rule=systematic"]])
+@pytest.mark.parametrize("extra", [[], ["train.decoded_per_budget=1", "decoding.call_rule=systematic"],
+                                   ["train.phase2_demo_steps=3"]])
 def test_collect_through_a_remote_teacher_is_the_local_loops_collect(tmp_path, extra):
     """`kdtw.rollout.collect` with the teacher behind a client (worker 0 of the Ray loop) makes
     `LocalLoop.collect`'s batch: same streams, same paths, same teacher log-probs (also with
-    λ probes decoded as validation decodes them, train.decoded_per_budget)."""
+    λ probes decoded as validation decodes them, train.decoded_per_budget, and with the
+    demonstrations of 3 steps decoded at once, train.phase2_demo_steps)."""
     cfg = tiny(tmp_path, "train.phase1_steps=0", *extra)
+    steps = cfg.train.phase2_demo_steps
     loop = LocalLoop(cfg, log=lambda _: None)
     student = copy.deepcopy(loop.student)
     proxy, service = _proxy(loop.teacher, student)
     d = cfg.decoding
 
     def on_replica(prompts, bids, gen):  # what RolloutWorker does through the pool
-        trajs, state = service.demos(prompts, bids, max_new_tokens=d.max_new_tokens, batch_size=d.batch_size,
+        trajs, state = service.demos(prompts, bids, max_new_tokens=d.max_new_tokens, batch_size=d.batch_size * steps,
                                      gen_state=gen.get_state())
 
         def wait():
@@ -99,13 +102,13 @@ def test_collect_through_a_remote_teacher_is_the_local_loops_collect(tmp_path, e
 
         return wait
 
-    streams = {fn: (random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed), demo_generator(cfg.seed))
-               for fn in (None, on_replica)}
-    for _ in range(2):  # a second batch: the streams go on in step
+    streams = {fn: (random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed), demo_generator(cfg.seed),
+                    DemoQueue(steps)) for fn in (None, on_replica)}
+    for _ in range(2 if steps == 1 else steps + 1):  # more batches: the streams go on in step
         l_trajs, l_demos = loop.collect()
-        for fn, (rng, gen, dgen) in streams.items():
+        for fn, (rng, gen, dgen, queue) in streams.items():
             trajs, demos = collect(cfg, student, proxy, loop.train_set, loop.table, rng=rng, gen=gen, demo_gen=dgen,
-                                   version=0, demos_elsewhere=fn)
+                                   version=0, demos_elsewhere=fn, demo_queue=queue)
             trained = [t for t in trajs if not t.decoded]  # λ probes come on top of the batch
             assert len(trained) + len(demos) == cfg.train.batch_size and len(demos) == len(l_demos) > 0
             for a, b in zip(trajs + demos, l_trajs + l_demos):
@@ -113,7 +116,54 @@ def test_collect_through_a_remote_teacher_is_the_local_loops_collect(tmp_path, e
                        (b.source_ids, b.budget_id, b.tokens, b.actions_tau, b.origin, b.decoded)
                 assert a.teacher_logp == b.teacher_logp and a.behaviour_logp == b.behaviour_logp
     assert len(service.sessions) == 0  # every rollout closed its session
-    assert any(t.decoded for t in l_trajs) == bool(extra)
+    assert any(t.decoded for t in l_trajs) == ("train.decoded_per_budget=1" in extra)
+
+
+def test_demonstrations_decoded_ahead_resume_exactly_and_carry_the_version_they_are_handed_out_at(tmp_path):
+    """train.phase2_demo_steps=3: a collector decodes three steps' demonstrations at once and
+    hands them out one step's at a time, each labelled with the version of the step that takes
+    it. A collector stopped after the first of three (its streams and `DemoQueue.state` through a
+    state file, as a Ray checkpoint keeps a worker's) resumes with the same batches."""
+    cfg = tiny(tmp_path, "train.phase1_steps=0", "train.phase2_demo_steps=3")
+    loop = LocalLoop(cfg, log=lambda _: None)
+
+    def streams():
+        return random.Random(5), torch.Generator().manual_seed(5), demo_generator(5), DemoQueue(3)
+
+    def run(s, versions):
+        rng, gen, dgen, queue = s
+        return [collect(cfg, loop.student, loop.teacher, loop.train_set, loop.table, rng=rng, gen=gen, demo_gen=dgen,
+                        version=v, demo_queue=queue) for v in versions]
+
+    def key(batch):
+        trajs, demos = batch
+        return [(t.source_ids, t.tokens, t.actions_tau, t.teacher_logp, t.behaviour_logp, t.origin, t.policy_version)
+                for t in trajs + demos]
+
+    ref = run(streams(), range(7))
+    n_demo = round(cfg.train.batch_size * cfg.train.demo_ratio)
+    assert n_demo > 0 and all(len(d) == n_demo for _, d in ref)
+    assert [{t.policy_version for t in d} for _, d in ref] == [{v} for v in range(7)]
+    assert all(t.origin == "teacher_demo" and not any(t.actions_tau) for _, d in ref for t in d)
+    group = [t.source_ids for _, d in ref[:3] for t in d]  # one decode, three steps' distinct draws
+    assert len({tuple(x) for x in group}) > n_demo
+
+    s = streams()
+    assert key(run(s, [0])[0]) == key(ref[0])
+    rng, gen, dgen, queue = s
+    path = str(tmp_path / "worker.pt")
+    save_state({"rng": rng.getstate(), "gen": gen.get_state(), "demo_gen": dgen.get_state(),
+                "demos_ahead": queue.state()}, path)
+    st = load_state(path)
+    assert st["demos_ahead"]["taken"] == 1 and len(st["demos_ahead"]["prompts"]) == 3 * n_demo
+    rng, gen, dgen, queue = streams()
+    rng.setstate(st["rng"])
+    gen.set_state(st["gen"])
+    queue.restore(st["demos_ahead"], lambda p, b, g: decode_demos(cfg, loop.teacher, p, b, g, steps=3), dgen)
+    assert torch.equal(dgen.get_state(), st["demo_gen"])  # the decode leaves the stream where it was saved
+    assert [key(b) for b in run((rng, gen, dgen, queue), range(1, 7))] == [key(b) for b in ref[1:]]
+    with pytest.raises(ValueError, match="resume with train.phase2_demo_steps=3"):
+        DemoQueue(2).restore(st["demos_ahead"], lambda p, b, g: [], dgen)
 
 
 def _real_output_positions(paths: list[list[int]], batch_size: int) -> int:

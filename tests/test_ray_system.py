@@ -228,7 +228,8 @@ def test_killed_workers_and_teacher_replica_do_not_stop_the_run(ray_session, tmp
 
 def test_killed_driver_resumes_exactly(ray_session, tmp_path):
     """A driver killed mid-run (SIGKILL) resumes from its last checkpoint: step, every λ_k,
-    optimizer state, buffer contents and the MLflow run id restored exactly; training goes on."""
+    optimizer state, buffer contents, the workers' draws (with demonstrations decoded 3 steps
+    ahead, train.phase2_demo_steps) and the MLflow run id restored exactly; training goes on."""
     ray = ray_session
     train_pcl = load_job("train_pcl")
     from actors.tracking import Tracker
@@ -237,6 +238,7 @@ def test_killed_driver_resumes_exactly(ray_session, tmp_path):
     gcs = ray.get_runtime_context().gcs_address
     cmd = [sys.executable, os.path.join(ROOT, "jobs", "train_pcl.py"), "--config", TINY, f"run_dir={run_dir}", *QUICK,
            "train.phase2_steps=400", "train.validate_every=1000", "train.max_staleness=1", "ray.checkpoint_every=3",
+           "train.phase2_demo_steps=3",
            "ray.num_rollout_workers=1", f"ray.address={gcs}"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ray_env(dict(os.environ)), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -282,6 +284,16 @@ def test_killed_driver_resumes_exactly(ray_session, tmp_path):
         assert len(driver["teachers"]) == len(system.replicas) and driver["teachers"][0] is not None
         for t, st in zip(system.replicas, driver["teachers"]):  # sampled teacher tokens go on in step
             assert torch.equal(ray.get(t.rng_state.remote()), st)
+        for w, st in zip(system.workers, driver["workers"]):  # tasks, calls and demonstrations too
+            now = ray.get(w.rng_state.remote())
+            assert now["rng"] == st["rng"]
+            assert torch.equal(now["gen"], st["gen"]) and torch.equal(now["demo_gen"], st["demo_gen"])
+            ahead, saved_ahead = now["demos_ahead"], st["demos_ahead"]
+            assert (ahead is None) == (saved_ahead is None)
+            if ahead is not None:
+                assert {k: ahead[k] for k in ("prompts", "budget_ids", "taken")} == \
+                       {k: saved_ahead[k] for k in ("prompts", "budget_ids", "taken")}
+                assert torch.equal(ahead["gen"], saved_ahead["gen"])
         stored = from_table(pq.read_table(os.path.join(ckpt, "buffer.parquet")))
         assert len(stored) > 0 and [_fields(t) for t in snap["buffer"]] == [_fields(t) for t in stored]
         report = system.run()
