@@ -311,6 +311,36 @@ def test_killed_driver_resumes_exactly(ray_session, tmp_path):
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 
 
+def test_phase1_relay_waits_on_the_queue_prints_every_line_and_ends(ray_session):
+    """rank 0's lines reach the driver's log in order; the relay waits on the queue (no polling),
+    ends at the None `run_bc` puts after the last line, and ends too when the queue is gone."""
+    import threading
+
+    from ray.util.queue import Queue
+
+    from actors.phase1_rank import _relay
+
+    for gone in (False, True):
+        lines, got = Queue(actor_options={"num_cpus": 0}), []
+        tail = threading.Thread(target=_relay, args=(lines, got.append), daemon=True)
+        tail.start()
+        for i in range(3):
+            lines.put(f"[phase 1] step {i}")
+        deadline = time.time() + 30
+        while len(got) < 3 and time.time() < deadline:
+            time.sleep(0.05)
+        assert got == [f"[phase 1] step {i}" for i in range(3)]
+        assert tail.is_alive()  # no end without the None: it is waiting, not giving up
+        if gone:
+            ray_session.kill(lines.actor)
+        else:
+            lines.put(None)
+        tail.join(timeout=30)
+        assert not tail.is_alive() and len(got) == 3
+        if not gone:
+            ray_session.kill(lines.actor)
+
+
 def test_ctrl_c_in_phase_1_checkpoints_and_resume_goes_on_from_that_step(tmp_path):
     """SIGINT while Phase 1 runs on Ray Train: the ranks finish the step in flight and write the
     Phase-1 checkpoint, the MLflow run is KILLED, the job exits 130 with the --resume line and
