@@ -8,7 +8,9 @@ Prints four figures (goals from issues 4 and 12 in brackets):
 1. trajectories/s of the Ray job as a user runs it (its own local Ray, the profile's resources;
    only Phase 1 and validation are left out, in every loop alike) against the single-process
    loop (`LocalLoop.collect` + `learn`, 1 and 2 torch threads: both ratios printed; 2× the
-   one-thread loop is the two cores' limit), on ``--config`` (the embedded default with its
+   one-thread loop is the two cores' limit on paper; what two busy processes get here is measured:
+   the one-thread loop in a process of its own, alone and then two of them at once for
+   ``--pair-seconds``, their sum against one alone), on ``--config`` (the embedded default with its
    pretrained models when they exist), every loop starting Phase 2 from one Phase-1 result of
    ``--phase1-steps`` BC steps (a student that calls the teacher, past the value warm-up): the
    synchronous loop with one worker and one replica [≥ 1.0×], and the asynchronous setting
@@ -40,7 +42,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import multiprocessing
 import os
+import queue
 import shutil
 import sys
 import time
@@ -116,6 +120,57 @@ def local_throughput(cfg, steps: int, threads: int, phase1: str | None = None) -
         return sum(map(len, batches)) / (time.perf_counter() - t0), batches
     finally:
         torch.set_num_threads(before)
+
+
+def _timed_local(cfg, phase1: str | None, seconds: float, start, out) -> None:
+    """A process of `local_pair`: the one-thread local loop, warmed up, then (once every process
+    of the pair is ready) steps for ``seconds``; puts its trajectories/s on ``out``."""
+    import torch
+
+    torch.set_num_threads(1)
+    loop = local_loop(cfg, phase1)
+    loop.learn(*loop.collect())  # warm-up
+    start.wait()
+    t0, n = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        trajs, demos = loop.collect()
+        loop.learn(trajs, demos)
+        n += len(trajs) + len(demos)
+    out.put(n / (time.perf_counter() - t0))
+
+
+def local_pair(cfg, seconds: float, phase1: str | None = None) -> tuple[float, list[float]]:
+    """(trajectories/s of the one-thread local loop in a process of its own, alone; those of two
+    such processes running at once): how much of 2x two busy processes get on this machine (cores
+    that share caches, memory bandwidth or a host's physical core give less). Both processes
+    compute the same steps (same seeds); they start together after their warm-up, and each
+    measures ``seconds`` of steps (overlapping but for the last step of one)."""
+    ctx = multiprocessing.get_context("spawn")
+
+    def run(k: int) -> list[float]:
+        start, out = ctx.Barrier(k), ctx.Queue()
+        procs = [ctx.Process(target=_timed_local, args=(cfg, phase1, seconds, start, out)) for _ in range(k)]
+        for p in procs:
+            p.start()
+        got, deadline = [], time.monotonic() + 600 + 2 * seconds
+        try:
+            while len(got) < k:
+                try:
+                    got.append(out.get(timeout=1.0))
+                except queue.Empty:
+                    failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                    if failed or time.monotonic() > deadline:
+                        why = f"exited with {failed[0]} (its traceback is above)" if failed else "timed out"
+                        raise RuntimeError(f"a local-loop process of the pair {why}") from None
+            return got
+        finally:
+            for p in procs:
+                p.join(timeout=60)
+                if p.is_alive():
+                    p.kill()
+
+    alone = run(1)[0]
+    return alone, run(2)
 
 
 def buffer_bytes(cfg, batches: list, *, fill_to: int | None = None) -> tuple[float, float, int]:
@@ -264,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--phase1-steps", type=int, default=100,
                     help="comparison 1 starts every loop from a Phase 1 of this many BC steps (0: from the "
                     "untrained student, which hardly calls the teacher)")
+    ap.add_argument("--pair-seconds", type=float, default=30.0,
+                    help="comparison 1 also runs the one-thread local loop alone and two of it at once, each in "
+                    "a process of its own, for this long (the two cores' ceiling for two busy processes; 0: skip)")
     ap.add_argument("--skip-compare", action="store_true", help="only the latency runs (2-3)")
     ap.add_argument("--skip-scaling", action="store_true", help="only comparisons 1 and 4")
     ap.add_argument("--out", default=None,
@@ -296,6 +354,11 @@ def main(argv: list[str] | None = None) -> int:
     for t in [] if args.skip_compare else sorted({1, min(2, os.cpu_count() or 1)}):
         local_by_threads[t], got = local_throughput(cfg(args.config), args.steps, t, p1)
         batches = batches or got
+    pair = None
+    if not args.skip_compare and args.pair_seconds > 0:
+        pair = local_pair(cfg(args.config), args.pair_seconds, p1)
+        print(f"[local loop, 1 thread, own process] alone {pair[0]:.1f}, two at once "
+              f"{' + '.join(f'{v:.1f}' for v in pair[1])} trajectories/s", flush=True)
     if not args.skip_compare:
         local = max(local_by_threads.values())
         cols, traced, n_tokens = buffer_bytes(cfg(args.config), batches)
@@ -340,6 +403,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"   {'':<72}{'traj/s':>8}  {'vs 1 thread':>11}  {'vs faster':>9}  goal    cores busy (stolen)  teacher positions / rollout token")
         for t, v in local_by_threads.items():
             print(f"   {f'single-process loop (kdtw/local.py), {t} torch thread(s)':<72}{v:>8.1f}")
+        if pair:
+            both = sum(pair[1])
+            print(f"   {'two 1-thread loops at once, a process each (alone: ' + f'{pair[0]:.1f})':<72}{both:>8.1f}  "
+                  f"{both / one_thread:>10.2f}x  {both / local:>8.2f}x  (what two busy processes get here: "
+                  f"{both / pair[0]:.2f}x one alone)")
         rows = [(f"sync Ray loop (max_staleness 0), 1 worker, 1 teacher replica{' ' if a else ''}{' '.join(a)}",
                  r, "1.0x") for a, r in zip(sync_sets, sync)]
         rows += [(f"async Ray loop ({' '.join(a) or 'the profile'})", r, "1.6x") for a, r in zip(async_sets, fast)]
@@ -385,6 +453,8 @@ def main(argv: list[str] | None = None) -> int:
         with open(os.path.join(args.out, "throughput.json"), "w") as f:
             json.dump({"argv": argv if argv is not None else sys.argv[1:], "cpu_count": os.cpu_count(),
                        "local_traj_per_s": {str(t): v for t, v in local_by_threads.items()},
+                       "local_pair": None if pair is None else {"seconds": args.pair_seconds, "alone": pair[0],
+                                                                "two_at_once": pair[1]},
                        "sync": dict(zip((" ".join(a) for a in sync_sets), sync)),
                        "async": dict(zip((" ".join(a) for a in async_sets), fast)),
                        "scaling": {str(n): r for n, r in scaling.items()},
