@@ -21,7 +21,7 @@ import torch
 from actors.common import on_device, setup_threads, unpack_weights
 from actors.teacher_pool import PoolClient
 from kdtw.factory import budget_table, load_pair, load_splits, load_student
-from kdtw.rollout import DemoQueue, collect, decode_demos, demo_generator
+from kdtw.rollout import DemoQueue, collect, demo_batch_size, demo_generator, start_demos
 from kdtw.teacher_service import RemoteTeacher, use_by_budget
 
 
@@ -46,13 +46,15 @@ class RolloutWorker:
         self.demo_queue = DemoQueue(cfg.train.phase2_demo_steps)
         self.train_set = load_splits(cfg)["train"]
         self.table = budget_table(cfg)
+        # where this worker's demonstrations are decoded: on a replica, or through its teacher
+        self.demos_elsewhere = self._demos_on_teacher if cfg.demos_on_replica() else None
 
     def _demos_on_teacher(self, prompts, budget_ids, gen):
         """Start the demonstrations on a replica (decoded there while this worker runs its
         student rollouts); the returned function waits for them."""
         d = self.cfg.decoding
         ref = self.pool.demos.remote(prompts, budget_ids, max_new_tokens=d.max_new_tokens,
-                                     batch_size=d.batch_size * self.cfg.train.phase2_demo_steps,
+                                     batch_size=demo_batch_size(self.cfg, self.demo_queue.steps),
                                      gen_state=gen.get_state(), version=self.version, worker_id=self.worker_id)
 
         def wait():
@@ -73,7 +75,7 @@ class RolloutWorker:
         trajs, demos = collect(
             self.cfg, self.student, self.teacher, self.train_set, self.table, rng=self.rng, gen=self.gen,
             demo_gen=self.demo_gen, version=self.version, worker_id=self.worker_id,
-            demos_elsewhere=self._demos_on_teacher if self.cfg.demos_on_replica() else None,
+            demos_elsewhere=self.demos_elsewhere,
             demo_queue=self.demo_queue,
         )
         t2 = time.perf_counter()
@@ -100,9 +102,6 @@ class RolloutWorker:
             self.demo_gen.set_state(state["demo_gen"])
 
     def _decode_demos(self, prompts, budget_ids, gen):
-        """Demonstrations the way `collect` decodes them on this worker (on a replica or through
-        its teacher), for `DemoQueue.restore`."""
-        if self.cfg.demos_on_replica():
-            return self._demos_on_teacher(prompts, budget_ids, gen)()
-        return decode_demos(self.cfg, self.teacher, prompts, budget_ids, gen, steps=self.demo_queue.steps,
-                            version=self.version, worker_id=self.worker_id)
+        """Demonstrations the way `collect` decodes them on this worker, for `DemoQueue.restore`."""
+        return start_demos(self.cfg, self.teacher, prompts, budget_ids, gen, steps=self.demo_queue.steps,
+                           version=self.version, worker_id=self.worker_id, elsewhere=self.demos_elsewhere)()

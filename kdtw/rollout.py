@@ -142,14 +142,25 @@ def demo_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed + 7_777_777)
 
 
-def decode_demos(cfg, teacher: LM, prompts: list[str], budget_ids: list[int], demo_gen: torch.Generator, *,
-                 steps: int = 1, version: int = 0, worker_id: int = 0) -> list[Trajectory]:
-    """A collector's teacher demonstrations of ``steps`` rollout batches, decoded through
-    ``teacher`` in batches of ``steps``·decoding.batch_size (`DemoQueue.restore` decodes them again
-    the same way)."""
-    return teacher_demos(teacher, prompts, budget_ids, max_new_tokens=cfg.decoding.max_new_tokens,
-                         batch_size=cfg.decoding.batch_size * steps, generator=demo_gen, version=version,
-                         worker_id=worker_id)
+def demo_batch_size(cfg, steps: int) -> int:
+    """The decode batch of a collector's demonstrations of ``steps`` rollout batches, wherever they
+    are decoded (through a local teacher or on a replica): ``steps``·decoding.batch_size."""
+    return cfg.decoding.batch_size * steps
+
+
+def start_demos(cfg, teacher: LM, prompts: list[str], budget_ids: list[int], demo_gen: torch.Generator, *,
+                steps: int = 1, version: int = 0, worker_id: int = 0,
+                elsewhere: DemoFn | None = None) -> Callable[[], list[Trajectory]]:
+    """A collector's teacher demonstrations of ``steps`` rollout batches, as a function that
+    returns them: started on the teacher's side by ``elsewhere(prompts, budget_ids, demo_gen)``
+    (decoded there while the caller goes on), or, without it, decoded through ``teacher`` when the
+    function is called, in batches of `demo_batch_size`. `collect` and a resumed `DemoQueue`
+    (`DemoQueue.restore`) both decode through here, so the same route gives the same paths."""
+    if elsewhere is not None:
+        return elsewhere(prompts, budget_ids, demo_gen)
+    return lambda: teacher_demos(teacher, prompts, budget_ids, max_new_tokens=cfg.decoding.max_new_tokens,
+                                 batch_size=demo_batch_size(cfg, steps), generator=demo_gen, version=version,
+                                 worker_id=worker_id)
 
 
 class DemoQueue:
@@ -185,7 +196,7 @@ class DemoQueue:
         return demos
 
     def state(self) -> dict | None:
-        if not self.ahead or self.drawn is None:
+        if not self.ahead:  # batches ahead were always drawn (`start`) before they were decoded
             return None
         return {**self.drawn, "steps": self.steps, "taken": self.steps - len(self.ahead)}
 
@@ -236,8 +247,8 @@ def collect(cfg, student: Student, teacher: LM, train_set: list[Example], table:
     if refill:
         d_prompts, d_bids, _ = sample_tasks(train_set, table, n_demo * queue.steps, rng, c.task.instruction)
         queue.start(d_prompts, d_bids, demo_gen)
-        if demos_elsewhere is not None:
-            pending = demos_elsewhere(d_prompts, d_bids, demo_gen)
+        pending = start_demos(c, teacher, d_prompts, d_bids, demo_gen, steps=queue.steps, version=version,
+                              worker_id=worker_id, elsewhere=demos_elsewhere)
     # λ probes (train.decoded_per_budget): training prompts for every nonzero budget, decoded
     # after the rollouts as validation decodes them; the buffer drops them, the λ estimate reads them
     probe_bids = [k for k in range(len(table)) if table.targets[k] > 0] * tc.decoded_per_budget
@@ -251,7 +262,6 @@ def collect(cfg, student: Student, teacher: LM, train_set: list[Example], table:
                 temperature=tc.rollout_temperature, batch_size=c.decoding.batch_size, generator=gen,
                 version=version, worker_id=worker_id, budgets=[table.targets[b] for b in bs],
                 decoded_rule=rule)[0]
-    if refill:
-        queue.fill(pending() if pending is not None else decode_demos(
-            c, teacher, d_prompts, d_bids, demo_gen, steps=queue.steps, version=version, worker_id=worker_id))
+    if pending is not None:  # decoded meanwhile on the teacher's side, or through `teacher` now
+        queue.fill(pending())
     return trajs, (queue.take(version) if n_demo else [])

@@ -23,7 +23,7 @@ from kdtw.buffer import ReplayBuffer
 from kdtw.checkpoint import CheckpointError, load_state, open_checkpoint, save_state, write_checkpoint
 from kdtw.decoding import generate
 from kdtw.local import LocalLoop
-from kdtw.rollout import DemoQueue, collect, decode_demos, demo_generator, prompt_ids, score_paths
+from kdtw.rollout import DemoQueue, collect, demo_batch_size, demo_generator, prompt_ids, score_paths, start_demos
 from kdtw.teacher_service import MISS, DynamicBatcher, LocalClient, RemoteTeacher, Router, TeacherService, next_logits
 from kdtw.trajectory import Trajectory
 
@@ -93,7 +93,7 @@ def test_collect_through_a_remote_teacher_is_the_local_loops_collect(tmp_path, e
     d = cfg.decoding
 
     def on_replica(prompts, bids, gen):  # what RolloutWorker does through the pool
-        trajs, state = service.demos(prompts, bids, max_new_tokens=d.max_new_tokens, batch_size=d.batch_size * steps,
+        trajs, state = service.demos(prompts, bids, max_new_tokens=d.max_new_tokens, batch_size=demo_batch_size(cfg, steps),
                                      gen_state=gen.get_state())
 
         def wait():
@@ -159,7 +159,7 @@ def test_demonstrations_decoded_ahead_resume_exactly_and_carry_the_version_they_
     rng, gen, dgen, queue = streams()
     rng.setstate(st["rng"])
     gen.set_state(st["gen"])
-    queue.restore(st["demos_ahead"], lambda p, b, g: decode_demos(cfg, loop.teacher, p, b, g, steps=3), dgen)
+    queue.restore(st["demos_ahead"], lambda p, b, g: start_demos(cfg, loop.teacher, p, b, g, steps=3)(), dgen)
     assert torch.equal(dgen.get_state(), st["demo_gen"])  # the decode leaves the stream where it was saved
     assert [key(b) for b in run((rng, gen, dgen, queue), range(1, 7))] == [key(b) for b in ref[1:]]
     with pytest.raises(ValueError, match="resume with train.phase2_demo_steps=3"):
