@@ -18,7 +18,10 @@ Prints four figures (goals from issues 4 and 12 in brackets):
    computed per rollout token (prompt + output; 1.0 = each position once), the machine's cores
    busy over the steady part of each Ray run (and those the hypervisor gave to other machines:
    stolen), and the cores each role kept busy there (Ray actors by class, the driver, Ray's
-   daemons; /proc) with the CPU milliseconds per trajectory;
+   daemons; /proc) with the CPU milliseconds per trajectory; then the one-thread loop once more,
+   after the Ray runs: its ratio to the first is how far the machine's own speed moved while they
+   ran (on a shared machine it can move by a third within minutes), and each Ray figure is printed
+   again against the mean of the two;
 2. scaling: trajectories/s with N = 1, 2, 4, 8 rollout workers against one teacher replica that
    sleeps ``--latency-ms`` before answering each batch (``ray.teacher_latency_ms``), on
    ``--scaling-config``, relative to N = 1 [≥ 0.8·N]; teacher demonstrations go token by token
@@ -364,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         cols, traced, n_tokens = buffer_bytes(cfg(args.config), batches)
         full = buffer_bytes(cfg(args.config), batches, fill_to=cfg(args.config).train.buffer_tokens)
 
-    sync, fast = [], []
+    sync, fast, again = [], [], None
     if not args.skip_compare:  # each run starts and stops its own Ray, as the job does
         steps = [f"train.phase2_steps={args.steps}", f"train.validate_every={10 * args.steps}"]
         sync = [ray_run(cfg(args.config, *steps, "train.max_staleness=0", "ray.max_staleness=0",
@@ -372,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
                         phase1=p1, keep=keep(f"sync{i}")) for i, a in enumerate(sync_sets)]
         fast = [ray_run(cfg(args.config, *steps, *a, over=user), own_ray=True, phase1=p1, keep=keep(f"async{i}"))
                 for i, a in enumerate(async_sets)]
+        # the 1-thread local loop once more, after the Ray runs: how far the machine's own speed moved
+        # while they ran (a shared machine's can move by a third within minutes), so a ratio can be read with it
+        again, _ = local_throughput(cfg(args.config), args.steps, 1, p1)
     if args.skip_scaling:
         ns = []
 
@@ -418,6 +424,11 @@ def main(argv: list[str] | None = None) -> int:
                 ppt = "- (calls and scoring in the workers" + (f"; demonstrations on the replica: {ppt})"
                                                               if r["positions_per_token"] else ")")
             print(f"   {name:<72}{v:>8.1f}  {v / one_thread:>10.2f}x  {v / local:>8.2f}x  >= {goal}  {busy(r):>19}  {ppt}")
+        mid = (one_thread + again) / 2
+        print(f"   {'single-process loop, 1 torch thread, again after the Ray runs':<72}{again:>8.1f}  "
+              f"{again / one_thread:>10.2f}x  (the machine's drift over the comparison; against the mean of the "
+              f"two 1-thread runs, {mid:.1f}: " + ", ".join(f"{n.split(' (')[0].split(',')[0]} {r['traj_per_s'] / mid:.2f}x"
+                                                            for n, r, _ in rows) + ")")
         print("   cores busy by role (same window) and CPU ms per trajectory (the 1-thread local loop: "
               f"{1000 / one_thread:.1f} ms, one core):")
         for name, r, _ in rows:
@@ -453,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(os.path.join(args.out, "throughput.json"), "w") as f:
             json.dump({"argv": argv if argv is not None else sys.argv[1:], "cpu_count": os.cpu_count(),
                        "local_traj_per_s": {str(t): v for t, v in local_by_threads.items()},
+                       "local_1_thread_after_ray": again,
                        "local_pair": None if pair is None else {"seconds": args.pair_seconds, "alone": pair[0],
                                                                 "two_at_once": pair[1]},
                        "sync": dict(zip((" ".join(a) for a in sync_sets), sync)),
