@@ -415,9 +415,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"{both / one_thread:>10.2f}x  {both / local:>8.2f}x  (what two busy processes get here: "
                   f"{both / pair[0]:.2f}x one alone)")
         rows = [(f"sync Ray loop (max_staleness 0), 1 worker, 1 teacher replica{' ' if a else ''}{' '.join(a)}",
-                 r, "1.0x") for a, r in zip(sync_sets, sync)]
-        rows += [(f"async Ray loop ({' '.join(a) or 'the profile'})", r, "1.6x") for a, r in zip(async_sets, fast)]
-        for name, r, goal in rows:
+                 r, "1.0x", " ".join(["sync", *a])) for a, r in zip(sync_sets, sync)]
+        rows += [(f"async Ray loop ({' '.join(a) or 'the profile'})", r, "1.6x", " ".join(["async", *a]))
+                 for a, r in zip(async_sets, fast)]
+        for name, r, goal, _ in rows:
             v = r["traj_per_s"]
             ppt = f"{r['positions_per_token']:.3f}"
             if r["in_workers"]:  # the replicas computed the demonstrations only, if anything
@@ -427,11 +428,11 @@ def main(argv: list[str] | None = None) -> int:
         mid = (one_thread + again) / 2
         print(f"   {'single-process loop, 1 torch thread, again after the Ray runs':<72}{again:>8.1f}  "
               f"{again / one_thread:>10.2f}x  (the machine's drift over the comparison; against the mean of the "
-              f"two 1-thread runs, {mid:.1f}: " + ", ".join(f"{n.split(' (')[0].split(',')[0]} {r['traj_per_s'] / mid:.2f}x"
-                                                            for n, r, _ in rows) + ")")
+              f"two 1-thread runs, {mid:.1f}: " + ", ".join(f"{short} {r['traj_per_s'] / mid:.2f}x"
+                                                            for _, r, _, short in rows) + ")")
         print("   cores busy by role (same window) and CPU ms per trajectory (the 1-thread local loop: "
               f"{1000 / one_thread:.1f} ms, one core):")
-        for name, r, _ in rows:
+        for name, r, _, _ in rows:
             roles = ", ".join(f"{k} {c:.2f}" for k, c in r["by_role"] if c >= 0.005)
             ms = 1000 * r["cpu_busy"] / r["traj_per_s"] if r["cpu_busy"] else float("nan")
             w = r["worker_ms"]
