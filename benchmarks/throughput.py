@@ -37,7 +37,8 @@ Every Ray run is a real `jobs/train_pcl.py` Phase-2 loop (learner steps, λ, wei
 ``train.phase1_steps=0``); its throughput counts trajectories pushed to the buffer per second of
 loop time after every worker has delivered once (start-up excluded, as the local loop's first
 step is). Ray starts once, with as many logical CPUs as the largest run has actors (they share
-the machine's real cores).
+the machine's real cores). Under ``taskset -c 0`` (one core of two) every process of the run keeps
+that affinity; the cores it may use are printed beside the machine's.
 """
 
 from __future__ import annotations
@@ -61,6 +62,10 @@ from kdtw.buffer import ReplayBuffer  # noqa: E402
 from kdtw.config import load_config  # noqa: E402
 from kdtw.local import LocalLoop  # noqa: E402
 
+# the cores this run may use (its CPU affinity, e.g. under `taskset -c 0`; every process it starts
+# inherits it), as against the machine's (os.cpu_count(), what /proc/stat's busy time is shared by)
+USABLE = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
 
 def phase1_folder(cfg, folder: str, steps: int) -> str:
     """A Phase-1 result of ``steps`` BC steps (the local loop's), written to ``folder`` once and
@@ -74,7 +79,7 @@ def phase1_folder(cfg, folder: str, steps: int) -> str:
         meta = read_phase1(folder)
         if is_complete(meta) and int(meta["steps"]) == steps and meta.get("config") == cfg.name:
             return folder
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(min(2, USABLE))
     t0 = time.perf_counter()
     loop = LocalLoop(cfg, log=lambda _: None)
     for _ in range(steps):
@@ -354,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     local_by_threads, batches, p1 = {}, None, None
     if not args.skip_compare and args.phase1_steps:
         p1 = phase1_folder(cfg(args.config), os.path.join(run_dir + "_phase1"), args.phase1_steps)
-    for t in [] if args.skip_compare else sorted({1, min(2, os.cpu_count() or 1)}):
+    for t in [] if args.skip_compare else sorted({1, min(2, USABLE)}):
         local_by_threads[t], got = local_throughput(cfg(args.config), args.steps, t, p1)
         batches = batches or got
     pair = None
@@ -400,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
 
     rel = lambda p: os.path.relpath(p, ROOT)  # noqa: E731
     busy = lambda r: "-" if r["cpu_busy"] is None else f"{r['cpu_busy']:.2f} ({r['cpu_stolen']:.2f})"  # noqa: E731
-    print(f"\n{os.cpu_count()} CPU cores; {args.steps} learner steps per run (start-up excluded)")
+    usable = "" if USABLE == os.cpu_count() else f" ({USABLE} usable by this run: its CPU affinity)"
+    print(f"\n{os.cpu_count()} CPU cores{usable}; {args.steps} learner steps per run (start-up excluded)")
     if sync:
         one_thread = local_by_threads[1]
         start = (f"from a {args.phase1_steps}-step Phase 1" if p1 else "from the untrained student") + \
@@ -464,6 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "throughput.json"), "w") as f:
             json.dump({"argv": argv if argv is not None else sys.argv[1:], "cpu_count": os.cpu_count(),
+                       "usable_cores": USABLE,
                        "local_traj_per_s": {str(t): v for t, v in local_by_threads.items()},
                        "local_1_thread_after_ray": again,
                        "local_pair": None if pair is None else {"seconds": args.pair_seconds, "alone": pair[0],
