@@ -21,7 +21,9 @@ Prints four figures (goals from issues 4 and 12 in brackets):
    daemons; /proc) with the CPU milliseconds per trajectory; then the one-thread loop once more,
    after the Ray runs: its ratio to the first is how far the machine's own speed moved while they
    ran (on a shared machine it can move by a third within minutes), and each Ray figure is printed
-   again against the mean of the two;
+   again against the mean of the two; and the synchronous loop once more, a step of it and a step
+   of the one-thread local loop in turn in one run (the same paths step for step), whose ratio of
+   step times the machine's drift cannot move (``--no-interleave`` leaves it out);
 2. scaling: trajectories/s with N = 1, 2, 4, 8 rollout workers against one teacher replica that
    sleeps ``--latency-ms`` before answering each batch (``ray.teacher_latency_ms``), on
    ``--scaling-config``, relative to N = 1 [≥ 0.8·N]; teacher demonstrations go token by token
@@ -306,6 +308,53 @@ def ray_run(cfg, *, own_ray: bool = False, phase1: str | None = None, keep: str 
                           for k in ("sync", "rollout", "push")}}
 
 
+def interleaved(cfg, phase1: str | None, *, skip: int = 3) -> dict:
+    """The synchronous job (``cfg``: one worker, ``max_staleness`` 0) and the one-thread local
+    loop a step of each in turn, in one run: after each learner step of the job (a hook in the
+    driver, while its actors wait for the next collect) one local step (collect + learn). Both start
+    from ``phase1`` with the same seeds, so they compute the same paths step for step (the parity
+    the tests hold) and the ratio of their step times is the ratio of their trajectories/s, with
+    the machine's drift shared by both (a step of each every ~1 s). A job step is the time from the
+    end of one local step to the start of the next: collect (weights, decoding, push) then learn,
+    with the driver's round trips. The first ``skip`` steps of each are left out (start-up, warm-up),
+    and the last; the rest is cut to whole periods of the demonstrations' decode."""
+    import ray
+    import torch
+    import train_pcl
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    loop = local_loop(cfg, phase1)
+    job_ms, local_ms, paths = [], [], []
+    last = [None]
+
+    def hook(_system, _step):
+        t0 = time.perf_counter()
+        if last[0] is not None:
+            job_ms.append(1000 * (t0 - last[0]))
+        trajs, demos = loop.collect()
+        loop.learn(trajs, demos)
+        paths.append(len(trajs) + len(demos))
+        t1 = time.perf_counter()
+        local_ms.append(1000 * (t1 - t0))
+        last[0] = t1
+
+    try:
+        train_pcl.train(cfg, phase1=phase1, log=lambda _: None, track=False, hooks=[hook])
+    finally:
+        ray.shutdown()
+        torch.set_num_threads(before)
+    # job_ms[i] is the job's step i + 1, beside the local loop's local_ms[i + 1]; the job's last step
+    # (its final validation and checkpoint run before the hook) is left out with its local step
+    job, local = job_ms[skip:-1], local_ms[skip + 1:-1]
+    # whole periods of the demonstrations' decode (train.phase2_demo_steps): the local loop decodes
+    # them in its step every that many steps, so each side's mean takes every phase alike
+    keep = len(job) - len(job) % cfg.train.phase2_demo_steps or len(job)
+    job, local = job[len(job) - keep:], local[len(local) - keep:]
+    return {"steps": len(job), "job_step_ms": job, "local_step_ms": local, "paths_per_step": paths[-1],
+            "ratio": sum(local) / sum(job)}
+
+
 def main(argv: list[str] | None = None) -> int:
     default = os.path.join(ROOT, "conf", "default.yaml")
     tiny = os.path.join(ROOT, "conf", "tiny.yaml")
@@ -330,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pair-seconds", type=float, default=30.0,
                     help="comparison 1 also runs the one-thread local loop alone and two of it at once, each in "
                     "a process of its own, for this long (the two cores' ceiling for two busy processes; 0: skip)")
+    ap.add_argument("--no-interleave", action="store_true",
+                    help="leave out the synchronous job and the local loop measured a step of each in turn")
     ap.add_argument("--skip-compare", action="store_true", help="only the latency runs (2-3)")
     ap.add_argument("--skip-scaling", action="store_true", help="only comparisons 1 and 4")
     ap.add_argument("--out", default=None,
@@ -372,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         cols, traced, n_tokens = buffer_bytes(cfg(args.config), batches)
         full = buffer_bytes(cfg(args.config), batches, fill_to=cfg(args.config).train.buffer_tokens)
 
-    sync, fast, again = [], [], None
+    sync, fast, again, inter = [], [], None, None
     if not args.skip_compare:  # each run starts and stops its own Ray, as the job does
         steps = [f"train.phase2_steps={args.steps}", f"train.validate_every={10 * args.steps}"]
         sync = [ray_run(cfg(args.config, *steps, "train.max_staleness=0", "ray.max_staleness=0",
@@ -383,6 +434,9 @@ def main(argv: list[str] | None = None) -> int:
         # the 1-thread local loop once more, after the Ray runs: how far the machine's own speed moved
         # while they ran (a shared machine's can move by a third within minutes), so a ratio can be read with it
         again, _ = local_throughput(cfg(args.config), args.steps, 1, p1)
+        if not args.no_interleave:  # the same two, a step of each in turn: a ratio the drift cannot move
+            inter = interleaved(cfg(args.config, *steps, "train.max_staleness=0", "ray.max_staleness=0",
+                                    "ray.num_rollout_workers=1", "ray.num_teacher_replicas=1", over=user), p1)
     if args.skip_scaling:
         ns = []
 
@@ -436,6 +490,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{again / one_thread:>10.2f}x  (the machine's drift over the comparison; against the mean of the "
               f"two 1-thread runs, {mid:.1f}: " + ", ".join(f"{short} {r['traj_per_s'] / mid:.2f}x"
                                                             for _, r, _, short in rows) + ")")
+        if inter:
+            j, lo = (sum(v) / len(v) for v in (inter["job_step_ms"], inter["local_step_ms"]))
+            print(f"   {'sync Ray loop and the 1-thread local loop, a step of each in turn':<72}{'':>8}  "
+                  f"{inter['ratio']:>10.2f}x  {'':>9}  >= 1.0x  (one run, the same paths step for step: "
+                  f"{inter['steps']} steps of {inter['paths_per_step']} paths, {j:.0f} ms a job step against "
+                  f"{lo:.0f} ms a local one; the drift moves both alike)")
         print("   cores busy by role (same window) and CPU ms per trajectory (the 1-thread local loop: "
               f"{1000 / one_thread:.1f} ms, one core):")
         for name, r, _, _ in rows:
@@ -477,6 +537,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                 "two_at_once": pair[1]},
                        "sync": dict(zip((" ".join(a) for a in sync_sets), sync)),
                        "async": dict(zip((" ".join(a) for a in async_sets), fast)),
+                       "sync_interleaved": inter,
                        "scaling": {str(n): r for n, r in scaling.items()},
                        "buffer": None if not sync else {"tokens": n_tokens, "columns": cols, "allocated": traced,
                                                         "at_capacity": dict(zip(("columns", "allocated", "tokens"),
