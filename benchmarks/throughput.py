@@ -1,7 +1,7 @@
 """Rollout throughput of the Ray loop against the single-process loop, side by side in one run.
 
     python benchmarks/throughput.py [--config conf/default.yaml] [--scaling-config conf/tiny.yaml] \
-        [--steps 40] [--workers 1,2,4,8] [--latency-ms 50] [key=value ...]
+        [--steps 40] [--interleave-steps 120] [--workers 1,2,4,8] [--latency-ms 50] [key=value ...]
 
 Prints four figures (goals from issues 4 and 12 in brackets):
 
@@ -23,7 +23,8 @@ Prints four figures (goals from issues 4 and 12 in brackets):
    ran (on a shared machine it can move by a third within minutes), and each Ray figure is printed
    again against the mean of the two; and the synchronous loop once more, a step of it and a step
    of the one-thread local loop in turn in one run (the same paths step for step), whose ratio of
-   step times the machine's drift cannot move (``--no-interleave`` leaves it out);
+   step times the machine's drift cannot move, over ``--interleave-steps`` steps, with two
+   standard errors of the step times' own jitter;
 2. scaling: trajectories/s with N = 1, 2, 4, 8 rollout workers against one teacher replica that
    sleeps ``--latency-ms`` before answering each batch (``ray.teacher_latency_ms``), on
    ``--scaling-config``, relative to N = 1 [≥ 0.8·N]; teacher demonstrations go token by token
@@ -52,6 +53,7 @@ import multiprocessing
 import os
 import queue
 import shutil
+import statistics
 import sys
 import time
 import tracemalloc
@@ -349,10 +351,16 @@ def interleaved(cfg, phase1: str | None, *, skip: int = 3) -> dict:
     job, local = job_ms[skip:-1], local_ms[skip + 1:-1]
     # whole periods of the demonstrations' decode (train.phase2_demo_steps): the local loop decodes
     # them in its step every that many steps, so each side's mean takes every phase alike
-    keep = len(job) - len(job) % cfg.train.phase2_demo_steps or len(job)
+    period = cfg.train.phase2_demo_steps
+    keep = len(job) - len(job) % period or len(job)
     job, local = job[len(job) - keep:], local[len(local) - keep:]
+    # the steps' own jitter (a job step's time varies by a quarter from one to the next): the ratio
+    # of each period's sums, and two standard errors of their mean
+    blocks = [sum(local[i:i + period]) / sum(job[i:i + period]) for i in range(0, len(job) - period + 1, period)]
+    spread = 2 * statistics.stdev(blocks) / len(blocks) ** 0.5 if len(blocks) > 1 else float("nan")
     return {"steps": len(job), "job_step_ms": job, "local_step_ms": local, "paths_per_step": paths[-1],
-            "ratio": sum(local) / sum(job)}
+            "ratio": sum(local) / sum(job), "blocks": len(blocks), "block_steps": period,
+            "two_standard_errors": spread}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -379,8 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pair-seconds", type=float, default=30.0,
                     help="comparison 1 also runs the one-thread local loop alone and two of it at once, each in "
                     "a process of its own, for this long (the two cores' ceiling for two busy processes; 0: skip)")
-    ap.add_argument("--no-interleave", action="store_true",
-                    help="leave out the synchronous job and the local loop measured a step of each in turn")
+    ap.add_argument("--interleave-steps", type=int, default=120,
+                    help="learner steps of the synchronous job measured a step of it and a step of the local loop "
+                         "in turn (0: not measured)")
     ap.add_argument("--skip-compare", action="store_true", help="only the latency runs (2-3)")
     ap.add_argument("--skip-scaling", action="store_true", help="only comparisons 1 and 4")
     ap.add_argument("--out", default=None,
@@ -434,8 +443,9 @@ def main(argv: list[str] | None = None) -> int:
         # the 1-thread local loop once more, after the Ray runs: how far the machine's own speed moved
         # while they ran (a shared machine's can move by a third within minutes), so a ratio can be read with it
         again, _ = local_throughput(cfg(args.config), args.steps, 1, p1)
-        if not args.no_interleave:  # the same two, a step of each in turn: a ratio the drift cannot move
-            inter = interleaved(cfg(args.config, *steps, "train.max_staleness=0", "ray.max_staleness=0",
+        if args.interleave_steps:  # the same two, a step of each in turn: a ratio the drift cannot move
+            inter = interleaved(cfg(args.config, f"train.phase2_steps={args.interleave_steps}",
+                                    f"train.validate_every={10 * args.interleave_steps}", "train.max_staleness=0", "ray.max_staleness=0",
                                     "ray.num_rollout_workers=1", "ray.num_teacher_replicas=1", over=user), p1)
     if args.skip_scaling:
         ns = []
@@ -495,7 +505,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"   {'sync Ray loop and the 1-thread local loop, a step of each in turn':<72}{'':>8}  "
                   f"{inter['ratio']:>10.2f}x  {'':>9}  >= 1.0x  (one run, the same paths step for step: "
                   f"{inter['steps']} steps of {inter['paths_per_step']} paths, {j:.0f} ms a job step against "
-                  f"{lo:.0f} ms a local one; the drift moves both alike)")
+                  f"{lo:.0f} ms a local one; the drift moves both alike; ±{inter['two_standard_errors']:.2f}: two "
+                  f"standard errors over {inter['blocks']} blocks of {inter['block_steps']} steps)")
         print("   cores busy by role (same window) and CPU ms per trajectory (the 1-thread local loop: "
               f"{1000 / one_thread:.1f} ms, one core):")
         for name, r, _, _ in rows:
