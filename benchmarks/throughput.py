@@ -319,7 +319,9 @@ def interleaved(cfg, phase1: str | None, *, skip: int = 3) -> dict:
     the machine's drift shared by both (a step of each every ~1 s). A job step is the time from the
     end of one local step to the start of the next: collect (weights, decoding, push) then learn,
     with the driver's round trips. The first ``skip`` steps of each are left out (start-up, warm-up),
-    and the last; the rest is cut to whole periods of the demonstrations' decode."""
+    and the last; the rest is cut to whole periods of the demonstrations' decode. Each step's λ
+    of the two are compared (``lambda_apart_steps``: the steps where they differed), the check
+    that both did the same work."""
     import ray
     import torch
     import train_pcl
@@ -327,15 +329,17 @@ def interleaved(cfg, phase1: str | None, *, skip: int = 3) -> dict:
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     loop = local_loop(cfg, phase1)
-    job_ms, local_ms, paths = [], [], []
+    job_ms, local_ms, paths, apart = [], [], [], []  # apart: the steps whose λ differed between the two
     last = [None]
 
-    def hook(_system, _step):
+    def hook(system, step):
         t0 = time.perf_counter()
         if last[0] is not None:
             job_ms.append(1000 * (t0 - last[0]))
         trajs, demos = loop.collect()
-        loop.learn(trajs, demos)
+        lam = loop.learn(trajs, demos).lam
+        if max(abs(a - b) for a, b in zip(lam, system.lam)) > 1e-5:
+            apart.append(step)
         paths.append(len(trajs) + len(demos))
         t1 = time.perf_counter()
         local_ms.append(1000 * (t1 - t0))
@@ -360,7 +364,7 @@ def interleaved(cfg, phase1: str | None, *, skip: int = 3) -> dict:
     spread = 2 * statistics.stdev(blocks) / len(blocks) ** 0.5 if len(blocks) > 1 else float("nan")
     return {"steps": len(job), "job_step_ms": job, "local_step_ms": local, "paths_per_step": paths[-1],
             "ratio": sum(local) / sum(job), "blocks": len(blocks), "block_steps": period,
-            "two_standard_errors": spread}
+            "two_standard_errors": spread, "lambda_apart_steps": apart}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -397,6 +401,9 @@ def main(argv: list[str] | None = None) -> int:
                          "(<out>/sync<i>/, async<i>/, scaling_n<N>/) in")
     ap.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     args = ap.parse_args(argv)
+    if 0 < args.interleave_steps < 12:
+        ap.error(f"--interleave-steps {args.interleave_steps} leaves too few steps to count after the first and "
+                 "the last: use at least 12, or 0 to leave the interleaved comparison out")
     ns = [int(x) for x in args.workers.split(",")]
     run_dir = os.path.join(ROOT, "runs", "bench_throughput")
     # comparison 1 runs the job as a user does: the profile's resources, its own local Ray
@@ -502,8 +509,10 @@ def main(argv: list[str] | None = None) -> int:
                                                             for _, r, _, short in rows) + ")")
         if inter:
             j, lo = (sum(v) / len(v) for v in (inter["job_step_ms"], inter["local_step_ms"]))
+            apart = inter["lambda_apart_steps"]
+            same = "the same λ at every step" if not apart else f"λ apart from step {apart[0]} on: not the same work"
             print(f"   {'sync Ray loop and the 1-thread local loop, a step of each in turn':<72}{'':>8}  "
-                  f"{inter['ratio']:>10.2f}x  {'':>9}  >= 1.0x  (one run, the same paths step for step: "
+                  f"{inter['ratio']:>10.2f}x  {'':>9}  >= 1.0x  (one run, the same paths step for step, {same}: "
                   f"{inter['steps']} steps of {inter['paths_per_step']} paths, {j:.0f} ms a job step against "
                   f"{lo:.0f} ms a local one; the drift moves both alike; ±{inter['two_standard_errors']:.2f}: two "
                   f"standard errors over {inter['blocks']} blocks of {inter['block_steps']} steps)")
