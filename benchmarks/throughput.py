@@ -330,10 +330,22 @@ def interleaved(cfg, phase1: str | None, *, skip: int = 3) -> dict:
     torch.set_num_threads(1)
     loop = local_loop(cfg, phase1)
     job_ms, local_ms, paths, apart = [], [], [], []  # apart: the steps whose λ differed between the two
+    local_cpu_ms = []  # the CPU time of the local loop's thread in its steps (wall time above it: waiting for a core)
     last = [None]
+    # the machine's busy and total jiffies during the local steps and during the job's (after the
+    # first ``skip`` steps): whether anything of the job ran while the local loop stepped
+    jiffies = {"local": [0, 0], "job": [0, 0]}
+    mark = [None]
+
+    def count(side, j1, add=True):
+        if add and mark[0] is not None and j1 is not None and len(job_ms) > skip:
+            jiffies[side][0] += j1[0] - mark[0][0]
+            jiffies[side][1] += j1[1] - mark[0][1]
+        mark[0] = j1
 
     def hook(system, step):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
+        count("job", cpu_jiffies(), add=step != cfg.train.phase2_steps)  # the last holds the final validation
         if last[0] is not None:
             job_ms.append(1000 * (t0 - last[0]))
         trajs, demos = loop.collect()
@@ -343,6 +355,8 @@ def interleaved(cfg, phase1: str | None, *, skip: int = 3) -> dict:
         paths.append(len(trajs) + len(demos))
         t1 = time.perf_counter()
         local_ms.append(1000 * (t1 - t0))
+        local_cpu_ms.append(1000 * (time.thread_time() - c0))
+        count("local", cpu_jiffies())
         last[0] = t1
 
     try:
@@ -352,19 +366,22 @@ def interleaved(cfg, phase1: str | None, *, skip: int = 3) -> dict:
         torch.set_num_threads(before)
     # job_ms[i] is the job's step i + 1, beside the local loop's local_ms[i + 1]; the job's last step
     # (its final validation and checkpoint run before the hook) is left out with its local step
-    job, local = job_ms[skip:-1], local_ms[skip + 1:-1]
+    job, local, local_cpu = job_ms[skip:-1], local_ms[skip + 1:-1], local_cpu_ms[skip + 1:-1]
     # whole periods of the demonstrations' decode (train.phase2_demo_steps): the local loop decodes
     # them in its step every that many steps, so each side's mean takes every phase alike
     period = cfg.train.phase2_demo_steps
     keep = len(job) - len(job) % period or len(job)
-    job, local = job[len(job) - keep:], local[len(local) - keep:]
+    job, local, local_cpu = job[len(job) - keep:], local[len(local) - keep:], local_cpu[len(local_cpu) - keep:]
     # the steps' own jitter (a job step's time varies by a quarter from one to the next): the ratio
     # of each period's sums, and two standard errors of their mean
     blocks = [sum(local[i:i + period]) / sum(job[i:i + period]) for i in range(0, len(job) - period + 1, period)]
     spread = 2 * statistics.stdev(blocks) / len(blocks) ** 0.5 if len(blocks) > 1 else float("nan")
     return {"steps": len(job), "job_step_ms": job, "local_step_ms": local, "paths_per_step": paths[-1],
             "ratio": sum(local) / sum(job), "blocks": len(blocks), "block_steps": period,
-            "two_standard_errors": spread, "lambda_apart_steps": apart}
+            "two_standard_errors": spread, "lambda_apart_steps": apart,
+            "local_wall_per_cpu": sum(local) / sum(local_cpu),
+            # cores busy on average (the whole machine) while each side stepped
+            "cores_busy": {k: (os.cpu_count() or 1) * b / t if t else None for k, (b, t) in jiffies.items()}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -515,7 +532,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"{inter['ratio']:>10.2f}x  {'':>9}  >= 1.0x  (one run, the same paths step for step, {same}: "
                   f"{inter['steps']} steps of {inter['paths_per_step']} paths, {j:.0f} ms a job step against "
                   f"{lo:.0f} ms a local one; the drift moves both alike; ±{inter['two_standard_errors']:.2f}: two "
-                  f"standard errors over {inter['blocks']} blocks of {inter['block_steps']} steps)")
+                  f"standard errors over {inter['blocks']} blocks of {inter['block_steps']} steps; cores busy "
+                  + " / ".join("-" if v is None else f"{v:.2f}" for v in inter["cores_busy"].values())
+                  + f" while the local loop / the job stepped; the local steps' wall time "
+                  f"{inter['local_wall_per_cpu']:.2f}x their thread's CPU time)")
         print("   cores busy by role (same window) and CPU ms per trajectory (the 1-thread local loop: "
               f"{1000 / one_thread:.1f} ms, one core):")
         for name, r, _, _ in rows:
