@@ -321,7 +321,9 @@ def interleaved(cfg, phase1: str | None, *, skip: int = 3) -> dict:
     with the driver's round trips. The first ``skip`` steps of each are left out (start-up, warm-up),
     and the last; the rest is cut to whole periods of the demonstrations' decode. Each step's λ
     of the two are compared (``lambda_apart_steps``: the steps where they differed), the check
-    that both did the same work."""
+    that both did the same work; and what taking turns does to each side: the machine's cores busy
+    while each stepped (``cores_busy``) and the local steps' wall time against their thread's CPU
+    time (``local_wall_per_cpu``; above 1, the local loop waited for a core)."""
     import ray
     import torch
     import train_pcl
