@@ -23,8 +23,8 @@ Prints four figures (goals from issues 4 and 12 in brackets):
    ran (on a shared machine it can move by a third within minutes), and each Ray figure is printed
    again against the mean of the two; and the synchronous loop once more, a step of it and a step
    of the one-thread local loop in turn in one run (the same paths step for step), whose ratio of
-   step times the machine's drift cannot move, over ``--interleave-steps`` steps, with two
-   standard errors of the step times' own jitter;
+   step times the machine's drift moves alike on both sides, over ``--interleave-steps`` steps, with
+   two standard errors of the step times' own jitter;
 2. scaling: trajectories/s with N = 1, 2, 4, 8 rollout workers against one teacher replica that
    sleeps ``--latency-ms`` before answering each batch (``ray.teacher_latency_ms``), on
    ``--scaling-config``, relative to N = 1 [≥ 0.8·N]; teacher demonstrations go token by token
@@ -331,18 +331,18 @@ def interleaved(cfg, phase1: str | None, *, skip: int = 3) -> dict:
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     loop = local_loop(cfg, phase1)
-    job_ms, local_ms, paths, apart = [], [], [], []  # apart: the steps whose λ differed between the two
+    job_ms, local_ms, apart = [], [], []  # apart: the steps whose λ differed between the two
+    paths = [0]  # paths a step (the same every step: batch, demonstrations and probes)
     local_cpu_ms = []  # the CPU time of the local loop's thread in its steps (wall time above it: waiting for a core)
     last = [None]
     # the machine's busy and total jiffies during the local steps and during the job's (after the
     # first ``skip`` steps): whether anything of the job ran while the local loop stepped
-    jiffies = {"local": [0, 0], "job": [0, 0]}
+    jiffies = {"local": [0, 0, 0], "job": [0, 0, 0]}  # (busy, total, stolen), summed as `cpu_jiffies` gives them
     mark = [None]
 
     def count(side, j1, add=True):
         if add and mark[0] is not None and j1 is not None and len(job_ms) > skip:
-            jiffies[side][0] += j1[0] - mark[0][0]
-            jiffies[side][1] += j1[1] - mark[0][1]
+            jiffies[side] = [a + b - c for a, b, c in zip(jiffies[side], j1, mark[0])]
         mark[0] = j1
 
     def hook(system, step):
@@ -354,7 +354,7 @@ def interleaved(cfg, phase1: str | None, *, skip: int = 3) -> dict:
         lam = loop.learn(trajs, demos).lam
         if max(abs(a - b) for a, b in zip(lam, system.lam)) > 1e-5:
             apart.append(step)
-        paths.append(len(trajs) + len(demos))
+        paths[0] = len(trajs) + len(demos)
         t1 = time.perf_counter()
         local_ms.append(1000 * (t1 - t0))
         local_cpu_ms.append(1000 * (time.thread_time() - c0))
@@ -378,12 +378,12 @@ def interleaved(cfg, phase1: str | None, *, skip: int = 3) -> dict:
     # of each period's sums, and two standard errors of their mean
     blocks = [sum(local[i:i + period]) / sum(job[i:i + period]) for i in range(0, len(job) - period + 1, period)]
     spread = 2 * statistics.stdev(blocks) / len(blocks) ** 0.5 if len(blocks) > 1 else float("nan")
-    return {"steps": len(job), "job_step_ms": job, "local_step_ms": local, "paths_per_step": paths[-1],
+    return {"steps": len(job), "job_step_ms": job, "local_step_ms": local, "paths_per_step": paths[0],
             "ratio": sum(local) / sum(job), "blocks": len(blocks), "block_steps": period,
             "two_standard_errors": spread, "lambda_apart_steps": apart,
             "local_wall_per_cpu": sum(local) / sum(local_cpu),
             # cores busy on average (the whole machine) while each side stepped
-            "cores_busy": {k: (os.cpu_count() or 1) * b / t if t else None for k, (b, t) in jiffies.items()}}
+            "cores_busy": {k: cores((0, 0, 0), tuple(v))[0] for k, v in jiffies.items()}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -461,18 +461,17 @@ def main(argv: list[str] | None = None) -> int:
     sync, fast, again, inter = [], [], None, None
     if not args.skip_compare:  # each run starts and stops its own Ray, as the job does
         steps = [f"train.phase2_steps={args.steps}", f"train.validate_every={10 * args.steps}"]
-        sync = [ray_run(cfg(args.config, *steps, "train.max_staleness=0", "ray.max_staleness=0",
-                            "ray.num_rollout_workers=1", "ray.num_teacher_replicas=1", *a, over=user), own_ray=True,
+        sync_one = ["train.max_staleness=0", "ray.max_staleness=0", "ray.num_rollout_workers=1", "ray.num_teacher_replicas=1"]
+        sync = [ray_run(cfg(args.config, *steps, *sync_one, *a, over=user), own_ray=True,
                         phase1=p1, keep=keep(f"sync{i}")) for i, a in enumerate(sync_sets)]
         fast = [ray_run(cfg(args.config, *steps, *a, over=user), own_ray=True, phase1=p1, keep=keep(f"async{i}"))
                 for i, a in enumerate(async_sets)]
         # the 1-thread local loop once more, after the Ray runs: how far the machine's own speed moved
         # while they ran (a shared machine's can move by a third within minutes), so a ratio can be read with it
         again, _ = local_throughput(cfg(args.config), args.steps, 1, p1)
-        if args.interleave_steps:  # the same two, a step of each in turn: a ratio the drift cannot move
+        if args.interleave_steps:  # the same two, a step of each in turn: the drift moves both alike
             inter = interleaved(cfg(args.config, f"train.phase2_steps={args.interleave_steps}",
-                                    f"train.validate_every={10 * args.interleave_steps}", "train.max_staleness=0", "ray.max_staleness=0",
-                                    "ray.num_rollout_workers=1", "ray.num_teacher_replicas=1", over=user), p1)
+                                    f"train.validate_every={10 * args.interleave_steps}", *sync_one, over=user), p1)
     if args.skip_scaling:
         ns = []
 
