@@ -94,6 +94,7 @@ def test_teacher_sessions_through_the_pool_one_position_per_token_with_a_replica
     counted by the pool. The replica holding a session is killed mid-session: the next step is
     a miss, the client resends the prefix, and paths and teacher log-probs equal a local run."""
     ray = ray_session
+    from actors.common import RETRY_ERRORS
     from actors.teacher import TeacherActor
     from actors.teacher_pool import PoolClient, TeacherPool
     from kdtw.decoding import generate
@@ -109,6 +110,9 @@ def test_teacher_sessions_through_the_pool_one_position_per_token_with_a_replica
     prompts = [f"With full teacher use, translate to French: {w}" for w in ("the cat sleeps", "a dog runs", "we eat")] * 2
     killed = []
 
+    def pid(replica):
+        return ray.get(replica.__ray_call__.remote(lambda _: os.getpid()))
+
     class Killer(PoolClient):  # kills the replica of the first session before its third step
         steps = 0
 
@@ -116,7 +120,20 @@ def test_teacher_sessions_through_the_pool_one_position_per_token_with_a_replica
             Killer.steps += 1
             if Killer.steps == 3 and not killed:
                 i = ray.get(pool.where.remote(payload[0]))
+                before = pid(replicas[i])
                 ray.kill(replicas[i], no_restart=False)  # Ray restarts it, without its sessions
+                # ray.kill returns before the process dies, and a call sent meanwhile is answered by
+                # the old process (20 of 20 in a probe): wait for the new one, so this step misses
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    try:
+                        if pid(replicas[i]) != before:
+                            break
+                    except RETRY_ERRORS:
+                        pass
+                    time.sleep(0.02)
+                else:
+                    raise AssertionError(f"replica {i} not restarted 60 s after ray.kill")
                 killed.append(i)
             return super().step(*payload)
 
