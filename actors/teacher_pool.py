@@ -94,7 +94,10 @@ class TeacherPool:
             return MISS
         self.router.load[i] += len(payload[3])
         try:
-            res = await self.batchers[i].submit(("step", payload), len(payload[3]), client)
+            # a client's next request after a session's middle, its last step or a one-step
+            # session comes at different gaps: the batcher learns each apart
+            kind = ("only" if start == 0 else "last") if payload[5] else None
+            res = await self.batchers[i].submit(("step", payload), len(payload[3]), client, kind=kind)
         except RETRY_ERRORS:
             self._down(i)
             self.misses += 1
@@ -108,9 +111,10 @@ class TeacherPool:
             self.pinned.pop(sid, None)
         return res
 
-    async def close(self, sid: str) -> None:
+    async def close(self, sid: str, client=None) -> None:
         i = self.pinned.pop(sid, None)
         if i is not None:
+            self.batchers[i].end(client)  # its next request comes after it finished its batch
             try:
                 await self.replicas[i].run.remote([("close", (sid,))])
             except RETRY_ERRORS:
@@ -170,7 +174,7 @@ class PoolClient:
         return ray.get(self.pool.step.remote(payload, self.client_id))
 
     def close(self, sid):
-        self.pool.close.remote(sid)  # nothing to wait for
+        self.pool.close.remote(sid, self.client_id)  # nothing to wait for
 
     def score(self, prompt_rows, paths):
         return ray.get(self.pool.score.remote(prompt_rows, paths, self.client_id))

@@ -34,7 +34,7 @@ import time
 import uuid
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Protocol
+from typing import Any, Awaitable, Callable, Hashable, Protocol
 
 import numpy as np
 import torch
@@ -379,7 +379,10 @@ class DynamicBatcher:
     ``expected`` distinct clients; when no client of the previous batch that is missing from it
     is due back before the deadline (each client's usual gap between an answer and its next
     request is tracked: callers in a run of teacher calls come back within milliseconds and are
-    waited for, a caller busy decoding its own tokens is not); or ``max_wait_s`` after its first
+    waited for, a caller busy decoding its own tokens is not; the gap is tracked apart for each
+    ``kind`` of request the answer was to, as a caller may come back at once after one kind and
+    only after work of its own after another: a session's middle, its last step, a close sent
+    apart (`end`)); or ``max_wait_s`` after its first
     request or of a replica becoming free, whichever is later. It leaves only once a slot of
     ``slots`` (one per replica) is free: requests that arrive meanwhile join it. A request is
     never split; one larger than ``max_batch`` goes alone.
@@ -397,10 +400,13 @@ class DynamicBatcher:
         self._task: asyncio.Task | None = None
         self._prev: set = set()  # clients of the last batch sent
         self._answered: dict = {}  # client -> when its last answer was delivered
-        self._gap: dict = {}  # client -> moving average of answer-to-next-request gaps (s)
+        self._kind: dict = {}  # client -> the kind of request that answer was to
+        self._gap: dict = {}  # (client, kind) -> moving average of answer-to-next-request gaps (s)
         self.stats = BatchStats()
 
-    async def submit(self, payload: Any, rows: int, client: Any = None) -> Any:
+    async def submit(self, payload: Any, rows: int, client: Any = None, kind: Hashable = None) -> Any:
+        """The answer to ``payload`` (``rows`` sequences) for ``client``; ``kind`` names what the
+        request is to the client (the gap until its next request is learnt per kind)."""
         loop = asyncio.get_running_loop()
         if self._task is None or self._task.done():
             self._wake = asyncio.Event()
@@ -410,14 +416,23 @@ class DynamicBatcher:
         fut = loop.create_future()
         now = time.monotonic()
         if client in self._answered:
-            gap = now - self._answered[client]
-            self._gap[client] = gap if client not in self._gap else 0.5 * self._gap[client] + 0.5 * gap
+            gap, key = now - self._answered[client], (client, self._kind.get(client))
+            self._gap[key] = gap if key not in self._gap else 0.5 * self._gap[key] + 0.5 * gap
         self._queue.append(_Pending(payload, rows, client, fut, now))
         self._wake.set()
         try:
             return await fut
         finally:
             self._answered[client] = time.monotonic()
+            self._kind[client] = kind
+
+    def end(self, client: Any, kind: Hashable = "closed") -> None:
+        """``client`` said after its last answer that it is done (a session closed apart from its
+        last step): its next gap is counted as one after ``kind``."""
+        if client in self._answered:
+            self._kind[client] = kind
+            if self._wake is not None:
+                self._wake.set()  # a batch waiting on it may leave now
 
     def _take(self, deadline: float) -> tuple[int, int, bool]:
         """(requests, rows) of the queue prefix that fits one batch, and whether to send it now."""
@@ -432,8 +447,11 @@ class DynamicBatcher:
                 return n, rows, True
         if self.expected and len(clients) >= self.expected:
             return n, rows, True
-        due = [c for c in self._prev - clients  # a client not seen twice yet counts as due
-               if c not in self._gap or self._answered.get(c, 0.0) + self._gap[c] <= deadline]
+        due = []  # a client without a gap of its kind yet counts as due
+        for c in self._prev - clients:
+            key = (c, self._kind.get(c))
+            if key not in self._gap or self._answered.get(c, 0.0) + self._gap[key] <= deadline:
+                due.append(c)
         return n, rows, not due
 
     async def _loop(self) -> None:

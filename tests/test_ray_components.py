@@ -302,7 +302,7 @@ def test_dynamic_batcher_merges_waits_and_fails_together():
         t0 = time.monotonic()
         await b.submit(0, 1, client="a")  # ... once: "b" was not in the last batch
         assert time.monotonic() - t0 < 0.2 and [len(c) for c in calls] == [2, 2, 1, 1]
-        b._answered["c"], b._gap["c"], b._prev = time.monotonic(), 5.0, {"a", "c"}
+        b._answered["c"], b._gap[("c", None)], b._prev = time.monotonic(), 5.0, {"a", "c"}
         t0 = time.monotonic()
         await b.submit(0, 1, client="a")  # "c" usually takes 5 s to come back: not waited for
         assert time.monotonic() - t0 < 0.2
@@ -310,6 +310,66 @@ def test_dynamic_batcher_merges_waits_and_fails_together():
         b = DynamicBatcher(run, max_batch=100, max_wait_s=0.02)
         res = await asyncio.gather(b.submit("boom", 1), b.submit("x", 1), return_exceptions=True)
         assert all(isinstance(r, RuntimeError) for r in res)
+
+    asyncio.run(scenario())
+
+
+def test_dynamic_batcher_does_not_wait_for_a_client_whose_session_ended():
+    """A client's gap until its next request depends on what its last one was (measured in the
+    scaling runs: ~10 ms inside a session and after a one-step scoring session, 40-125 ms after a
+    demonstration session's close, and such batches left at max_wait): the gap is learnt per
+    kind of request, so a batch waits for the client only where it comes back soon; `end` (a
+    close sent apart from the last step) sets the kind and wakes a waiting batch."""
+    calls: list[list] = []
+
+    async def run(payloads):
+        calls.append(payloads)
+        await asyncio.sleep(0.01)
+        return payloads
+
+    async def scenario():
+        b = DynamicBatcher(run, max_batch=100, max_wait_s=0.3)
+
+        async def late(client, delay, kind=None):
+            await asyncio.sleep(delay)
+            return await b.submit(client, 1, client=client, kind=kind)
+
+        async def timed(*coros):
+            t0 = time.monotonic()
+            await asyncio.gather(*coros)
+            return time.monotonic() - t0
+
+        await timed(late("a", 0), late("b", 0))
+        assert await timed(late("a", 0), late("b", 0.02)) < 0.2  # mid-session: "b" waited for (one batch)
+        assert len(calls[-1]) == 2
+        await timed(late("a", 0), late("b", 0, kind="last"))
+        # the first time after an ended session "b" is due (nothing measured yet): max_wait, then alone
+        assert await timed(late("a", 0), late("b", 0.35)) >= 0.3 and [len(c) for c in calls[-2:]] == [1, 1]
+        assert b._gap[("b", "last")] >= 0.35 and b._gap[("b", None)] < 0.1
+        await timed(late("a", 0), late("b", 0, kind="last"))
+        # "b" takes 0.35 s after a session: "a" is not kept waiting for it
+        a_time, _ = await asyncio.gather(timed(late("a", 0)), late("b", 0.35))
+        assert a_time < 0.2
+        await timed(late("a", 0), late("b", 0))  # "b" in a session again: waited for
+        assert len(calls[-1]) == 2
+        # a close sent apart from the last step (`end`): due the first time, its 0.35 s then learnt
+        b.end("b")
+        await asyncio.gather(late("a", 0), late("b", 0.35))
+        # alternating kinds, each with its own gap: back within 0.03 s after a one-step session
+        for _ in range(2):
+            await timed(late("a", 0), late("b", 0, kind="only"))
+            await timed(late("a", 0), late("b", 0.03))  # waited for (the second time by its gap)
+            assert len(calls[-1]) == 2
+        assert 0.02 < b._gap[("b", "only")] < 0.2 and b._gap[("b", "closed")] >= 0.3
+
+        async def close_b(delay):
+            await asyncio.sleep(delay)
+            b.end("b")
+
+        # a batch waiting on "b" mid-session leaves when its close arrives, and "a" goes on alone
+        assert await timed(late("a", 0), close_b(0.05)) < 0.2 and len(calls[-1]) == 1
+        a_time, _ = await asyncio.gather(timed(late("a", 0)), late("b", 0.35))
+        assert a_time < 0.2
 
     asyncio.run(scenario())
 
