@@ -316,8 +316,8 @@ def test_dynamic_batcher_merges_waits_and_fails_together():
 
 def test_dynamic_batcher_does_not_wait_for_a_client_whose_session_ended():
     """A client's gap until its next request depends on what its last one was (measured in the
-    scaling runs: ~10 ms inside a session and after a one-step scoring session, 40-125 ms after a
-    demonstration session's close, and such batches left at max_wait): the gap is learnt per
+    scaling runs: ~10 ms inside a session and after a one-step scoring session, 30-112 ms after a
+    demonstration session ended, and such batches left at max_wait): the gap is learnt per
     kind of request, so a batch waits for the client only where it comes back soon; `end` (a
     close sent apart from the last step) sets the kind and wakes a waiting batch."""
     calls: list[list] = []

@@ -123,7 +123,7 @@ def test_teacher_sessions_through_the_pool_one_position_per_token_with_a_replica
                 before = pid(replicas[i])
                 ray.kill(replicas[i], no_restart=False)  # Ray restarts it, without its sessions
                 # ray.kill returns before the process dies, and a call sent meanwhile is answered by
-                # the old process (20 of 20 in a probe): wait for the new one, so this step misses
+                # the old process (38 of 40, docs/probes/ray_kill_race.py): wait for the new one, so this step misses
                 deadline = time.monotonic() + 60
                 while time.monotonic() < deadline:
                     try:
