@@ -113,6 +113,27 @@ def resume_point(path: str, overrides: list[str]) -> tuple[Config, tuple[str, di
     return cfg.with_absolute_paths(), (ckpt, manifest), None
 
 
+def job_start(args, prog: str) -> tuple[Config, tuple[str, dict] | None, str | None, list[str]]:
+    """What jobs/train_pcl.py's arguments (``--config``, ``--phase1``, ``--resume``, ``--overwrite``,
+    overrides) ask for, every input checked before Ray starts: (config, Phase-2 checkpoint and
+    manifest, Phase-1 folder to go on from, the earlier run's outputs in run_dir to clear)."""
+    from kdtw.cli import _check_run_dir
+    from kdtw.phase1 import check_phase1
+
+    old: list[str] = []
+    if args.resume:
+        if args.config or args.phase1 or args.overwrite:
+            raise ValueError("--resume continues a run with its own config: drop --config/--phase1/--overwrite "
+                             "(key=value overrides still apply)")
+        cfg, resume, resume_phase1 = resume_point(args.resume, args.overrides)
+    else:
+        cfg, resume, resume_phase1 = load(args.config, args.overrides), None, None
+        old = _check_run_dir(cfg, overwrite=args.overwrite, resume_with=prog)
+    if args.phase1:
+        check_phase1(args.phase1)
+    return cfg, resume, resume_phase1, old
+
+
 def _reachable(address: str) -> None:
     """Refuse an address nothing listens on, at once (ray.init would retry for a minute)."""
     url = urlparse(address if "://" in address else f"tcp://{address}")

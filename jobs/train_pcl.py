@@ -28,14 +28,15 @@ for _p in (ROOT, os.path.dirname(os.path.abspath(__file__))):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from actors.cluster import Interrupted, Stopper, guarded, load, resume_point, session  # noqa: E402
+from actors.cluster import Interrupted, Stopper, guarded, job_start, session  # noqa: E402
 from kdtw.config import Config, load_config  # noqa: E402,F401  (load_config: tests build a resumed config)
 from kdtw.factory import budget_table, load_splits, load_student  # noqa: E402
 from kdtw.metrics import primary_metric  # noqa: E402
+from kdtw.pacing import Pacing  # noqa: E402
 from kdtw.settle import settle_budgets  # noqa: E402
-from kdtw.phase1 import check_phase1, read_phase1  # noqa: E402
+from kdtw.phase1 import read_phase1  # noqa: E402
 from kdtw.reporting import (  # noqa: E402
-    LoopState, consider, finish_run, format_validation, validation_examples, validation_metrics)
+    LoopState, finish_run, format_validation, record_validation, validation_examples)
 
 PROG = "python jobs/train_pcl.py"
 Log = Callable[[str], None]
@@ -95,17 +96,16 @@ class Phase2:
         from actors.common import RETRY_ERRORS
 
         tc, r = self.cfg.train, self.cfg.ray
-        est_tokens = tc.batch_size * self.cfg.decoding.max_new_tokens  # a rollout batch, at most
+        pace = Pacing(tc.max_staleness, r.steps_per_batch, tc.buffer_tokens,
+                      batch_tokens=tc.batch_size * self.cfg.decoding.max_new_tokens)  # a rollout batch, at most
         self.progress.begin()
         version = self.published[0]
         inflight: dict = {}  # ref -> ("collect", worker id) | ("learn", None)
         idle = set(range(len(self.workers)))
-        learn_ref, learner_waits = None, False  # learner_waits: the buffer could not fill a batch
-        batches = steps = 0  # this session's rollout batches and learner steps
-        unseen = 0  # the buffer's count of tokens no learner step has matched, as last reported
+        learn_ref = None
         while self.step < tc.phase2_steps:
             # learn: one step in flight at a time, at most steps_per_batch per rollout batch
-            if learn_ref is None and not learner_waits and steps < batches * r.steps_per_batch:
+            if learn_ref is None and pace.may_learn():
                 nxt = self.step + 1
                 publish = nxt % tc.validate_every == 0 or nxt == tc.phase2_steps or (
                     r.checkpoint_every and nxt % r.checkpoint_every == 0)
@@ -115,15 +115,13 @@ class Phase2:
             # unless the buffer would evict paths the learner has not seen (its own backpressure)
             pending = sum(1 for kind, _ in inflight.values() if kind == "collect")
             for wid in sorted(idle):
-                if version + (learn_ref is not None) - self.published[0] > tc.max_staleness:
-                    break
-                if unseen + (pending + 1) * est_tokens > tc.buffer_tokens:
+                if not pace.may_collect(version, learn_ref is not None, self.published[0], pending):
                     break
                 inflight[self.workers[wid].collect.remote(*self.published)] = ("collect", wid)
                 idle.discard(wid)
                 pending += 1
             if not inflight:  # nothing can move: the reported count is out of date
-                unseen, learner_waits = 0, False
+                pace.stalled()
                 continue
             done, _ = ray.wait(list(inflight) + self.val.refs(), num_returns=1)
             if done[0] not in inflight:  # the validation in flight came back
@@ -138,16 +136,15 @@ class Phase2:
                     self.progress.worker_failed(wid, e)
                     self.actors.replace_worker(wid)
                     continue
-                batches, learner_waits, unseen = batches + 1, False, res["buffer_unseen"]
+                pace.collected(res["buffer_unseen"])
                 self.progress.rollout(res)
                 continue
             learn_ref = None
             res = ray.get(done[0])
-            if res is None:
-                learner_waits, unseen = True, 0  # the buffer could not fill a batch (it reset its count)
+            pace.learned(None if res is None else res["buffer_unseen"])
+            if res is None:  # the buffer could not fill a batch
                 continue
-            steps, self.step, self.lam = steps + 1, self.step + 1, res["stats"].lam
-            version, unseen = res["stats"].version, res["buffer_unseen"]
+            self.step, self.lam, version = self.step + 1, res["stats"].lam, res["stats"].version
             self.published = res.get("weights", self.published)  # sync: the next collects use these
             self.progress.step(self.step, res, self.state, workers=len(self.workers))
             if self.step % tc.validate_every == 0 or self.step == tc.phase2_steps:
@@ -180,10 +177,8 @@ class Phase2:
         self._record(self.val.now(), title, step, phase, lam)
 
     def _record(self, v: dict, title: str, step: int, phase: int, lam: list) -> None:
-        self.log(f"{title}:\n" + format_validation(v, primary_metric(self.cfg.task.metric)))
-        if self.tracker is not None:
-            self.tracker.metrics(validation_metrics(v), step=step)
-        consider(self.state, v, step=step, phase=phase, lam=lam, student=self.student, run_dir=self.cfg.run_dir)
+        record_validation(self.cfg, self.state, v, title, step=step, phase=phase, lam=lam, student=self.student,
+                          log=self.log, metrics=None if self.tracker is None else self.tracker.metrics)
 
     def checkpoint(self) -> str:
         from actors.system import write_job_checkpoint
@@ -269,19 +264,9 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
     args = build_parser(prog).parse_args(argv)
 
     def body() -> int:
-        from kdtw.cli import _check_run_dir, _clear_run
+        from kdtw.cli import _clear_run
 
-        old = []
-        if args.resume:
-            if args.config or args.phase1 or args.overwrite:
-                raise ValueError("--resume continues a run with its own config: drop --config/--phase1/--overwrite "
-                                 "(key=value overrides still apply)")
-            cfg, resume, resume_phase1 = resume_point(args.resume, args.overrides)
-        else:
-            cfg, resume, resume_phase1 = load(args.config, args.overrides), None, None
-            old = _check_run_dir(cfg, overwrite=args.overwrite, resume_with=prog)
-        if args.phase1:
-            check_phase1(args.phase1)
+        cfg, resume, resume_phase1, old = job_start(args, prog)  # every input checked before Ray starts
         with session(cfg) as stopper:  # signals, and a local Ray that ends with the job
             if old:
                 _clear_run(cfg.run_dir, old)

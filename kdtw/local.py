@@ -23,7 +23,7 @@ from .factory import budget_table, load_pair, load_splits
 from .learner import Learner, StepStats
 from .metrics import primary_metric
 from .models import LM, Student
-from .reporting import (LoopState, consider, finish_run, format_step, format_validation, trace_entry, validate,
+from .reporting import (LoopState, finish_run, format_step, format_validation, record_validation, trace_entry, validate,
                         validation_examples)
 from .rollout import DemoQueue, collect, demo_generator, prompt_ids, sample_tasks, teacher_demos
 from .settle import settle_budgets
@@ -160,9 +160,7 @@ class LocalLoop:
                     f"({el:.0f}s, eta {el / (step + 1) * (tc.phase1_steps - step - 1):.0f}s)")
         phase1_seconds = time.perf_counter() - t1
         if tc.phase1_steps:
-            v = validate(c, self.student, self.teacher, self.val_set)
-            log("[phase 1] done:\n" + format_validation(v, key))
-            self._consider(v, step=0, phase=1)
+            self._record(validate(c, self.student, self.teacher, self.val_set), "[phase 1] done", step=0, phase=1)
 
         t2 = time.perf_counter()
         self.learner.start_phase2()
@@ -183,8 +181,7 @@ class LocalLoop:
                 self.learner.integral += shift
             if (step + 1) % tc.validate_every == 0 or step + 1 == tc.phase2_steps:
                 v = validate(c, self.student, self.teacher, self.val_set)
-                log(f"[validate] phase-2 step {step + 1}:\n" + format_validation(v, key))
-                self._consider(v, step=step + 1, phase=2)
+                self._record(v, f"[validate] phase-2 step {step + 1}", step=step + 1, phase=2)
             signame = should_stop() if should_stop is not None else None
             if signame and step + 1 < tc.phase2_steps:
                 stopped = {"signal": signame, "phase": 2, "step": step + 1}
@@ -198,9 +195,9 @@ class LocalLoop:
                           seconds={"phase1": phase1_seconds, "phase2": phase2_seconds,
                                    "total": time.perf_counter() - t_start}, extra={"stopped": stopped, "settled": settled})
 
-    def _consider(self, v: dict, *, step: int, phase: int) -> None:
-        consider(self.state, v, step=step, phase=phase, lam=self.learner.lam.tolist(), student=self.student,
-                 run_dir=self.cfg.run_dir)
+    def _record(self, v: dict, title: str, *, step: int, phase: int) -> None:
+        record_validation(self.cfg, self.state, v, title, step=step, phase=phase, lam=self.learner.lam.tolist(),
+                          student=self.student, log=self.log)
 
 
 def run_local(cfg: Config, *, log: Log = print) -> dict:

@@ -151,6 +151,16 @@ def better(best: dict | None, v: dict) -> bool:
     )
 
 
+def record_validation(cfg: Config, state: LoopState, v: dict, title: str, *, step: int, phase: int, lam: list[float],
+                      student: Student, log: Callable[[str], None], metrics: Callable | None = None) -> bool:
+    """Both loops' handling of a validation: its table logged under ``title``, its figures handed
+    to ``metrics`` (the job's MLflow tracker: ``metrics(dict, step=)``), and `consider`."""
+    log(f"{title}:\n" + format_validation(v, primary_metric(cfg.task.metric)))
+    if metrics is not None:
+        metrics(validation_metrics(v), step=step)
+    return consider(state, v, step=step, phase=phase, lam=lam, student=student, run_dir=cfg.run_dir)
+
+
 def consider(state: LoopState, v: dict, *, step: int, phase: int, lam: list[float], student: Student,
              run_dir: str) -> bool:
     """Record validation ``v``; if `better`, save ``student`` as ``<run_dir>/candidate`` and make it
