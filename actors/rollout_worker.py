@@ -38,7 +38,8 @@ class RolloutWorker:
         else:
             self.student = load_student(cfg)
             spec = ray.get(pool.spec.remote())
-            self.teacher = RemoteTeacher(PoolClient(pool, worker_id), self.student.lm.tokenizer, spec)
+            self.teacher = RemoteTeacher(PoolClient(pool, worker_id, socket=cfg.ray.teacher_socket),
+                                         self.student.lm.tokenizer, spec)
         seed = cfg.seed + 1000 * worker_id + 7919 * incarnation
         self.rng = random.Random(seed)
         self.gen = torch.Generator().manual_seed(seed)

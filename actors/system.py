@@ -54,7 +54,8 @@ class Actors:
         from kdtw.teacher_service import RemoteTeacher
 
         spec = ray.get(self.pool.spec.remote())
-        return RemoteTeacher(PoolClient(self.pool, name), tokenizer, spec, tag="validation")
+        return RemoteTeacher(PoolClient(self.pool, name, socket=self.cfg.ray.teacher_socket), tokenizer, spec,
+                             tag="validation")
 
     def validate(self, student, examples: list) -> dict | None:
         """`kdtw.reporting.validate` of ``student`` on a teacher replica, next to its teacher (no

@@ -13,11 +13,14 @@ When a replica fails, its sessions' requests answer `kdtw.teacher_service.MISS` 
 sends the whole prefix again, which lands on a live replica (its clients are re-homed); requests
 without a session are retried on another replica by a `kdtw.teacher_service.Router`. The pool
 adds up the teacher positions the replicas report with each answer, by tag. `PoolClient` is the
-blocking client `kdtw.teacher_service.RemoteTeacher` talks to.
+blocking client `kdtw.teacher_service.RemoteTeacher` talks to: on the pool's node through the pool's
+Unix socket (actors/pool_socket.py: no Ray actor task per request), elsewhere by actor calls.
 """
 
 from __future__ import annotations
 
+import asyncio
+import secrets
 import time
 from collections import Counter
 from functools import partial
@@ -25,6 +28,7 @@ from functools import partial
 import ray
 
 from actors.common import RETRY_ERRORS
+from actors.pool_socket import SocketClient, WireError, new_address, serve
 from kdtw.teacher_service import MISS, BatchStats, DynamicBatcher, Router
 
 ACTIVE_S = 2.0  # a client that sent nothing for this long is not waited for
@@ -42,6 +46,8 @@ class TeacherPool:
         self.seen: dict = {}  # client -> when it last sent a request
         self.positions: Counter = Counter()
         self.misses = 0
+        self._server, self._address, self._token = None, None, secrets.token_hex(16)
+        self._server_lock = asyncio.Lock()
 
     # -- placement
 
@@ -145,6 +151,25 @@ class TeacherPool:
     async def spec(self) -> dict:
         return await self.router.call(lambda i: self.replicas[i].spec.remote(), 0, RETRY_ERRORS)
 
+    async def endpoint(self) -> dict:
+        """Where clients on this node reach the pool's socket: ``{"node", "address", "token"}``
+        (the server starts on the first ask)."""
+        async with self._server_lock:
+            if self._server is None:
+                self._address, _ = new_address()
+                self._server = await serve(self._address, self._token, self._socket_request)
+        return {"node": ray.get_runtime_context().get_node_id(), "address": self._address, "token": self._token}
+
+    async def _socket_request(self, op: str, args: list, client):
+        """A request from the socket: the same methods the actor calls reach."""
+        if op == "step":
+            return await self.step(tuple(args), client)
+        if op == "close":
+            return await self.close(args[0], client)
+        if op == "score":
+            return await self.score(args[0], args[1], client)
+        raise ValueError(f"unknown request {op!r} on the teacher pool's socket")
+
     def where(self, sid: str) -> int | None:
         """The replica session ``sid`` is pinned to (None: not placed)."""
         return self.pinned.get(sid)
@@ -165,16 +190,59 @@ class TeacherPool:
 
 
 class PoolClient:
-    """Blocking calls into the pool (what `RemoteTeacher` needs), tagged with a client id."""
+    """Blocking calls into the pool (what `RemoteTeacher` needs), tagged with a client id: over
+    the pool's socket when this process is on the pool's node and ``socket`` is on
+    (``ray.teacher_socket``), else (and after the socket broke) as Ray actor calls. A request cut
+    off with its socket goes again by actor call: a session step the pool had already taken
+    answers a miss there, and `RemoteTeacher` resends the whole prefix, as after a replica's loss."""
 
-    def __init__(self, pool, client_id) -> None:
+    def __init__(self, pool, client_id, *, socket: bool = True) -> None:
         self.pool, self.client_id = pool, client_id
+        self.try_socket = socket
+        self.lane: SocketClient | None = None
+        self.via_socket = self.via_ray = 0  # requests sent each way
+
+    def __getstate__(self) -> dict:  # a copy elsewhere connects on its own
+        return {**self.__dict__, "lane": None, "try_socket": self.try_socket or self.lane is not None}
+
+    def _lane(self) -> SocketClient | None:
+        if self.lane is None and self.try_socket:
+            self.try_socket = False  # one try: a client that cannot connect stays on actor calls
+            ep = ray.get(self.pool.endpoint.remote())
+            if ep["node"] == ray.get_runtime_context().get_node_id():
+                try:
+                    self.lane = SocketClient(ep["address"], ep["token"], self.client_id)
+                except OSError:
+                    self.lane = None
+        return self.lane
+
+    def _call(self, op: str, *args):
+        lane = self._lane()
+        if lane is not None:
+            try:
+                out = lane.call(op, *args)
+                self.via_socket += 1
+                return out
+            except (OSError, WireError):  # the socket broke (or the pool went): actor calls from now on
+                lane.shut()
+                self.lane = None
+        self.via_ray += 1
+        if op == "step":
+            return ray.get(self.pool.step.remote(tuple(args), self.client_id))
+        return ray.get(self.pool.score.remote(*args, self.client_id))
 
     def step(self, *payload):
-        return ray.get(self.pool.step.remote(payload, self.client_id))
+        return self._call("step", *payload)
 
     def close(self, sid):
+        lane = self._lane()
+        if lane is not None:
+            try:
+                return lane.send("close", sid)
+            except OSError:
+                lane.shut()
+                self.lane = None
         self.pool.close.remote(sid, self.client_id)  # nothing to wait for
 
     def score(self, prompt_rows, paths):
-        return ray.get(self.pool.score.remote(prompt_rows, paths, self.client_id))
+        return self._call("score", prompt_rows, paths)

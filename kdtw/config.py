@@ -384,6 +384,10 @@ class RayConfig:
     # KV caches of open teacher sessions a replica keeps (MB); beyond it the least recently used
     # session is evicted and its next request resent from the whole prefix.
     teacher_cache_mb: PosFloat = 1024.0
+    # Clients on the teacher pool's node (rollout workers, the driver) send their session steps,
+    # closes and scoring over the pool's Unix socket (actors/pool_socket.py) instead of one Ray
+    # actor task each; clients on other nodes, and every client with false, use actor calls.
+    teacher_socket: Bool = True
     # Benchmark knob: a teacher replica sleeps this long before answering each batch.
     teacher_latency_ms: NonNegFloat = 0.0
     # Teacher demonstrations decoded on a replica in one call, while the worker runs its student

@@ -88,11 +88,16 @@ def test_sync_parity_with_the_local_loop(ray_session, tmp_path, in_workers):
         assert report["call_thresholds"][phrase] == (None if theta is None else pytest.approx(theta, abs=1e-6)), phrase
 
 
-def test_teacher_sessions_through_the_pool_one_position_per_token_with_a_replica_killed(ray_session, tmp_path):
+@pytest.mark.parametrize("transport", ["socket", "ray"])
+def test_teacher_sessions_through_the_pool_one_position_per_token_with_a_replica_killed(ray_session, tmp_path,
+                                                                                        transport):
     """Rollouts through the Ray pool: each decode batch is a session pinned to a replica; the
     replicas compute the prompt once and one position per output token (calls and scoring), as
     counted by the pool. The replica holding a session is killed mid-session: the next step is
-    a miss, the client resends the prefix, and paths and teacher log-probs equal a local run."""
+    a miss, the client resends the prefix, and paths and teacher log-probs equal a local run.
+    Requests go over the pool's socket or as actor calls (``transport``); over the socket, a
+    client whose socket breaks just after the pool took a step goes on by actor calls (that step
+    misses there and the prefix is resent) with the same paths."""
     ray = ray_session
     from actors.common import RETRY_ERRORS
     from actors.teacher import TeacherActor
@@ -112,6 +117,17 @@ def test_teacher_sessions_through_the_pool_one_position_per_token_with_a_replica
 
     def pid(replica):
         return ray.get(replica.__ray_call__.remote(lambda _: os.getpid()))
+
+    class Cutter(PoolClient):  # its socket breaks after the pool took the third step
+        steps = 0
+
+        def step(self, *payload):
+            Cutter.steps += 1
+            if Cutter.steps == 3:
+                assert self.lane is not None
+                self.lane.call("step", *payload)  # taken, its answer lost with the socket
+                self.lane.shut()
+            return super().step(*payload)
 
     class Killer(PoolClient):  # kills the replica of the first session before its third step
         steps = 0
@@ -142,7 +158,9 @@ def test_teacher_sessions_through_the_pool_one_position_per_token_with_a_replica
                         tau_bias=2.0, score_teacher=True, generator=torch.Generator().manual_seed(11))
 
     ref = rollouts(teacher)
-    for client, kill in ((PoolClient(pool, "w0"), False), (Killer(pool, "w1"), True)):
+    sock = transport == "socket"
+    cases = [(PoolClient(pool, "w0", socket=sock), False), (Killer(pool, "w1", socket=sock), True)]
+    for client, kill in cases + ([(Cutter(pool, "w2"), None)] if sock else []):
         before = ray.get(pool.stats.remote(reset=False))["positions"].get("rollout", 0)
         proxy = RemoteTeacher(client, student.lm.tokenizer, spec)
         got = rollouts(proxy)
@@ -158,10 +176,14 @@ def test_teacher_sessions_through_the_pool_one_position_per_token_with_a_replica
         calls = sum(map(sum, got.call_mask))
         print(f"teacher positions: {positions} for {prompt} prompt + {output} output tokens "
               f"({calls} calls; resending the prefix at every call would compute more), misses {proxy.misses}")
-        if not kill:
+        if sock:  # every request over the socket; once cut, by actor calls (the miss, the resend, ...)
+            assert client.via_socket > 0 and (client.via_ray == 0 if kill is not None else client.via_ray >= 2)
+        else:
+            assert client.via_socket == 0 and client.via_ray > 0
+        if kill is False:
             assert positions == prompt + output and proxy.misses == 0
         else:  # the lost session's prompt and prefix computed once more
-            assert killed and proxy.misses >= 1
+            assert (killed if kill else client.lane is None) and proxy.misses >= 1
             # at least every position once: equal when the kill (asynchronous) lands before the
             # replica answered any request of that session, so nothing it computed was counted
             assert prompt + output <= positions <= prompt + output + proxy.misses * (prompt + 12 * 3)
