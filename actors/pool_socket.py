@@ -3,10 +3,11 @@ node go over a Unix socket into the pool's event loop instead of one Ray actor t
 
 Why: at N = 8 rollout workers against a 50 ms teacher the pool is the serial point of every
 batch cycle, and 93% of its busy time was Ray's actor-task machinery (docs/runs/
-default-throughput-seed0/session36/). Measured here (2026-12-05, two cores, an async actor that
-answers at once, [B=2, V=64] float32 logits back): a round trip 1.27 ms as a Ray actor call
-against 0.056 ms over this socket with one client; with eight clients at once the actor served
-1,380 requests/s through Ray and 16,000-18,000 through the socket (session37/).
+default-throughput-seed0/session36/). Measured here (2026-12-05, two cores; session37/): an async
+actor that answers at once, round trip 1.27 ms as a Ray actor call against 0.056 ms over a socket
+with one client, 1,380 against 16,000-18,000 requests/s with eight (`transport_probe.py`); the
+real pool and a conf/tiny.yaml replica (`benchmarks/pool_socket.py`), 1.35-1.42x the requests/s
+with one client and 1.47-1.73x with eight.
 
 The wire format runs no code: a frame is ``!II`` (header bytes, blob bytes), a JSON header, then
 the blobs of the numpy arrays the header names (``{"__nd__": [offset, dtype, shape]}``, a fixed
