@@ -142,8 +142,13 @@ async def serve(address: str, token: str, handle: Callable[[str, list, Any], Awa
             except WireError as e:
                 frame = encode({"id": msg.get("id"), "err": str(e)})
             async with lock:
-                w.write(frame)
-                await w.drain()
+                if w.is_closing():
+                    return  # the client went away (a killed worker): nobody to answer
+                try:
+                    w.write(frame)
+                    await w.drain()
+                except ConnectionError:
+                    return
 
         try:
             hello = await read(r)

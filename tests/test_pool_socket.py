@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import struct
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -89,6 +90,8 @@ class Server:
         self.address, _ = new_address()
         self.token = "t0ken"
         self.loop = asyncio.new_event_loop()
+        self.errors: list = []  # what the loop would log: exceptions no task handled
+        self.loop.set_exception_handler(lambda _, ctx: self.errors.append(ctx))
         ready = threading.Event()
 
         def run():
@@ -151,3 +154,31 @@ def test_a_server_answers_its_clients_and_refuses_a_wrong_token():
             c.shut()
     finally:
         srv.stop()
+
+
+def test_a_client_that_goes_away_mid_request_leaves_the_server_serving():
+    """A client killed while its request is being answered (a rollout worker killed mid-step):
+    the answer has nowhere to go, nothing fails in the server's loop, and others are served."""
+    started = threading.Event()
+
+    async def handle(op, args, client):
+        if op == "slow":
+            started.set()
+            await asyncio.sleep(0.3)
+        return np.arange(3, dtype=np.int64) + args[0]
+
+    srv = Server(handle)
+    try:
+        for _ in range(3):
+            gone = SocketClient(srv.address, srv.token, "gone", timeout_s=10)
+            gone.sock.sendall(encode({"id": 1, "op": "slow", "args": [0]}))
+            assert started.wait(10)
+            started.clear()
+            gone.shut()
+        time.sleep(0.5)  # the slow answers were due meanwhile
+        other = SocketClient(srv.address, srv.token, "other", timeout_s=10)
+        assert other.call("step", 5).tolist() == [5, 6, 7]
+        other.shut()
+    finally:
+        srv.stop()
+    assert srv.errors == []
