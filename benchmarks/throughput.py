@@ -1,7 +1,8 @@
 """Rollout throughput of the Ray loop against the single-process loop, side by side in one run.
 
     python benchmarks/throughput.py [--config conf/default.yaml] [--scaling-config conf/tiny.yaml] \
-        [--steps 40] [--interleave-steps 120] [--workers 1,2,4,8] [--latency-ms 50] [key=value ...]
+        [--steps 40] [--interleave-steps 120] [--alternate-windows 8] [--workers 1,2,4,8] [--latency-ms 50]
+        [key=value ...]
 
 Prints four figures (goals from issues 4 and 12 in brackets):
 
@@ -24,7 +25,11 @@ Prints four figures (goals from issues 4 and 12 in brackets):
    again against the mean of the two; and the synchronous loop once more, a step of it and a step
    of the one-thread local loop in turn in one run (the same paths step for step), whose ratio of
    step times the machine's drift moves alike on both sides, over ``--interleave-steps`` steps, with
-   two standard errors of the step times' own jitter;
+   two standard errors of the step times' own jitter; and the asynchronous setting once more, in
+   windows with the one-thread local loop (its own process) in turn (``--alternate-windows`` of each,
+   ``--alternate-seconds`` long: the job pauses between its windows, its rollouts in flight landing
+   first, while the local loop steps), whose ratio of trajectories/s the drift moves alike on both
+   sides, with two standard errors of the windows' ratios;
 2. scaling: trajectories/s with N = 1, 2, 4, 8 rollout workers against one teacher replica that
    sleeps ``--latency-ms`` before answering each batch (``ray.teacher_latency_ms``), on
    ``--scaling-config``, relative to N = 1 [≥ 0.8·N]; teacher demonstrations go token by token
@@ -386,6 +391,118 @@ def interleaved(cfg, phase1: str | None, *, skip: int = 3) -> dict:
             "cores_busy": {k: cores((0, 0, 0), tuple(v))[0] for k, v in jiffies.items()}}
 
 
+def _gated_local(cfg, phase1: str | None, go, idle, stop, out) -> None:
+    """The process of `alternated`: the one-thread local loop, warmed up, stepping only while ``go``
+    is set (``idle`` set while it waits); puts (start, end, trajectories) of each step on ``out``
+    (time.monotonic: one clock for every process here), and the CPU time of its thread."""
+    import torch
+
+    torch.set_num_threads(1)
+    loop = local_loop(cfg, phase1)
+    loop.learn(*loop.collect())  # warm-up
+    while not stop.is_set():
+        if not go.is_set():
+            idle.set()
+            go.wait(0.2)
+            continue
+        idle.clear()
+        t0, c0 = time.monotonic(), time.thread_time()
+        trajs, demos = loop.collect()
+        loop.learn(trajs, demos)
+        out.put((t0, time.monotonic(), len(trajs) + len(demos), time.thread_time() - c0))
+
+
+def alternated(cfg, phase1: str | None, *, windows: int, local_s: float, skip: int = 10) -> dict:
+    """The asynchronous job (``cfg``, with ``train.phase2_steps`` enough for ``windows`` + 1
+    windows of up to (phase2_steps - 2·skip - 1) / windows steps) and the one-thread local loop (a
+    process of its own) in turn, in one run: the job runs ``job_steps`` learner steps, then pauses (a hook in its driver
+    waits for the rollout batches in flight to land and starts nothing), the local loop steps for
+    ``local_s`` seconds (and ends its step), and so on, ``windows`` times. Each side's
+    trajectories/s over its own windows; the machine's drift moves both alike (a window of each
+    every ~20 s). The job's windows end with its collects draining (workers finishing their batch,
+    the learner idle), counted as job time: this leans against the job. ``job_steps`` is chosen
+    from a first window of ``skip`` steps' pace to last about ``local_s`` seconds."""
+    import ray
+    import train_pcl
+
+    ctx = multiprocessing.get_context("spawn")
+    go, idle, stop, out = ctx.Event(), ctx.Event(), ctx.Event(), ctx.Queue()
+    proc = ctx.Process(target=_gated_local, args=(cfg, phase1, go, idle, stop, out))
+    proc.start()
+    job = []  # (seconds, trajectories) of each job window
+    busy = []  # the machine's cores busy in each local window
+    local_windows = []  # (start, end) of each local window
+    st = {"t": None, "count": 0, "drained": 0, "steps": 0, "job_steps": None}
+
+    def drain(system) -> int:
+        refs = [r for r, (kind, _) in system.inflight.items() if kind == "collect"]
+        if refs:
+            ray.wait(refs, num_returns=len(refs), timeout=120)
+        return sum(ray.get(r)["paths"] for r in refs)  # landed, counted by the driver after the hook
+
+    def hook(system, step):
+        st["steps"] += 1
+        if st["t"] is None:
+            if step == skip:  # past start-up and every worker's first delivery: the first window starts
+                st.update(t=time.monotonic(), count=system.counters["trajectories"], steps=0)
+            return
+        if len(local_windows) == windows or st["steps"] < (st["job_steps"] or skip):
+            return
+        drained = drain(system)
+        t1 = time.monotonic()
+        done = system.counters["trajectories"] - st["count"] + drained - st["drained"]
+        job.append((t1 - st["t"], done))
+        if st["job_steps"] is None:  # the windows' length from the first one's pace, within the run's steps
+            cap = (cfg.train.phase2_steps - 2 * skip - 1) // windows
+            st["job_steps"] = min(cap, max(skip, round(skip * local_s / (t1 - st["t"]))))
+        if not idle.wait(600):
+            raise RuntimeError("the local loop's process did not become ready")
+        w0, j0 = time.monotonic(), cpu_jiffies()
+        go.set()
+        time.sleep(local_s)
+        go.clear()
+        if not idle.wait(120):
+            raise RuntimeError("the local loop's process did not end its step")
+        local_windows.append((w0, time.monotonic()))
+        busy.append(cores(j0, cpu_jiffies())[0])
+        st.update(t=time.monotonic(), count=system.counters["trajectories"], drained=drained, steps=0)
+
+    try:
+        train_pcl.train(cfg, phase1=phase1, log=lambda _: None, track=False, hooks=[hook])
+    finally:
+        ray.shutdown()
+        stop.set()
+        go.set()
+        proc.join(60)
+        if proc.is_alive():
+            proc.kill()
+    steps_done = []
+    while True:
+        try:
+            steps_done.append(out.get_nowait())
+        except queue.Empty:
+            break
+    if len(local_windows) < windows:
+        raise RuntimeError(f"only {len(local_windows)} of {windows} windows ran: the job ended first")
+    # the job's first window (warm-up, and the one that sets the windows' length) is left out
+    job = job[1:]
+    local = [[(t1 - t0, n) for t0, t1, n, _ in steps_done if a <= t0 <= b] for a, b in local_windows[1:]]
+    cpu = sum(c for t0, _, _, c in steps_done if any(a <= t0 <= b for a, b in local_windows[1:]))
+    # each job window against the local window after it
+    ratios = [(n / s) / (sum(m for _, m in w) / sum(t for t, _ in w)) for (s, n), w in zip(job, local) if w]
+    spread = 2 * statistics.stdev(ratios) / len(ratios) ** 0.5 if len(ratios) > 1 else float("nan")
+    job_rate = sum(n for _, n in job) / sum(s for s, _ in job)
+    local_rate = sum(n for w in local for _, n in w) / sum(s for w in local for s, _ in w)
+    return {"windows": len(ratios), "job_traj_per_s": job_rate, "local_traj_per_s": local_rate,
+            "ratio": job_rate / local_rate, "window_ratios": ratios, "two_standard_errors": spread,
+            "job_window_s": [s for s, _ in job], "local_window_s": [b - a for a, b in local_windows[1:]],
+            "job_steps_per_window": st["job_steps"],
+            # what the job's idle processes leave the local loop: the machine's cores busy while it
+            # stepped (1.0: its one thread alone) and its steps' wall time against their CPU time
+            "local_cores_busy": None if None in busy[1:] else statistics.mean(busy[1:] or [float("nan")]),
+            "local_wall_per_cpu": sum(s for w in local for s, _ in w) / max(cpu, 1e-9)}
+
+
 def main(argv: list[str] | None = None) -> int:
     default = os.path.join(ROOT, "conf", "default.yaml")
     tiny = os.path.join(ROOT, "conf", "tiny.yaml")
@@ -413,6 +530,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--interleave-steps", type=int, default=120,
                     help="learner steps of the synchronous job measured a step of it and a step of the local loop "
                          "in turn (0: not measured)")
+    ap.add_argument("--alternate-windows", type=int, default=8,
+                    help="windows of the asynchronous job and the one-thread local loop in turn (0: not measured)")
+    ap.add_argument("--alternate-seconds", type=float, default=10.0, help="seconds of each local window (and about "
+                    "each job window)")
     ap.add_argument("--skip-compare", action="store_true", help="only the latency runs (2-3)")
     ap.add_argument("--skip-scaling", action="store_true", help="only comparisons 1 and 4")
     ap.add_argument("--out", default=None,
@@ -458,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
         cols, traced, n_tokens = buffer_bytes(cfg(args.config), batches)
         full = buffer_bytes(cfg(args.config), batches, fill_to=cfg(args.config).train.buffer_tokens)
 
-    sync, fast, again, inter = [], [], None, None
+    sync, fast, again, inter, alt = [], [], None, None, None
     if not args.skip_compare:  # each run starts and stops its own Ray, as the job does
         steps = [f"train.phase2_steps={args.steps}", f"train.validate_every={10 * args.steps}"]
         sync_one = ["train.max_staleness=0", "ray.max_staleness=0", "ray.num_rollout_workers=1", "ray.num_teacher_replicas=1"]
@@ -472,6 +593,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.interleave_steps:  # the same two, a step of each in turn: the drift moves both alike
             inter = interleaved(cfg(args.config, f"train.phase2_steps={args.interleave_steps}",
                                     f"train.validate_every={10 * args.interleave_steps}", *sync_one, over=user), p1)
+        if args.alternate_windows:  # the asynchronous job and the local loop, windows of each in turn
+            n = 2 * 10 + 1 + args.alternate_windows * 60  # the first window, then up to 60 steps each
+            alt = alternated(cfg(args.config, f"train.phase2_steps={n}", f"train.validate_every={10 * n}",
+                                 *async_sets[0], over=user), p1, windows=args.alternate_windows,
+                             local_s=args.alternate_seconds)
     if args.skip_scaling:
         ns = []
 
@@ -537,6 +663,17 @@ def main(argv: list[str] | None = None) -> int:
                   + " / ".join("-" if v is None else f"{v:.2f}" for v in inter["cores_busy"].values())
                   + f" while the local loop / the job stepped; the local steps' wall time "
                   f"{inter['local_wall_per_cpu']:.2f}x their thread's CPU time)")
+        if alt:
+            print(f"   {'async Ray loop and the 1-thread local loop, windows of each in turn':<72}{'':>8}  "
+                  f"{alt['ratio']:>10.2f}x  {'':>9}  >= 1.6x  (one run: {alt['job_traj_per_s']:.1f} against "
+                  f"{alt['local_traj_per_s']:.1f} trajectories/s over {alt['windows']} windows of each, "
+                  f"{statistics.mean(alt['job_window_s']):.1f} s of the job ({alt['job_steps_per_window']} steps, "
+                  f"ending with its rollouts in flight landing) and {statistics.mean(alt['local_window_s']):.1f} s of "
+                  f"the local loop in turn; the drift moves both alike; ±{alt['two_standard_errors']:.2f}: two standard "
+                  f"errors of the windows' ratios, " + " ".join(f"{r:.2f}" for r in alt["window_ratios"])
+                  + "; cores busy " + ("-" if alt["local_cores_busy"] is None else f"{alt['local_cores_busy']:.2f}")
+                  + " while the local loop stepped, its steps' wall time "
+                  f"{alt['local_wall_per_cpu']:.2f}x their thread's CPU time)")
         print("   cores busy by role (same window) and CPU ms per trajectory (the 1-thread local loop: "
               f"{1000 / one_thread:.1f} ms, one core):")
         for name, r, _, _ in rows:
@@ -579,6 +716,7 @@ def main(argv: list[str] | None = None) -> int:
                        "sync": dict(zip((" ".join(a) for a in sync_sets), sync)),
                        "async": dict(zip((" ".join(a) for a in async_sets), fast)),
                        "sync_interleaved": inter,
+                       "async_alternated": alt,
                        "scaling": {str(n): r for n, r in scaling.items()},
                        "buffer": None if not sync else {"tokens": n_tokens, "columns": cols, "allocated": traced,
                                                         "at_capacity": dict(zip(("columns", "allocated", "tokens"),

@@ -100,7 +100,8 @@ class Phase2:
                       batch_tokens=tc.batch_size * self.cfg.decoding.max_new_tokens)  # a rollout batch, at most
         self.progress.begin()
         version = self.published[0]
-        inflight: dict = {}  # ref -> ("collect", worker id) | ("learn", None)
+        # ref -> ("collect", worker id) | ("learn", None); a hook may wait on the collects (benchmarks)
+        self.inflight = inflight = {}
         idle = set(range(len(self.workers)))
         learn_ref = None
         while self.step < tc.phase2_steps:
