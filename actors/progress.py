@@ -42,6 +42,8 @@ class Progress:
         c["rollout_batches"] += 1
         for k, v in res["seconds"].items():
             c[f"worker_{k}_s"] = c.get(f"worker_{k}_s", 0.0) + v
+        for k, v in res.get("pool_requests", {}).items():  # the workers' pool requests, by transport
+            c[f"pool_requests_{k}"] = c.get(f"pool_requests_{k}", 0) + v
         for k, (s, n) in enumerate(zip(res["use"]["sum"], res["use"]["count"])):
             self._use[k][0] += s
             self._use[k][1] += n

@@ -33,13 +33,15 @@ class RolloutWorker:
         cfg = on_device(cfg, "rollout_worker", "student", *(["teacher"] if own_teacher else []))
         self.cfg, self.worker_id, self.pool, self.buffer = cfg, worker_id, pool, buffer
         self.version = -1
+        self.client = None  # the pool client of this worker's remote teacher
         if own_teacher:  # its own teacher copy, in process (as the local loop), tokenizers checked
             self.teacher, self.student = load_pair(cfg)
         else:
             self.student = load_student(cfg)
             spec = ray.get(pool.spec.remote())
-            self.teacher = RemoteTeacher(PoolClient(pool, worker_id, socket=cfg.ray.teacher_socket),
-                                         self.student.lm.tokenizer, spec)
+            self.client = PoolClient(pool, worker_id, socket=cfg.ray.teacher_socket)
+            self.teacher = RemoteTeacher(self.client, self.student.lm.tokenizer, spec)
+        self._sent = (0, 0)  # the client's requests over the socket and by actor call, as last reported
         seed = cfg.seed + 1000 * worker_id + 7919 * incarnation
         self.rng = random.Random(seed)
         self.gen = torch.Generator().manual_seed(seed)
@@ -82,10 +84,15 @@ class RolloutWorker:
         t2 = time.perf_counter()
         added = ray.get(self.buffer.add.remote(trajs + demos))
         paths = trajs + demos
+        # this batch's session steps and scoring through the pool, by transport
+        sent = (self.client.via_socket, self.client.via_ray) if self.client is not None else (0, 0)
+        socket, actor_call = sent[0] - self._sent[0], sent[1] - self._sent[1]
+        self._sent = sent
         return {"worker_id": self.worker_id, "version": self.version, "paths": len(paths),
                 "buffer_unseen": added["unseen_tokens"],
                 "tokens": sum(len(t) for t in paths), "prompt_tokens": sum(len(t.source_ids) for t in paths),
                 "use": use_by_budget([t for t in trajs if not t.decoded], len(self.table)),  # rollouts, not λ probes
+                "pool_requests": {"socket": socket, "actor_call": actor_call},
                 "seconds": {"sync": t1 - t0, "rollout": t2 - t1, "push": time.perf_counter() - t2}}
 
     def rng_state(self) -> dict:

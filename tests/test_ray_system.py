@@ -57,8 +57,10 @@ def test_sync_parity_with_the_local_loop(ray_session, tmp_path, in_workers):
     ray_lam = [r["lam"] for r in report["lambda_trace"]]
     assert torch.allclose(torch.tensor(ray_lam), torch.tensor(local_lam), atol=1e-5)
     assert report["ray"]["rollout_batches"] == 20 and report["ray"]["worker_failures"] == 0
-    # rollouts reached the pool's replicas only when the workers had no teacher of their own
+    # rollouts reached the pool's replicas only when the workers had no teacher of their own, and
+    # then over the pool's socket (ray.teacher_socket), none by actor call
     assert (report["ray"]["rollout_teacher_positions"] > 0) != in_workers
+    assert (report["ray"]["pool_requests_socket"] > 0) != in_workers and report["ray"]["pool_requests_actor_call"] == 0
     # the end's settling (train.settle_probes): the driver settles the published weights as the
     # local loop settles its student, through the remote teacher
     from kdtw.settle import settle_budgets
