@@ -105,14 +105,13 @@ def _sizes(raw: bytes) -> tuple[int, int]:
     return h, b
 
 
-def new_address() -> tuple[str, str | None]:
-    """A fresh socket address, and the private folder holding it (None: Linux's abstract
-    namespace, nothing on disk)."""
+def new_address() -> str:
+    """A fresh socket address: in Linux's abstract namespace (nothing on disk), elsewhere in a
+    private temp folder (0700: this user only)."""
     name = f"kdtw-pool-{os.getpid()}-{secrets.token_hex(6)}"
     if sys.platform.startswith("linux"):
-        return "\0" + name, None
-    folder = tempfile.mkdtemp(prefix="kdtw-pool-")  # 0700: this user only
-    return os.path.join(folder, "s"), folder
+        return "\0" + name
+    return os.path.join(tempfile.mkdtemp(prefix="kdtw-pool-"), "s")
 
 
 async def serve(address: str, token: str, handle: Callable[[str, list, Any], Awaitable[Any]]) -> asyncio.AbstractServer:

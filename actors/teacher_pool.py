@@ -156,7 +156,7 @@ class TeacherPool:
         (the server starts on the first ask)."""
         async with self._server_lock:
             if self._server is None:
-                self._address, _ = new_address()
+                self._address = new_address()
                 self._server = await serve(self._address, self._token, self._socket_request)
         return {"node": ray.get_runtime_context().get_node_id(), "address": self._address, "token": self._token}
 
@@ -201,9 +201,6 @@ class PoolClient:
         self.try_socket = socket
         self.lane: SocketClient | None = None
         self.via_socket = self.via_ray = 0  # requests sent each way
-
-    def __getstate__(self) -> dict:  # a copy elsewhere connects on its own
-        return {**self.__dict__, "lane": None, "try_socket": self.try_socket or self.lane is not None}
 
     def _lane(self) -> SocketClient | None:
         if self.lane is None and self.try_socket:

@@ -87,7 +87,7 @@ class Server:
     """`serve` in an event loop of its own thread, with a handler that records what it got."""
 
     def __init__(self, handle) -> None:
-        self.address, _ = new_address()
+        self.address = new_address()
         self.token = "t0ken"
         self.loop = asyncio.new_event_loop()
         self.errors: list = []  # what the loop would log: exceptions no task handled
