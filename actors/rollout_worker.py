@@ -1,7 +1,10 @@
 """RolloutWorker: a student copy at a known weight version that decodes rollout batches with
 teacher calls through the pool (teacher sessions), or against a teacher copy of its own with
 ``ray.teacher_in_workers`` (the local loop's collector in this process), and pushes the
-trajectories to the replay buffer.
+trajectories to the replay buffer. Its teacher demonstrations are decoded on a replica
+(``ray.teacher_side_demos``), by its own teacher copy after the rollouts, or, through the pool
+without a copy, token by token in a thread of their own beside the rollouts (their own pool
+client and sessions; the same paths: they draw from their own stream).
 
 Weights arrive as ``(version, [ref])`` from the learner's publication (one ``ray.put`` per
 version); the worker fetches them only when the version is new. Worker ``i`` seeds its task
@@ -12,7 +15,9 @@ its predecessor's draws).
 
 from __future__ import annotations
 
+import copy
 import random
+import threading
 import time
 
 import ray
@@ -34,6 +39,7 @@ class RolloutWorker:
         self.cfg, self.worker_id, self.pool, self.buffer = cfg, worker_id, pool, buffer
         self.version = -1
         self.client = None  # the pool client of this worker's remote teacher
+        self.demo_client = self.demo_thread = None  # demonstrations through the pool: theirs
         if own_teacher:  # its own teacher copy, in process (as the local loop), tokenizers checked
             self.teacher, self.student = load_pair(cfg)
         else:
@@ -49,8 +55,16 @@ class RolloutWorker:
         self.demo_queue = DemoQueue(cfg.train.phase2_demo_steps)
         self.train_set = load_splits(cfg)["train"]
         self.table = budget_table(cfg)
-        # where this worker's demonstrations are decoded: on a replica, or through its teacher
-        self.demos_elsewhere = self._demos_on_teacher if cfg.demos_on_replica() else None
+        # where this worker's demonstrations are decoded: on a replica, through the pool in a
+        # thread beside the rollouts, or by its own teacher copy after them
+        self.demos_elsewhere = None
+        if cfg.demos_on_replica():
+            self.demos_elsewhere = self._demos_on_teacher
+        elif not own_teacher:
+            self.demo_client = PoolClient(pool, f"{worker_id}/demos", socket=cfg.ray.teacher_socket)
+            # a tokenizer of its own: a fast tokenizer is not to be used by two threads at once
+            self.demo_teacher = RemoteTeacher(self.demo_client, copy.deepcopy(self.student.lm.tokenizer), spec)
+            self.demos_elsewhere = self._demos_in_thread
 
     def _demos_on_teacher(self, prompts, budget_ids, gen):
         """Start the demonstrations on a replica (decoded there while this worker runs its
@@ -64,6 +78,37 @@ class RolloutWorker:
             trajs, state = ray.get(ref)
             gen.set_state(state)
             return trajs
+
+        return wait
+
+    def _demos_in_thread(self, prompts, budget_ids, gen):
+        """Start the demonstrations token by token through the pool in a thread (this worker's
+        second pool client, its own teacher sessions) while the student rollouts run here: a
+        worker without a teacher copy or teacher-side demonstrations keeps a request in the pool's
+        batches while it decodes its own tokens. They draw only from ``gen`` (the demonstrations'
+        stream), so they are the paths `collect` would decode after the rollouts. The returned
+        function waits for them (and raises what the thread raised)."""
+        if self.demo_thread is not None:  # left by a collect that failed before waiting: it ends on its own
+            self.demo_thread.join()
+        decode = start_demos(self.cfg, self.demo_teacher, prompts, budget_ids, gen, steps=self.demo_queue.steps,
+                             version=self.version, worker_id=self.worker_id)
+        out: dict = {}
+
+        def run():
+            try:
+                out["demos"] = decode()
+            except BaseException as e:  # noqa: BLE001 - handed to the waiter
+                out["error"] = e
+
+        thread = self.demo_thread = threading.Thread(target=run, name=f"demos-{self.worker_id}", daemon=True)
+        thread.start()
+
+        def wait():
+            thread.join()
+            self.demo_thread = None
+            if "error" in out:
+                raise out["error"]
+            return out["demos"]
 
         return wait
 
@@ -85,7 +130,8 @@ class RolloutWorker:
         added = ray.get(self.buffer.add.remote(trajs + demos))
         paths = trajs + demos
         # this batch's session steps and scoring through the pool, by transport
-        sent = (self.client.via_socket, self.client.via_ray) if self.client is not None else (0, 0)
+        clients = [c for c in (self.client, self.demo_client) if c is not None]
+        sent = (sum(c.via_socket for c in clients), sum(c.via_ray for c in clients))
         socket, actor_call = sent[0] - self._sent[0], sent[1] - self._sent[1]
         self._sent = sent
         return {"worker_id": self.worker_id, "version": self.version, "paths": len(paths),
@@ -98,6 +144,8 @@ class RolloutWorker:
     def rng_state(self) -> dict:
         """Random streams, and the demonstrations decoded ahead (train.phase2_demo_steps) as
         their prompts and stream state: what resumes this worker's draws exactly."""
+        if self.demo_thread is not None:  # one left by a failed collect still draws from demo_gen
+            self.demo_thread.join()
         return {"rng": self.rng.getstate(), "gen": self.gen.get_state(), "demo_gen": self.demo_gen.get_state(),
                 "demos_ahead": self.demo_queue.state()}
 

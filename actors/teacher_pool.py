@@ -176,7 +176,8 @@ class TeacherPool:
 
     def stats(self, reset: bool = True) -> dict:
         """Batches, requests and sequences per batch, waits and answer times (since the last reset);
-        router counters; teacher positions computed, by tag (since the start); sessions."""
+        router counters; teacher positions computed, by tag (since the start); sessions; the
+        clients it placed (a worker's id, its demonstrations' ``<id>/demos``, the driver's)."""
         total = BatchStats()
         for b in self.batchers:
             for k in BatchStats.KEYS:
@@ -186,7 +187,8 @@ class TeacherPool:
         return {"batch": total.as_dict(), "positions": dict(self.positions),
                 "router": {"failures": self.router.failures, "retries": self.router.retries,
                            "load": list(self.router.load)},
-                "sessions": {"open": len(self.pinned), "misses": self.misses}}
+                "sessions": {"open": len(self.pinned), "misses": self.misses},
+                "clients": sorted(str(c) for c in self.home)}
 
 
 class PoolClient:

@@ -33,8 +33,9 @@ Prints four figures (goals from issues 4 and 12 in brackets):
 2. scaling: trajectories/s with N = 1, 2, 4, 8 rollout workers against one teacher replica that
    sleeps ``--latency-ms`` before answering each batch (``ray.teacher_latency_ms``), on
    ``--scaling-config``, relative to N = 1 [≥ 0.8·N]; teacher demonstrations go token by token
-   through the pool there (``ray.teacher_side_demos=false``: every rollout waits on the remote
-   teacher ~20 times);
+   through the pool there (``ray.teacher_side_demos=false``: a worker's demonstrations wait on
+   the remote teacher ~16 times a rollout batch, in a thread beside its rollouts, which wait on it
+   at their calls and scoring);
 3. mean teacher batch (worker requests per teacher forward) / concurrent workers, same runs [≥ 0.7];
 4. replay-buffer bytes per stored output token: the buffer's own count and the memory Python
    allocates for it (tracemalloc), filled with the single-process run's trajectories, once (a

@@ -392,8 +392,9 @@ class RayConfig:
     teacher_latency_ms: NonNegFloat = 0.0
     # Teacher demonstrations decoded on a replica in one call, while the worker runs its student
     # rollouts (the demonstrations' sampler state travels with the request, so the random stream
-    # is the local loop's either way), or in the worker (false: token by token through the pool,
-    # or against the worker's own teacher with ray.teacher_in_workers). null: on, but off in an
+    # is the local loop's either way), or in the worker (false: token by token through the pool
+    # in a thread beside the student rollouts, or against the worker's own teacher after them
+    # with ray.teacher_in_workers). null: on, but off in an
     # asynchronous job with the teacher in the workers (benchmarks/throughput.py, 2026-12-03, side
     # by side: synchronous 1.14-1.38x the local loop on, 0.85-1.17x off; asynchronous 1.59-1.95x
     # on, 1.89-2.18x off). `Config.for_ray_job` writes the choice into the job's config.

@@ -231,8 +231,9 @@ def collect(cfg, student: Student, teacher: LM, train_set: list[Example], table:
     demonstration ones, then probes), student actions and
     teacher tokens at calls from ``gen``, demonstrations from ``demo_gen``: the same seeds give the
     same batch on either transport. ``demos_elsewhere(prompts, budget_ids, demo_gen)`` starts the
-    demonstrations on the teacher's side and returns a function that waits for them: they are
-    decoded there while the student's rollouts run here. Without it they are decoded through
+    demonstrations on the teacher's side (or in a thread of a Ray worker, through the pool) and
+    returns a function that waits for them: they are decoded there while the student's rollouts
+    run here. Without it they are decoded through
     ``teacher`` after the rollouts. ``demo_queue`` (a `DemoQueue`, kept by the caller across
     calls) decodes them ``train.phase2_demo_steps`` batches at a time: the tasks of all of them
     are drawn from ``rng`` at the call that decodes them; without it each call decodes its own."""

@@ -30,17 +30,21 @@ def _fields(t):
             t.policy_version, t.worker_id, t.greedy_tau, t.tau_prob)
 
 
-@pytest.mark.parametrize("in_workers", [False, True], ids=["pool", "teacher_in_workers"])
-def test_sync_parity_with_the_local_loop(ray_session, tmp_path, in_workers):
+@pytest.mark.parametrize("mode", ["pool", "pool_demos_in_worker", "teacher_in_workers"])
+def test_sync_parity_with_the_local_loop(ray_session, tmp_path, mode):
     """1 worker, 1 teacher, staleness 0: the Ray loop's first 20 losses are the local loop's,
-    with the worker's teacher calls going through the pool or to its own teacher copy."""
+    with the worker's teacher calls going through the pool (its demonstrations decoded on the
+    replica, or token by token through the pool in a thread beside its rollouts) or to its own
+    teacher copy."""
+    in_workers = mode == "teacher_in_workers"
     train_pcl = load_job("train_pcl")
     over = [*QUICK, "train.phase2_steps=20", "train.validate_every=1000", "train.max_staleness=0",
             "ray.num_rollout_workers=1", "ray.num_teacher_replicas=1", "ray.publish_every=1", "ray.checkpoint_every=0",
             "train.value_warmup_steps=5", "train.settle_probes=2", "train.settle_rounds=1",
             # with its own teacher the worker decodes the demonstrations too (conf/default.yaml's
             # asynchronous setting; here, synchronous, null would put them on the replica)
-            *(["ray.teacher_in_workers=true", "ray.teacher_side_demos=false"] if in_workers else [])]
+            *(["ray.teacher_in_workers=true"] if in_workers else []),
+            *(["ray.teacher_side_demos=false"] if mode != "pool" else [])]
     local = LocalLoop(tiny(tmp_path / "local", *over), log=lambda _: None)
     local.learner.start_phase2()
     local_losses, local_lam = [], []
@@ -61,6 +65,8 @@ def test_sync_parity_with_the_local_loop(ray_session, tmp_path, in_workers):
     # then over the pool's socket (ray.teacher_socket), none by actor call
     assert (report["ray"]["rollout_teacher_positions"] > 0) != in_workers
     assert (report["ray"]["pool_requests_socket"] > 0) != in_workers and report["ray"]["pool_requests_actor_call"] == 0
+    # demonstrations through the pool came from the worker's second client (its thread's)
+    assert ("0/demos" in report["ray"]["teacher_pool"]["clients"]) == (mode == "pool_demos_in_worker")
     # the end's settling (train.settle_probes): the driver settles the published weights as the
     # local loop settles its student, through the remote teacher
     from kdtw.settle import settle_budgets
