@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import copy
 import random
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import ray
 import torch
@@ -39,7 +39,7 @@ class RolloutWorker:
         self.cfg, self.worker_id, self.pool, self.buffer = cfg, worker_id, pool, buffer
         self.version = -1
         self.client = None  # the pool client of this worker's remote teacher
-        self.demo_client = self.demo_thread = None  # demonstrations through the pool: theirs
+        self.demo_client = self.demo_future = None  # demonstrations through the pool: their client, their last decode
         if own_teacher:  # its own teacher copy, in process (as the local loop), tokenizers checked
             self.teacher, self.student = load_pair(cfg)
         else:
@@ -64,6 +64,7 @@ class RolloutWorker:
             self.demo_client = PoolClient(pool, f"{worker_id}/demos", socket=cfg.ray.teacher_socket)
             # a tokenizer of its own: a fast tokenizer is not to be used by two threads at once
             self.demo_teacher = RemoteTeacher(self.demo_client, copy.deepcopy(self.student.lm.tokenizer), spec)
+            self.demo_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"demos-{worker_id}")
             self.demos_elsewhere = self._demos_in_thread
 
     def _demos_on_teacher(self, prompts, budget_ids, gen):
@@ -87,30 +88,12 @@ class RolloutWorker:
         worker without a teacher copy or teacher-side demonstrations keeps a request in the pool's
         batches while it decodes its own tokens. They draw only from ``gen`` (the demonstrations'
         stream), so they are the paths `collect` would decode after the rollouts. The returned
-        function waits for them (and raises what the thread raised)."""
-        if self.demo_thread is not None:  # left by a collect that failed before waiting: it ends on its own
-            self.demo_thread.join()
+        function waits for them (and raises what the thread raised). One thread: demonstrations
+        left running by a collect that failed before waiting end before these start."""
         decode = start_demos(self.cfg, self.demo_teacher, prompts, budget_ids, gen, steps=self.demo_queue.steps,
                              version=self.version, worker_id=self.worker_id)
-        out: dict = {}
-
-        def run():
-            try:
-                out["demos"] = decode()
-            except BaseException as e:  # noqa: BLE001 - handed to the waiter
-                out["error"] = e
-
-        thread = self.demo_thread = threading.Thread(target=run, name=f"demos-{self.worker_id}", daemon=True)
-        thread.start()
-
-        def wait():
-            thread.join()
-            self.demo_thread = None
-            if "error" in out:
-                raise out["error"]
-            return out["demos"]
-
-        return wait
+        self.demo_future = self.demo_thread.submit(decode)
+        return self.demo_future.result
 
     def collect(self, version: int, weights: list) -> dict:
         """One rollout batch at weight ``version`` (fetched from ``weights[0]`` if new), pushed
@@ -144,8 +127,8 @@ class RolloutWorker:
     def rng_state(self) -> dict:
         """Random streams, and the demonstrations decoded ahead (train.phase2_demo_steps) as
         their prompts and stream state: what resumes this worker's draws exactly."""
-        if self.demo_thread is not None:  # one left by a failed collect still draws from demo_gen
-            self.demo_thread.join()
+        if self.demo_future is not None:  # one left by a failed collect may still draw from demo_gen
+            wait([self.demo_future])
         return {"rng": self.rng.getstate(), "gen": self.gen.get_state(), "demo_gen": self.demo_gen.get_state(),
                 "demos_ahead": self.demo_queue.state()}
 
