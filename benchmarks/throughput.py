@@ -311,6 +311,9 @@ def ray_run(cfg, *, own_ray: bool = False, phase1: str | None = None, keep: str 
             # per teacher batch: ms waited for more requests once the replica was free, ms to answer
             "wait_ms": 1000 * r.get("teacher_wait_s", 0.0) / nb, "serve_ms": 1000 * r.get("teacher_serve_s", 0.0) / nb,
             "timeouts": r.get("teacher_timeouts", 0) / nb,
+            # per request: ms from its arrival to its batch leaving, and the part behind a busy replica
+            "queued_ms": 1000 * r.get("teacher_queued_s", 0.0) / max(r["teacher_requests"], 1),
+            "behind_ms": 1000 * r.get("teacher_behind_s", 0.0) / max(r["teacher_requests"], 1),
             # a worker's wall time per rollout batch: fetching new weights, decoding, pushing to the buffer
             "worker_ms": {k: 1000 * r.get(f"worker_{k}_s", 0.0) / max(r["rollout_batches"], 1)
                           for k in ("sync", "rollout", "push")}}
@@ -690,13 +693,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n2-3. {rel(args.scaling_config)}, teacher latency {args.latency_ms:.0f} ms per batch, one replica, "
               f"ray.teacher_max_wait_ms={wait:g}")
         print("   workers    traj/s   speed-up   /N (goal >= 0.8)   teacher batch / workers (goal >= 0.7)"
-              f"   cores busy (of {os.cpu_count()}; stolen)   per batch: ms waiting / ms answering, share left at max wait")
+              f"   cores busy (of {os.cpu_count()}; stolen)   per batch: ms waiting / ms answering, share left at max wait"
+              "   per request: ms queued (of them behind the busy replica)")
     for n, r in scaling.items():
         up = r["traj_per_s"] / one
         print(f"   {n:>7} {r['traj_per_s']:>9.1f} {up:>9.2f}x {up / n:>10.2f}         "
               f"{r['requests_per_batch']:>5.2f} / {n} = {r['requests_per_batch'] / n:.2f}"
               f"   ({r['rows_per_batch']:.1f} sequences per forward)   {busy(r)}"
-              f"   {r['wait_ms']:.1f} / {r['serve_ms']:.1f}, {r['timeouts']:.2f}")
+              f"   {r['wait_ms']:.1f} / {r['serve_ms']:.1f}, {r['timeouts']:.2f}"
+              f"   {r.get('queued_ms', 0.0):.1f} ({r.get('behind_ms', 0.0):.1f})")
     for n, r in scaling.items():
         print(f"   cores busy by role, {n} worker(s): " + ", ".join(f"{k} {c:.2f}" for k, c in r["by_role"] if c >= 0.005))
     if sync:

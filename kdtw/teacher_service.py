@@ -355,7 +355,11 @@ class _Pending:
 class BatchStats:
     """Batches sent and the requests and sequences in them; the seconds batches waited for more
     requests once a replica was free (``wait_s``), how many left at ``max_wait_s`` (``timeouts``),
-    and the seconds the replicas took to answer them (``serve_s``)."""
+    and the seconds the replicas took to answer them (``serve_s``). Per request, summed: the
+    seconds from its arrival to its batch leaving (``queued_s``), and the part of them it spent
+    behind a busy replica, before a slot was free (``behind_s``): a request that arrives while
+    its replica answers others waits out the rest of that answer, what one client alone never
+    does."""
 
     batches: int = 0
     requests: int = 0
@@ -363,13 +367,17 @@ class BatchStats:
     wait_s: float = 0.0
     timeouts: int = 0
     serve_s: float = 0.0
+    queued_s: float = 0.0
+    behind_s: float = 0.0
 
-    KEYS = ("batches", "requests", "rows", "wait_s", "timeouts", "serve_s")
+    KEYS = ("batches", "requests", "rows", "wait_s", "timeouts", "serve_s", "queued_s", "behind_s")
 
     def as_dict(self) -> dict[str, float]:
-        n = max(self.batches, 1)
+        n, r = max(self.batches, 1), max(self.requests, 1)
         return {**{k: getattr(self, k) for k in self.KEYS},
-                "requests_per_batch": self.requests / n, "rows_per_batch": self.rows / n}
+                "requests_per_batch": self.requests / n, "rows_per_batch": self.rows / n,
+                "queued_ms_per_request": 1000 * self.queued_s / r,
+                "behind_ms_per_request": 1000 * self.behind_s / r}
 
 
 class DynamicBatcher:
@@ -460,9 +468,10 @@ class DynamicBatcher:
                 self._wake.clear()
                 await self._wake.wait()
             await self._slots.acquire()
+            free = time.monotonic()  # a slot is free from here
             # max_wait counts from when a replica is free (requests queued behind a busy replica
             # have waited anyway; the ones about to come back may still join)
-            ready = max(self._queue[0].t, time.monotonic())
+            ready = max(self._queue[0].t, free)
             deadline = ready + self.max_wait_s
             while True:
                 n, rows, full = self._take(deadline)
@@ -476,10 +485,13 @@ class DynamicBatcher:
                     pass
             items = [self._queue.popleft() for _ in range(n)]
             self._prev = {p.client for p in items}
+            now = time.monotonic()
             self.stats.batches += 1
             self.stats.requests += len(items)
             self.stats.rows += rows
-            self.stats.wait_s += time.monotonic() - ready
+            self.stats.wait_s += now - ready
+            self.stats.queued_s += sum(now - p.t for p in items)
+            self.stats.behind_s += sum(max(0.0, free - p.t) for p in items)
             self.stats.timeouts += not full
             asyncio.get_running_loop().create_task(self._serve(items))
 

@@ -282,7 +282,12 @@ def test_dynamic_batcher_merges_waits_and_fails_together():
         rest = [asyncio.ensure_future(b.submit(i, 1)) for i in range(1, 6)]
         await asyncio.gather(first, *rest)
         assert [len(c) for c in calls] == [1, 5]
-        assert b.stats.as_dict()["requests_per_batch"] == 3.0
+        st = b.stats.as_dict()
+        assert st["requests_per_batch"] == 3.0
+        # the five waited out the rest of the first answer (about 40 ms each) behind the busy
+        # replica, all of their time queued; the first neither
+        assert 5 * 0.03 <= st["behind_s"] <= st["queued_s"] <= 5 * 0.05 + 0.02
+        assert st["queued_ms_per_request"] == pytest.approx(1000 * st["queued_s"] / 6)
         # the clients of the last batch are waited for; a client that stays away is not, twice
         calls.clear()
         b = DynamicBatcher(run, max_batch=100, max_wait_s=0.3)
