@@ -30,7 +30,8 @@ Prints four figures (goals from issues 4 and 12 in brackets):
    ``--alternate-seconds`` long: the job pauses between its windows, its rollouts in flight landing
    first, while the local loop steps), whose ratio of trajectories/s the drift moves alike on both
    sides, with two standard errors of the windows' ratios;
-2. scaling: trajectories/s with N = 1, 2, 4, 8 rollout workers against one teacher replica that
+2. scaling: trajectories/s with N = 1, 2, 4, 8 rollout workers against one teacher replica (the
+   profile's; the header prints the number an override gives) that
    sleeps ``--latency-ms`` before answering each batch (``ray.teacher_latency_ms``), on
    ``--scaling-config``, relative to N = 1 [≥ 0.8·N]; teacher demonstrations go token by token
    through the pool there (``ray.teacher_side_demos=false``: a worker's demonstrations wait on
@@ -307,7 +308,7 @@ def ray_run(cfg, *, own_ray: bool = False, phase1: str | None = None, keep: str 
     return {"traj_per_s": (r["trajectories"] - warm_n) / max(r["seconds"] - warm_s, 1e-9),
             "requests_per_batch": r["teacher_requests"] / nb, "rows_per_batch": r["teacher_rows"] / nb,
             "positions_per_token": r.get("rollout_teacher_positions", 0) / max(r.get("rollout_tokens", 0), 1),
-            "in_workers": cfg.ray.teacher_in_workers, "cpu_busy": busy, "cpu_stolen": stolen, "by_role": by_role,
+            "in_workers": cfg.ray.teacher_in_workers, "replicas": cfg.ray.num_teacher_replicas, "cpu_busy": busy, "cpu_stolen": stolen, "by_role": by_role,
             # per teacher batch: ms waited for more requests once the replica was free, ms to answer
             "wait_ms": 1000 * r.get("teacher_wait_s", 0.0) / nb, "serve_ms": 1000 * r.get("teacher_serve_s", 0.0) / nb,
             "timeouts": r.get("teacher_timeouts", 0) / nb,
@@ -690,7 +691,9 @@ def main(argv: list[str] | None = None) -> int:
         ns = []
     one = scaling[ns[0]]["traj_per_s"] / ns[0] if ns else 0.0
     if ns:
-        print(f"\n2-3. {rel(args.scaling_config)}, teacher latency {args.latency_ms:.0f} ms per batch, one replica, "
+        reps = scaling[ns[0]]["replicas"]  # the profile's, unless an override set it
+        print(f"\n2-3. {rel(args.scaling_config)}, teacher latency {args.latency_ms:.0f} ms per batch, "
+              f"{reps} teacher replica{'s' if reps > 1 else ''}, "
               f"ray.teacher_max_wait_ms={wait:g}")
         print("   workers    traj/s   speed-up   /N (goal >= 0.8)   teacher batch / workers (goal >= 0.7)"
               f"   cores busy (of {os.cpu_count()}; stolen)   per batch: ms waiting / ms answering, share left at max wait"
