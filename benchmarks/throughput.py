@@ -707,6 +707,17 @@ def main(argv: list[str] | None = None) -> int:
               f"   {r.get('queued_ms', 0.0):.1f} ({r.get('behind_ms', 0.0):.1f})")
     for n, r in scaling.items():
         print(f"   cores busy by role, {n} worker(s): " + ", ".join(f"{k} {c:.2f}" for k, c in r["by_role"] if c >= 0.005))
+    if ns and scaling[ns[0]]["worker_ms"]["rollout"] > 0 and scaling[ns[0]]["serve_ms"] > 0:
+        # a worker's rollout batch as a chain of teacher round trips: as many at every N as at the
+        # first (its demonstrations' steps, or its calls and scoring); what a round trip costs at N,
+        # queued + answering + the rest (the worker's side: from an answer to its next request)
+        r1 = scaling[ns[0]]
+        chain = r1["worker_ms"]["rollout"] / (r1["queued_ms"] + r1["serve_ms"])
+        print(f"   a worker's rollout batch as {chain:.1f} teacher round trips (N = {ns[0]}'s), ms a round trip: "
+              + "; ".join(f"N = {n} {r['worker_ms']['rollout'] / chain:.1f} = {r['queued_ms']:.1f} queued + "
+                          f"{r['serve_ms']:.1f} answering + "
+                          f"{r['worker_ms']['rollout'] / chain - r['queued_ms'] - r['serve_ms']:.1f} the rest"
+                          for n, r in scaling.items()))
     if sync:
         print(f"\n4. replay buffer, {rel(args.config)} trajectories ({n_tokens} output tokens): "
               f"{cols:.2f} bytes/token in its columns, {traced:.2f} bytes/token allocated (goal <= 16)")
