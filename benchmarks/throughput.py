@@ -704,7 +704,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['requests_per_batch']:>5.2f} / {n} = {r['requests_per_batch'] / n:.2f}"
               f"   ({r['rows_per_batch']:.1f} sequences per forward)   {busy(r)}"
               f"   {r['wait_ms']:.1f} / {r['serve_ms']:.1f}, {r['timeouts']:.2f}"
-              f"   {r.get('queued_ms', 0.0):.1f} ({r.get('behind_ms', 0.0):.1f})")
+              f"   {r['queued_ms']:.1f} ({r['behind_ms']:.1f})")
     for n, r in scaling.items():
         print(f"   cores busy by role, {n} worker(s): " + ", ".join(f"{k} {c:.2f}" for k, c in r["by_role"] if c >= 0.005))
     if ns and scaling[ns[0]]["worker_ms"]["rollout"] > 0 and scaling[ns[0]]["serve_ms"] > 0:

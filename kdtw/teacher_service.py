@@ -373,11 +373,9 @@ class BatchStats:
     KEYS = ("batches", "requests", "rows", "wait_s", "timeouts", "serve_s", "queued_s", "behind_s")
 
     def as_dict(self) -> dict[str, float]:
-        n, r = max(self.batches, 1), max(self.requests, 1)
+        n = max(self.batches, 1)
         return {**{k: getattr(self, k) for k in self.KEYS},
-                "requests_per_batch": self.requests / n, "rows_per_batch": self.rows / n,
-                "queued_ms_per_request": 1000 * self.queued_s / r,
-                "behind_ms_per_request": 1000 * self.behind_s / r}
+                "requests_per_batch": self.requests / n, "rows_per_batch": self.rows / n}
 
 
 class DynamicBatcher:

@@ -292,8 +292,6 @@ def test_dynamic_batcher_merges_waits_and_fails_together():
         # queued for neither
         assert 5 * (t0 + 0.05 - t1) - 0.01 <= st["behind_s"] <= st["queued_s"] <= st["behind_s"] + 0.1
         assert st["behind_s"] > 0
-        assert st["queued_ms_per_request"] == pytest.approx(1000 * st["queued_s"] / 6)
-        assert st["behind_ms_per_request"] == pytest.approx(1000 * st["behind_s"] / 6)
         # the clients of the last batch are waited for; a client that stays away is not, twice
         calls.clear()
         b = DynamicBatcher(run, max_batch=100, max_wait_s=0.3)
