@@ -34,9 +34,12 @@ class Progress:
         self._t0, self._t_prev, self._trajs0 = time.perf_counter(), self.counters["seconds"], self.counters["trajectories"]
         self._steps, self._use = 0, [[0.0, 0] for _ in self.phrases]
 
-    def rollout(self, res: dict) -> None:
-        """A rollout batch a worker delivered."""
+    def rollout(self, res: dict, *, landing: bool = False) -> None:
+        """A rollout batch a worker delivered; ``landing``: after the last learner step (the run's
+        end or a stop), which the loop's seconds then run to."""
         c = self.counters
+        if landing:
+            c["seconds"] = self._t_prev + time.perf_counter() - self._t0
         c["rollout_tokens"] += res["tokens"] + res["prompt_tokens"]
         c["trajectories"] += res["paths"]
         c["rollout_batches"] += 1
@@ -48,9 +51,10 @@ class Progress:
             self._use[k][0] += s
             self._use[k][1] += n
 
-    def worker_failed(self, wid: int, err: BaseException) -> None:
+    def worker_failed(self, wid: int, err: BaseException, *, replace: bool = True) -> None:
         self.counters["worker_failures"] += 1
-        self.log(f"[ray] rollout worker {wid} failed ({type(err).__name__}); starting a replacement")
+        self.log(f"[ray] rollout worker {wid} failed ({type(err).__name__})"
+                 + ("; starting a replacement" if replace else ", its batch lost as the loop ends"))
 
     def step(self, step: int, res: dict, state: LoopState, *, workers: int) -> None:
         """Learner step ``step`` done (``res``: `actors.learner.LearnerActor.step`'s result): its trace

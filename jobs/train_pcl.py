@@ -154,8 +154,12 @@ class Phase2:
             stopping = self.stopper is not None and self.stopper.requested is not None
             ckpt = None
             if stopping or self.step == tc.phase2_steps or (r.checkpoint_every and self.step % r.checkpoint_every == 0):
-                if (stopping or self.step == tc.phase2_steps) and inflight:  # let the last rollouts land first
-                    ray.wait(list(inflight), num_returns=len(inflight), timeout=120)
+                if (stopping or self.step == tc.phase2_steps) and inflight:  # the last rollouts land first, counted
+                    for ref in ray.wait(list(inflight), num_returns=len(inflight), timeout=120)[0]:
+                        try:
+                            self.progress.rollout(ray.get(ref), landing=True)
+                        except RETRY_ERRORS as e:
+                            self.progress.worker_failed(inflight[ref][1], e, replace=False)
                     inflight.clear()
                 ckpt = self.checkpoint()
             for hook in self.hooks:

@@ -96,6 +96,23 @@ def test_sync_parity_with_the_local_loop(ray_session, tmp_path, mode):
         assert report["call_thresholds"][phrase] == (None if theta is None else pytest.approx(theta, abs=1e-6)), phrase
 
 
+def test_rollouts_landing_after_the_last_step_are_counted(ray_session, tmp_path):
+    """Asynchronous, two workers: the rollout batches still in flight at the last learner step land
+    in the buffer before the end, and the report counts them (paths, batches, tokens) as it counts
+    the teacher positions the pool computed for them: every path in the buffer is in the report, and
+    the replicas computed at most one position per rollout token (the prompt once a path)."""
+    train_pcl = load_job("train_pcl")
+    cfg = tiny(tmp_path, *QUICK, "train.phase2_steps=8", "train.validate_every=1000", "train.max_staleness=4",
+               "ray.num_rollout_workers=2", "ray.num_teacher_replicas=1", "ray.teacher_latency_ms=10",
+               "ray.checkpoint_every=0", "ray.teacher_side_demos=false")
+    report, _ = train_pcl.train(cfg, log=lambda _: None, track=False)
+    r = report["ray"]
+    print(f"paths {r['trajectories']} in {r['rollout_batches']} batches, the buffer's {r['buffer']['added']}; "
+          f"{r['rollout_teacher_positions']} positions for {r['rollout_tokens']} tokens")
+    assert r["trajectories"] == r["buffer"]["added"] == r["rollout_batches"] * cfg.train.batch_size
+    assert 0 < r["rollout_teacher_positions"] <= r["rollout_tokens"]
+
+
 @pytest.mark.parametrize("transport", ["socket", "ray"])
 def test_teacher_sessions_through_the_pool_one_position_per_token_with_a_replica_killed(ray_session, tmp_path,
                                                                                         transport):
