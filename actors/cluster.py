@@ -128,7 +128,10 @@ def job_start(args, prog: str) -> tuple[Config, tuple[str, dict] | None, str | N
         cfg, resume, resume_phase1 = resume_point(args.resume, args.overrides)
     else:
         cfg, resume, resume_phase1 = load(args.config, args.overrides), None, None
-        old = _check_run_dir(cfg, overwrite=args.overwrite, resume_with=prog)
+        # --phase1 <run_dir>/phase1: jobs/train_bc.py's run in this folder (its phase1/ and
+        # config.yaml), which Phase 2 goes on from there
+        here = args.phase1 and os.path.realpath(args.phase1) == os.path.realpath(os.path.join(cfg.run_dir, "phase1"))
+        old = _check_run_dir(cfg, overwrite=args.overwrite, resume_with=prog, keep=("phase1", "config.yaml") if here else ())
     if args.phase1:
         check_phase1(args.phase1)
     return cfg, resume, resume_phase1, old

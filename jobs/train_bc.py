@@ -1,6 +1,6 @@
 """Phase 1 (behaviour cloning with the KL oracle) on Ray Train, data-parallel over R ranks.
 
-    python jobs/train_bc.py --config conf/default.yaml [key=value ...]
+    python jobs/train_bc.py --config conf/default.yaml [--overwrite] [key=value ...]
     python jobs/train_bc.py --resume runs/default [key=value ...]
     RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
         python jobs/train_bc.py --config conf/default.yaml ray.learner_ranks=2
@@ -15,7 +15,8 @@ Rank 0 writes that folder every ``ray.checkpoint_every`` steps as well. Ctrl-C o
 step in flight finishes, the folder is written, the MLflow run is marked KILLED and the job exits
 130 with the ``--resume`` line that continues it (the same steps as a run never stopped).
 
-Errors print one line (``kdtw: error: ...``) and exit with status 2.
+A run_dir that holds another run is refused before Ray starts (``--overwrite`` deletes that run's
+outputs first). Errors print one line (``kdtw: error: ...``) and exit with status 2.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     p.add_argument("--config", help="YAML profile (default: conf/default.yaml)")
     p.add_argument("--resume", help="continue a stopped Phase 1: its run folder (holding phase1/ and config.yaml)")
+    p.add_argument("--overwrite", action="store_true", help="delete the outputs of an earlier run in run_dir first")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. ray.learner_ranks=2")
     return p
 
@@ -48,13 +50,14 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
 
     def body() -> int:
         from kdtw.checkpoint import CheckpointError
+        from kdtw.cli import _check_run_dir, _clear_run
         from kdtw.config import load_config
         from kdtw.phase1 import check_phase1, read_phase1
 
-        meta = None
+        meta, old = None, []
         if args.resume:
-            if args.config:
-                raise ValueError("--resume continues a run with its own config: drop --config "
+            if args.config or args.overwrite:
+                raise ValueError("--resume continues a run with its own config: drop --config/--overwrite "
                                  "(key=value overrides still apply)")
             here = os.path.abspath(args.resume)
             if not os.path.exists(os.path.join(here, "config.yaml")):
@@ -65,9 +68,12 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
             cfg = cfg.with_absolute_paths()
         else:
             cfg = load(args.config, args.overrides)
+            old = _check_run_dir(cfg, overwrite=args.overwrite, resume_with=prog)  # before Ray starts
         with session(cfg) as stopper:  # signals, and a local Ray that ends with the job
             from actors.tracking import tracked
 
+            if old:
+                _clear_run(cfg.run_dir, old)
             os.makedirs(cfg.run_dir, exist_ok=True)
             cfg.save(os.path.join(cfg.run_dir, "config.yaml"))
             with tracked(cfg, run_name="train_bc", run_id=(meta or {}).get("mlflow_run_id")) as tracker:

@@ -150,14 +150,15 @@ def cmd_decode(args) -> int:
     return 0
 
 
-def _check_run_dir(cfg, *, overwrite: bool, resume_with: str | None = None) -> list[str]:
+def _check_run_dir(cfg, *, overwrite: bool, resume_with: str | None = None, keep: tuple[str, ...] = ()) -> list[str]:
     """Refuse a run_dir that cannot be written, or that holds another run's outputs unless
     ``overwrite``; returns the outputs to clear (before any model loads). ``resume_with``: the
-    command that continues a run (the Ray job's), named in the message."""
+    command that continues a run (the Ray jobs'), named in the message; ``keep``: outputs this run
+    goes on from (a Phase-1 job's, for the Phase-2 job), neither refused nor cleared."""
     from .config import ConfigError, check_writable_dir, run_outputs
 
     check_writable_dir(cfg.run_dir, "run_dir")
-    old = run_outputs(cfg.run_dir)
+    old = [n for n in run_outputs(cfg.run_dir) if n not in keep]
     if old and not overwrite:
         shown = ", ".join(n + ("/" if os.path.isdir(os.path.join(cfg.run_dir, n)) else "") for n in old)
         raise ConfigError(

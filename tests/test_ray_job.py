@@ -69,7 +69,9 @@ def test_ray_job_submit_runs_train_pcl_and_logs_to_mlflow(tmp_path, monkeypatch)
 
 def test_train_bc_finds_models_under_a_relative_models_dir_and_resumes(tmp_path):
     """Ray Train ranks run in their own folders: a relative models_dir (conf/default.yaml's
-    `models/default`) must still reach them (the job makes local paths absolute)."""
+    `models/default`) must still reach them (the job makes local paths absolute). A finished
+    Phase 1 goes on with more steps (--resume); the profile run again into its folder is refused;
+    jobs/train_pcl.py --phase1 <run_dir>/phase1 runs Phase 2 from it in that folder."""
     import sys
 
     env = ray_env(dict(os.environ))
@@ -99,6 +101,23 @@ def test_train_bc_finds_models_under_a_relative_models_dir_and_resumes(tmp_path)
     assert out["mlflow_run_id"] == json.loads(job.stdout.strip().splitlines()[-1])["mlflow_run_id"]
     with open(tmp_path / "run" / "phase1" / "kdtw_phase1.json") as f:
         assert json.load(f)["steps"] == 3
+    # the profile once more into that folder: refused before anything starts, the run kept
+    again = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "jobs", "train_bc.py"), "--config", tiny, "models_dir=models",
+         "run_dir=run"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "holds another run (phase1/, config.yaml)" in again.stderr, again.stderr
+    assert f"train_bc.py --resume {tmp_path / 'run'}`" in again.stderr and "--overwrite" in again.stderr
+    # Phase 2 from that Phase 1, in the same folder (docs/ray.md's "Phase 1 alone"): its phase1/ is
+    # the job's input, not an earlier run's output
+    pcl = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "jobs", "train_pcl.py"), "--config", tiny, "--phase1", "run/phase1",
+         "models_dir=models", "run_dir=run", "teacher.source=pretrain", "student.source=pretrain",
+         "train.phase2_steps=2", "train.validate_every=1000", "train.val_examples=4", "ray.num_cpus=2"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=480)
+    assert pcl.returncode == 0, (pcl.stdout + pcl.stderr)[-4000:]
+    assert os.path.exists(tmp_path / "run" / "report.json")
+    with open(tmp_path / "run" / "phase1" / "kdtw_phase1.json") as f:
+        assert json.load(f)["steps"] == 3  # read, not rewritten
 
 
 def test_phase1_step_benchmark_times_the_local_loop_and_the_ray_train_rank(tmp_path):
