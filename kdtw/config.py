@@ -417,7 +417,8 @@ class RayConfig:
     # Atomic checkpoint every N Phase-2 learner steps (0: only at the end), and how many to keep.
     checkpoint_every: NonNegInt = 100
     keep_checkpoints: PosInt = 2
-    # Restarts of a crashed rollout worker or teacher replica before the driver replaces it.
+    # Restarts Ray gives a crashed teacher replica (its sessions lost: clients resend their prefix);
+    # a crashed rollout worker is replaced by the driver at once, reseeded.
     max_restarts: NonNegInt = 3
     # torch threads in each actor (Ray sets one core per actor; more oversubscribes small hosts).
     torch_threads: PosInt = 1
