@@ -16,7 +16,7 @@ from typing import Callable
 from urllib.parse import urlparse
 
 from kdtw.checkpoint import CheckpointError
-from kdtw.config import Config, load_config
+from kdtw.config import Config, ConfigError, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -90,6 +90,30 @@ def load(path: str | None, overrides: list[str]) -> Config:
     return load_config(path, overrides).with_absolute_paths()
 
 
+# What a run's saved state is shaped by and means: overrides on --resume may not change it (a
+# model may move to another device or dtype between sessions)
+FIXED_ON_RESUME = ("budgets", "prompt_template", "task", "teacher", "student")
+_MOVABLE = ("device", "dtype")
+
+
+def resumed_config(path: str, overrides: list[str], run_dir: str | None = None) -> Config:
+    """The config a run saved at ``path`` with ``overrides`` applied (and ``run_dir``, where the
+    run now is), refused where they change one of `FIXED_ON_RESUME`."""
+    here = [f"run_dir={run_dir}"] if run_dir else []
+    saved, cfg = load_config(path, here).to_dict(), load_config(path, here + list(overrides))
+    now = cfg.to_dict()
+    for key in FIXED_ON_RESUME:
+        a, b = saved[key], now[key]
+        if key in ("teacher", "student"):
+            a, b = ({k: v for k, v in d.items() if k not in _MOVABLE} for d in (a, b))
+        if a != b:
+            leaf = next((k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)), None) if isinstance(a, dict) else None
+            name, was, new = (f"{key}.{leaf}", a.get(leaf), b.get(leaf)) if leaf else (key, a, b)
+            raise ConfigError(f"--resume goes on with the run's {key}: {name} was {was!r}, the override makes it "
+                              f"{new!r}; drop that override, or give it to a new run (--config ... run_dir=...)")
+    return cfg
+
+
 def resume_point(path: str, overrides: list[str]) -> tuple[Config, tuple[str, dict] | None, str | None]:
     """What ``--resume path`` continues: (config, Phase-2 checkpoint and manifest, None), or
     (config, None, Phase-1 folder) for a run stopped in Phase 1 or before Phase 2's first
@@ -103,13 +127,12 @@ def resume_point(path: str, overrides: list[str]) -> tuple[Config, tuple[str, di
     phase1 = phase1_to_resume(path)
     if phase1:
         here = os.path.abspath(path)
-        return load_config(os.path.join(here, "config.yaml"), [f"run_dir={here}", *overrides]).with_absolute_paths(), \
-            None, phase1
+        return resumed_config(os.path.join(here, "config.yaml"), overrides, here).with_absolute_paths(), None, phase1
     ckpt, manifest = open_checkpoint(path)
     for name in STATE_FILES:
         load_state(os.path.join(ckpt, name))
     here = run_folder(ckpt)  # None: a checkpoint kept outside a run folder goes on in the config's run_dir
-    cfg = load_config(os.path.join(ckpt, "config.yaml"), ([f"run_dir={here}"] if here else []) + list(overrides))
+    cfg = resumed_config(os.path.join(ckpt, "config.yaml"), overrides, here)
     return cfg.with_absolute_paths(), (ckpt, manifest), None
 
 
@@ -118,6 +141,7 @@ def job_start(args, prog: str) -> tuple[Config, tuple[str, dict] | None, str | N
     overrides) ask for, every input checked before Ray starts: (config, Phase-2 checkpoint and
     manifest, Phase-1 folder to go on from, the earlier run's outputs in run_dir to clear)."""
     from kdtw.cli import _check_run_dir
+    from kdtw.factory import check_models
     from kdtw.phase1 import check_phase1
 
     old: list[str] = []
@@ -134,6 +158,7 @@ def job_start(args, prog: str) -> tuple[Config, tuple[str, dict] | None, str | N
         old = _check_run_dir(cfg, overwrite=args.overwrite, resume_with=prog, keep=("phase1", "config.yaml") if here else ())
     if args.phase1:
         check_phase1(args.phase1)
+    check_models(cfg)
     return cfg, resume, resume_phase1, old
 
 
@@ -217,14 +242,26 @@ def _errors() -> tuple[type[BaseException], ...]:
     return (*errors(), ClusterError, CheckpointError)
 
 
+def remote_cause(e: BaseException) -> BaseException:
+    """The error an actor or task raised, out of Ray's wrappers: a `RayTaskError`'s ``cause``, a
+    Ray Train run's `WorkerGroupError` (its first failed rank's); ``e`` itself otherwise."""
+    for _ in range(8):
+        nxt = getattr(e, "cause", None)
+        if not isinstance(nxt, BaseException):
+            failed = getattr(e, "worker_failures", None)
+            nxt = next(iter(failed.values()), None) if isinstance(failed, dict) else None
+        if not isinstance(nxt, BaseException) or nxt is e:
+            break
+        e = nxt
+    return e
+
+
 def guarded(body: Callable[[], int], prog: str = "python jobs/train_pcl.py") -> int:
-    """Run ``body``; bad input prints one line and returns 2 (as `kdtw` does); a stop on a
-    signal prints how to resume (``prog --resume``) and returns 130."""
+    """Run ``body``; bad input prints one line and returns 2 (as `kdtw` does), also where an
+    actor or a Ray Train rank raised it; a stop on a signal prints how to resume (``prog
+    --resume``) and returns 130."""
     try:
         return body()
-    except _errors() as e:
-        print(f"kdtw: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
     except Interrupted as e:
         print(f"kdtw: interrupted by {e.signame} at Phase-{e.phase} step {e.step}, checkpoint {e.ckpt}; continue "
               f"with: {prog} --resume {e.run_dir}", file=sys.stderr)
@@ -232,3 +269,9 @@ def guarded(body: Callable[[], int], prog: str = "python jobs/train_pcl.py") -> 
     except KeyboardInterrupt:
         print("kdtw: interrupted (nothing saved since the last checkpoint)", file=sys.stderr)
         return 130
+    except Exception as e:
+        cause = remote_cause(e)
+        if not isinstance(cause, _errors()):
+            raise  # a defect, not bad input: the whole traceback
+        print(f"kdtw: error: {' '.join(str(cause).split())}", file=sys.stderr)
+        return 2

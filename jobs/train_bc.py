@@ -43,7 +43,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
-    from actors.cluster import guarded, load, session  # shared by the jobs
+    # shared by the jobs
+    from actors.cluster import guarded, load, resumed_config, session
     from actors.phase1_rank import run_bc
 
     args = build_parser(prog).parse_args(argv)
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
     def body() -> int:
         from kdtw.checkpoint import CheckpointError
         from kdtw.cli import _check_run_dir, _clear_run
-        from kdtw.config import load_config
+        from kdtw.factory import check_models
         from kdtw.phase1 import check_phase1, read_phase1
 
         meta, old = None, []
@@ -64,11 +65,11 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
                 raise CheckpointError(f"{args.resume!r} is not a run folder of jobs/train_bc.py (no config.yaml)")
             check_phase1(os.path.join(here, "phase1"), complete=False)
             meta = read_phase1(os.path.join(here, "phase1"))
-            cfg = load_config(os.path.join(here, "config.yaml"), [f"run_dir={here}", *args.overrides])
-            cfg = cfg.with_absolute_paths()
+            cfg = resumed_config(os.path.join(here, "config.yaml"), args.overrides, here).with_absolute_paths()
         else:
             cfg = load(args.config, args.overrides)
             old = _check_run_dir(cfg, overwrite=args.overwrite, resume_with=prog)  # before Ray starts
+        check_models(cfg)
         with session(cfg) as stopper:  # signals, and a local Ray that ends with the job
             from actors.tracking import tracked
 

@@ -163,7 +163,8 @@ def _check_run_dir(cfg, *, overwrite: bool, resume_with: str | None = None, keep
         shown = ", ".join(n + ("/" if os.path.isdir(os.path.join(cfg.run_dir, n)) else "") for n in old)
         raise ConfigError(
             f"run_dir={cfg.run_dir!r} holds another run ({shown}): give a new run_dir, "
-            + (f"continue it with `{resume_with} --resume {cfg.run_dir}`, " if resume_with else "")
+            + (f"continue it with `{resume_with} --resume {cfg.run_dir}`, "
+               if resume_with and {"checkpoints", "phase1"} & set(old) else "")
             + "or add --overwrite to delete that run's outputs first"
         )
     return old

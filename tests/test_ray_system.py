@@ -569,6 +569,10 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     old.mkdir()
     (old / "report.json").write_text("{}")
     run = f"run_dir={tmp_path / 'run'}"
+    from kdtw.factory import task_tokenizer
+
+    # a tokenizer of another vocabulary (the tiny task with a smaller lexicon) for the teacher
+    task_tokenizer(tiny(tmp_path, "task.generator.lexicon_size=30")).save_pretrained(str(tmp_path / "tok"))
     cases = {
         "cannot reach a Ray cluster at 127.0.0.1": _job("--config", TINY, run, f"ray.address=127.0.0.1:{free_port()}"),
         "is not a kdtw checkpoint": _job("--resume", str(empty)),
@@ -578,9 +582,26 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
             "--config", TINY, run, "ray.num_rollout_workers=0"),
         "holds another run (report.json)": _job("--config", TINY, f"run_dir={old}"),
         "drop --config/--phase1/--overwrite": _job("--resume", str(fake), "--overwrite"),
+        # found before Ray starts, not as a dead actor's traceback
+        f"no pretrained teacher at {tmp_path / 'none' / 'teacher'}: run `kdtw pretrain": _job(
+            "--config", TINY, run, f"models_dir={tmp_path / 'none'}", "teacher.source=pretrain"),
+        "teacher and student tokenizers differ": _job("--config", TINY, run, f"teacher.tokenizer={tmp_path / 'tok'}"),
     }
     for expected, proc in cases.items():
         out, err = proc.communicate(timeout=120)
         lines = [ln for ln in err.splitlines() if ln.strip()]
         assert proc.returncode == 2, (expected, err[-2000:])
         assert len(lines) == 1 and lines[0].startswith("kdtw: error: ") and expected in lines[0], (expected, err)
+    assert not os.path.exists(tmp_path / "run")  # nothing written for any of them
+
+
+def test_an_error_raised_in_an_actor_is_one_line(tmp_path):
+    """Bad input found inside the job's actors (here a learning rate that sends the weights past
+    float range in Phase 2) ends the job with the cause as one line and status 2, not Ray's
+    wrapped remote traceback."""
+    proc = _job("--config", TINY, f"run_dir={tmp_path / 'run'}", *QUICK, "train.phase2_lr=1e30",
+                "train.phase2_steps=6", "train.validate_every=1000", "ray.num_cpus=2")
+    out, err = proc.communicate(timeout=300)
+    last = [ln for ln in err.splitlines() if ln.strip()][-1]
+    assert proc.returncode == 2, err[-3000:]
+    assert last.startswith("kdtw: error: ") and "lower train.phase2_lr" in last and "ray::" not in last, err[-3000:]
