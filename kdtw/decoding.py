@@ -112,7 +112,9 @@ def _multinomial(probs: torch.Tensor, generator: torch.Generator | None) -> torc
     cdf = probs.to(dev, torch.float64).cumsum(-1)
     total = cdf[..., -1:]
     if not bool(torch.isfinite(total).all()) or bool((total <= 0).any()):
-        raise ValueError("invalid distribution to sample from: a row's total is not finite and positive")
+        raise FloatingPointError("invalid distribution to sample from: a row's total is not finite and positive "
+                                 "(the model's logits were not finite: in training, a student whose weights "
+                                 "diverged; lower train.phase2_lr or train.lr)")
     u = torch.rand(total.shape, generator=generator, device=dev, dtype=torch.float64) * total
     # below the total even where u·total rounded up to it: the first entry that reaches the
     # total has mass, so an entry of zero weight is never drawn

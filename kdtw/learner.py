@@ -329,11 +329,16 @@ class Learner:
                 pol = torch.cat([pol[..., :-1], tau.unsqueeze(-1)], dim=-1)
         return pol
 
+    def _rate(self, phase: str) -> str:
+        """The key of the body's learning rate in ``phase`` and its value now, for a message."""
+        key = "train.phase2_lr" if phase == "pcl" and self.cfg.phase2_lr is not None else "train.lr"
+        return f"{key} (now {self.opt.param_groups[0]['lr']:g})"
+
     def _apply(self, loss: torch.Tensor, phase: str) -> None:
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"{phase} loss is {loss.item()} at learner step {self.step}: no update was applied; "
-                f"lower train.lr (now {self.cfg.lr}) or train.lambda_max, or turn on train.reward_scaling"
+                f"lower {self._rate(phase)} or train.lambda_max, or turn on train.reward_scaling"
             )
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -341,6 +346,15 @@ class Learner:
             torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.grad_clip)
         self.opt.step()
         self.step += 1
+        # a finite loss can still take the weights past float range (a learning rate far too
+        # high): said here, not later as a sampling error on the next rollouts
+        # (each tensor's min and max: a NaN propagates, and no copy of the weights is made)
+        extremes = torch.stack([torch.stack(torch.aminmax(p.detach())) for p in self.student.parameters() if p.numel()])
+        if not bool(torch.isfinite(extremes).all()):
+            raise FloatingPointError(
+                f"the student's weights are not finite after {phase} learner step {self.step}: lower "
+                f"{self._rate(phase)}"
+            )
 
     def set_lr(self, lr: float, *, tau_offset_lr: float | None = None) -> None:
         """Change the body's learning rate, and the <τ> offsets' where given (the value head

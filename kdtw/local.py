@@ -164,10 +164,16 @@ class LocalLoop:
 
         t2 = time.perf_counter()
         self.learner.start_phase2()
-        self.in_phase2, stopped, settled = True, None, None
+        self.in_phase2, stopped, settled, failed = True, None, None, None
         for step in range(tc.phase2_steps):
-            trajs, demos = self.collect()
-            st = self.learn(trajs, demos)
+            try:
+                trajs, demos = self.collect()
+                st = self.learn(trajs, demos)
+            except FloatingPointError as e:  # a loss, the weights or the student's logits gone non-finite
+                failed, stopped = e, {"error": str(e), "phase": 2, "step": step}
+                log(f"[kdtw] Phase 2 failed at step {step + 1} of {tc.phase2_steps}; exporting the selection "
+                    "among the validations so far")
+                break
             self.state.losses.append(st.loss)
             self.state.lam_trace.append(trace_entry(step + 1, st))
             if (step + 1) % tc.log_every == 0 or step + 1 == tc.phase2_steps:
@@ -191,9 +197,13 @@ class LocalLoop:
         self.in_phase2 = False
         phase2_seconds = time.perf_counter() - t2
 
-        return finish_run(c, self.state, self.table, initial, teacher=self.teacher, val_set=self.val_set, log=log,
-                          seconds={"phase1": phase1_seconds, "phase2": phase2_seconds,
-                                   "total": time.perf_counter() - t_start}, extra={"stopped": stopped, "settled": settled})
+        report = finish_run(c, self.state, self.table, initial, teacher=self.teacher, val_set=self.val_set, log=log,
+                            seconds={"phase1": phase1_seconds, "phase2": phase2_seconds,
+                                     "total": time.perf_counter() - t_start},
+                            extra={"stopped": stopped, "settled": settled})
+        if failed is not None:
+            raise failed  # after the export: the command still fails, with the cause
+        return report
 
     def _record(self, v: dict, title: str, *, step: int, phase: int) -> None:
         record_validation(self.cfg, self.state, v, title, step=step, phase=phase, lam=self.learner.lam.tolist(),

@@ -107,6 +107,22 @@ def test_ctrl_c_in_the_local_loop_exports_the_best_so_far(tmp_path):
     assert (run / "student" / "kdtw_student.json").exists() and not (run / "candidate").exists()
 
 
+def test_a_diverging_phase_2_in_the_local_loop_exports_the_best_so_far(tmp_path):
+    """`kdtw train --local` whose Phase-2 rate sends the weights off: one error line naming the
+    rate (status 2), and the best student validated so far exported with report.json, which says
+    where and why it stopped."""
+    run = tmp_path / "run"
+    out = kdtw("train", "--local", "--config", TINY, f"run_dir={run}", "train.phase2_lr=1e30",
+               "train.phase2_steps=12", "train.validate_every=1000")
+    last = out.stderr.strip().splitlines()[-1]
+    assert out.returncode == 2 and last.startswith("kdtw: error: ") and "train.phase2_lr" in last, out.stderr[-3000:]
+    assert "exporting the selection among the validations so far" in out.stdout
+    with open(run / "report.json") as f:
+        report = json.load(f)
+    assert report["stopped"]["phase"] == 2 and report["stopped"]["step"] < 12 and "train.phase2_lr" in report["stopped"]["error"]
+    assert report["selected"]["phase"] == 1 and (run / "student" / "kdtw_student.json").exists()
+
+
 def test_help_lists_every_command_eval_included(capsys):
     """`kdtw --help` names every subcommand; `kdtw eval` runs jobs/evaluate.py and is listed too."""
     from kdtw.cli import main

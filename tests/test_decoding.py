@@ -562,7 +562,7 @@ def test_categorical_draw_is_the_distribution_and_never_a_zero_weight_entry():
     assert _multinomial(torch.tensor([0.0, 0.0, 3.0, 0.0]), g).tolist() == [2]
     # a row whose mass is all on one entry, every draw: the uniform at the top of [0, total) included
     assert set(_multinomial(torch.tensor([[0.0, 1.0, 0.0]] * 1000), g).squeeze(-1).tolist()) == {1}
-    with pytest.raises(ValueError, match="total"):
+    with pytest.raises(FloatingPointError, match="total"):
         _multinomial(torch.zeros(2, 4), g)
-    with pytest.raises(ValueError, match="total"):
+    with pytest.raises(FloatingPointError, match="total .* diverged; lower train.phase2_lr"):
         _multinomial(torch.tensor([[0.5, float("nan")]]), g)

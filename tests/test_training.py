@@ -105,6 +105,13 @@ def test_learner_steps_lower_the_loss_and_refuse_nan(pair):
     assert all(torch.equal(a, b) for a, b in zip(before, student.parameters()))
     m = learner.bc_step(teacher, teacher_demos(teacher, PROMPTS, [0, 1, 2], max_new_tokens=6, generator=g))
     assert m["bc/loss"] > 0
+    # a rate far too high: the weights run past float range (or the loss does first), said at that
+    # step with the rate to lower as it is now
+    learner.set_lr(1e38, tau_offset_lr=1e38)
+    with pytest.raises(FloatingPointError, match=r"(weights are not finite after pcl|pcl loss is (inf|nan) at) "
+                                                 r"learner step \d+: .*lower train\.(phase2_)?lr \(now 1e\+38\)"):
+        for _ in range(4):  # Adam moves each weight by about the rate a step: float32 ends at 3.4e38
+            learner.pcl_step(trajs)
 
 
 def test_bc_step_reads_the_teacher_logits_kept_while_decoding(pair):
