@@ -38,7 +38,7 @@ from .factory import (
     source_folder,
 )
 from .metrics import task_metrics
-from .models import LM, _from_pretrained, encode_outputs
+from .models import LM, ModelError, _from_pretrained, encode_outputs
 from .sources import SOURCE_META
 
 REPORT = "pretrain_report.json"
@@ -153,6 +153,8 @@ def pretrain(cfg: Config, *, roles: tuple[str, ...] = ("teacher", "student"), fo
         if os.path.exists(cached) and not force:
             with open(cached) as f:
                 report = json.load(f)
+            if base is None:
+                _check_recipe(report.get("recipe"), _recipe(cfg, role), role, folder)
             if base is None or report.get("base") == base:
                 reports[role] = report
                 log(f"[pretrain {role}] cached at {folder} (use --force to retrain)")
@@ -182,9 +184,34 @@ def pretrain(cfg: Config, *, roles: tuple[str, ...] = ("teacher", "student"), fo
         if base is not None:
             report["base"] = base
             report["validation_before"] = before
+        else:
+            report["recipe"] = _recipe(cfg, role)
         _save_atomic(lm, folder, report)
         reports[role] = report
     return reports
+
+
+def _recipe(cfg: Config, role: str) -> dict:
+    """What a model trained here from a random init is made of: its spec (not where it runs),
+    the task (its words are the tokenizer's) and prompts, the seed."""
+    spec = {f"{role}.{k}": v for k, v in dataclasses.asdict(getattr(cfg, role)).items()
+            if k not in ("source", "device", "dtype")}
+    task = {f"task.{k}": v for k, v in dataclasses.asdict(cfg.task).items()}
+    recipe = {**spec, **task, "budgets": sorted(cfg.budgets), "prompt_template": cfg.prompt_template, "seed": cfg.seed}
+    return json.loads(json.dumps(recipe))  # as the report keeps it (tuples as lists)
+
+
+def _check_recipe(saved: dict | None, now: dict, role: str, folder: str) -> None:
+    """Refuse a cached model made from another recipe (a report written before recipes were
+    recorded is taken as it is)."""
+    if saved is None:
+        return
+    diff = [k for k in now if saved.get(k) != now[k]] + [k for k in saved if k not in now]
+    if diff:
+        k = diff[0]
+        raise ModelError(f"the cached {role} in {folder} was pretrained with {k}={saved.get(k)!r}, the config "
+                         f"now gives {now.get(k)!r}{f' (and {len(diff) - 1} more)' if len(diff) > 1 else ''}: add "
+                         "--force to pretrain it again, or give another models_dir")
 
 
 def _fmt(metrics: dict) -> str:

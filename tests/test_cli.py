@@ -73,6 +73,12 @@ def test_pretrain_caches_and_report_prints_a_table(tmp_path):
     assert "[pretrain teacher] step 3/3" in out.stdout
     again = kdtw("pretrain", *common)
     assert "cached" in again.stdout
+    # another spec or task than the cached models were made from: refused, not taken as cached
+    other = kdtw("pretrain", *common, "teacher.hidden_size=48", "task.generator.lexicon_size=50")
+    assert other.returncode == 2 and "cached" not in other.stdout, other.stdout
+    assert other.stderr.strip().splitlines()[-1] == (
+        f"kdtw: error: the cached teacher in {models}/teacher was pretrained with teacher.hidden_size=32, the config "
+        "now gives 48 (and 1 more): add --force to pretrain it again, or give another models_dir")
     rep = kdtw("report", *common, "--n", "4")
     assert rep.returncode == 0, rep.stderr[-2000:]
     for label in ("student", "teacher", "budget no", "budget full"):
