@@ -100,9 +100,13 @@ def _load_raw(path_or_name: str, config_name: str | None, data_files: Any) -> Ma
         hint = ""
         if "corresponds to no data" in str(e):  # how `datasets` reports a header-only file
             hint = " (a split is empty: point task.splits / task.data_files at files with rows)"
-        raise DataError(
-            f"could not load {path_or_name!r}: {type(e).__name__}: {e}{hint}"
-        ) from e
+        # `datasets` wraps a file's own error (a JSON parse error, columns that differ between
+        # split files) in a generic one: the first cause is what to fix
+        inner = e.__cause__ or e.__context__
+        why = f"{type(e).__name__}: {e}" if inner is None else f"{type(inner).__name__}: {inner}"
+        if inner is not None and "column names don't match" in str(inner):
+            hint += " (every split's file must have the same columns)"
+        raise DataError(f"could not load {path_or_name!r}: {why}{hint}") from e
     if not isinstance(loaded, Mapping):  # a single Dataset
         loaded = {"train": loaded}
     return loaded

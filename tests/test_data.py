@@ -405,3 +405,15 @@ def test_dotted_column_paths_select_a_field_of_a_mapping_column(tmp_path):
     with pytest.raises(DataError, match="no field 'fr'"):
         load_dataset_source(str(f), source_column="translation.fr", target_column="translation.de",
                             splits={"train": "train"})
+
+
+def test_a_broken_file_says_what_datasets_found(tmp_path):
+    """`datasets` wraps a file's own error in a generic "An error occurred while generating the
+    dataset": the message carries the cause (a JSON syntax error; split files whose columns differ)."""
+    write_json(tmp_path / "tr.jsonl", ROWS)
+    (tmp_path / "broken.jsonl").write_text('{"de": "a", "en": "b", "id": 9}\n{oops\n')
+    write_json(tmp_path / "other.jsonl", [{"src": r["de"], "en": r["en"], "id": r["id"]} for r in ROWS])
+    splits = {"train": "train", "validation": "validation"}
+    for bad, why in (("broken.jsonl", "JSON parse error"), ("other.jsonl", "every split's file must have the same columns")):
+        with pytest.raises(DataError, match=why):
+            load_dataset_source(str(tmp_path), data_files={"train": "tr.jsonl", "validation": bad}, splits=splits, **COLS)
