@@ -10,7 +10,8 @@ of --call-rules), the KL oracle caller at every budget (unless --no-oracle) and 
 decoding with each K (greedy and sampled); see kdtw/evaluation.py for the columns and how
 latency is measured. Writes results.csv, results.json, frontier.png, verdict.txt, command.txt
 and the call thresholds used (call_thresholds.json, when the threshold or oracle rule ran) into
---out, and logs one MLflow run (experiment = the config's name): the flattened config as params,
+--out (refused where it holds an earlier evaluation's files, unless --overwrite; each file
+written whole), and logs one MLflow run (experiment = the config's name): the flattened config as params,
 one metric per row and column (``budgeted/light/bleu``), the files as artifacts.
 
 Thresholds of the threshold and oracle rules: --thresholds FILE, else the student folder's
@@ -58,6 +59,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--student", help="kdtw student folder (default: the config's student)")
     p.add_argument("--drafter", help="drafter folder: a student or a plain model (default: the student, <τ> masked)")
     p.add_argument("--out", required=True, help="output folder for results, plot, verdict, command")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation's files in --out")
     p.add_argument("--split", default="validation", choices=SPLITS)
     p.add_argument("--n", type=count("--n", 16), default=None, help="N examples spread evenly over the split (default: all)")
     p.add_argument("--ks", default="1,2,3,5,7", help="speculative block sizes, comma-separated")
@@ -112,6 +114,10 @@ def check_args(args, cfg) -> None:
         raise FileNotFoundError(f"--thresholds {args.thresholds!r}: no such file (give a call_thresholds.json "
                                 "or a folder holding one, or leave --thresholds out)")
     check_writable_dir(args.out, "--out")
+    old = [n for n in (*FILES, THRESHOLDS_OUT) if os.path.exists(os.path.join(args.out, n))]
+    if old and not args.overwrite:
+        raise FileExistsError(f"--out {args.out!r} holds an earlier evaluation ({', '.join(old)}): give a new "
+                              "folder, or add --overwrite to replace its files")
     if not os.environ.get("MLFLOW_TRACKING_URI"):  # the default store is <run_dir>/mlflow.db
         check_writable_dir(cfg.run_dir, "run_dir")
 
@@ -240,13 +246,25 @@ def run(args, argv: list[str], prog: str) -> int:
 
     out = args.out
     os.makedirs(out, exist_ok=True)
-    result.to_csv(os.path.join(out, "results.csv"))
-    result.to_json(os.path.join(out, "results.json"))
-    result.plot(os.path.join(out, "frontier.png"))
-    with open(os.path.join(out, "verdict.txt"), "w") as f:
-        f.write(result.verdict + "\n")
-    with open(os.path.join(out, "command.txt"), "w") as f:
-        f.write(f"{prog} {shlex.join(argv)}".strip() + "\n")
+
+    def write(name: str, how) -> None:  # each file whole or not at all (a temporary file, then os.replace)
+        path = os.path.join(out, name)
+        root, ext = os.path.splitext(path)
+        how(f"{root}.tmp{ext}")  # the plot's format follows the extension
+        os.replace(f"{root}.tmp{ext}", path)
+
+    def text(s: str):
+        def put(path: str) -> None:
+            with open(path, "w") as f:
+                f.write(s)
+
+        return put
+
+    write("results.csv", result.to_csv)
+    write("results.json", result.to_json)
+    write("frontier.png", result.plot)
+    write("verdict.txt", text(result.verdict + "\n"))
+    write("command.txt", text(f"{prog} {shlex.join(argv)}".strip() + "\n"))
     written = list(FILES)
     record = result.info.get("call_thresholds") or {}
     if any(rule in record for rule in SCORED_RULES):

@@ -328,3 +328,16 @@ def test_job_unknown_call_rule_is_one_error_line(setup, capsys):
                        "subset of argmax, sample, systematic, threshold")
     rc = _job().main(["--config", TINY, "--out", str(tmp / "bad"), "--call-rules", "oracle", *_overrides(tmp)])
     assert rc == 2 and "--no-oracle" in capsys.readouterr().err
+
+
+def test_job_refuses_to_write_over_an_earlier_evaluation(job_run, capsys):
+    """--out holding an earlier evaluation's files is refused before any model loads (the files
+    untouched) unless --overwrite."""
+    out, uri, _, proc, _ = job_run
+    tmp = out.parent
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    rc = _job().main(["--config", TINY, "--student", str(tmp / "student"), "--out", str(out), *_overrides(tmp)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith(f"kdtw: error: --out {str(out)!r} holds an earlier evaluation (results.csv, ")
+    assert "add --overwrite" in err[-1]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
