@@ -511,14 +511,31 @@ class Student(nn.Module):
                 f"{folder} is not a kdtw student folder (no {STUDENT_META}); to start a student "
                 "from a plain model use student.source=pretrained with that folder"
             )
-        with open(meta_path) as f:
-            meta = json.load(f)
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+            missing = [k for k in ("vocab_size", "tau_id") if k not in meta]
+        except (ValueError, TypeError) as e:  # not JSON, or not an object
+            missing, meta = [f"({type(e).__name__}: {e})"], {}
+        if missing:
+            raise ModelError(f"{meta_path} is not a kdtw student's metadata (missing {', '.join(missing)}): the "
+                             "folder is corrupt; save the student again (or export it again from its run)")
         model, tok = _from_pretrained(folder, dtype=dtype, device=device)
+        if tok.get_vocab().get(TAU_TOKEN) != meta["tau_id"]:  # e.g. a library default where the files were missing
+            raise ModelError(f"the tokenizer in {folder} does not hold {TAU_TOKEN} at id {meta['tau_id']} (as "
+                             f"{STUDENT_META} says): the folder is corrupt; save the student again")
         lm = LM(model, tok, vocab_size=meta["vocab_size"])
         from safetensors.torch import load_file
 
         head = nn.Linear(_hidden_size(model.config), 1)
-        heads = load_file(os.path.join(folder, VALUE_HEAD_FILE))
+        from safetensors import SafetensorError
+
+        try:
+            heads = load_file(os.path.join(folder, VALUE_HEAD_FILE))
+        except (OSError, SafetensorError) as e:  # missing, or safetensors' own error for a truncated file
+            raise ModelError(f"cannot read {os.path.join(folder, VALUE_HEAD_FILE)} ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}): the folder is corrupt; save the "
+                             "student again") from None
         offset = heads.pop("tau_offset", torch.zeros(1))
         per_budget = heads.pop("budget_offsets", None)
         head.load_state_dict(heads)
@@ -585,10 +602,25 @@ def _from_pretrained(name_or_path: str, *, dtype: str = "float32", device: str =
     extra: dict[str, Any] = {"dtype": _DTYPES[dtype]}
     if device == "auto":
         extra["device_map"] = "auto"
-    model = auto.from_pretrained(name_or_path, **extra, **kw)
+    from safetensors import SafetensorError
+
+    local, what = os.path.isdir(name_or_path), "weights"
+    try:
+        model = auto.from_pretrained(name_or_path, **extra, **kw)
+        what = "tokenizer"
+        tok = AutoTokenizer.from_pretrained(name_or_path, **kw)
+    except (OSError, ValueError, KeyError, SafetensorError) as e:  # not memory or device errors
+        if not local:  # a hub name: the library's own message says what went wrong
+            raise
+        # a local folder's truncated weights or missing tokenizer files surface as the
+        # libraries' own errors (a safetensors header error; "you need sentencepiece")
+        raise ModelError(
+            f"cannot load the {what} in {name_or_path!r} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}): the folder is incomplete or corrupt; write it again "
+            "(`kdtw pretrain --force` for its outputs, or save the model again)"
+        ) from None
     if device != "auto":
         model = model.to(device)
-    tok = AutoTokenizer.from_pretrained(name_or_path, **kw)
     return model.eval(), tok
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import subprocess
 import sys
 
@@ -107,6 +108,30 @@ def test_hub_loading_path_on_a_local_folder(pair, tmp_path):
         load_lm(str(tmp_path / "nothing-here"))
     with pytest.raises(ModelError, match="not a kdtw student folder"):
         Student.load(tmp_path / "t")
+
+
+def test_a_corrupt_student_folder_is_a_clear_error(pair, tmp_path):
+    """Truncated weights, metadata that is not a kdtw student's, a missing tokenizer or value head:
+    each a ModelError naming the folder or file and that it is corrupt, not the library's own error."""
+    import shutil
+
+    _, student = pair
+    good = tmp_path / "good"
+    student.save(good)
+    breaks = {
+        "weights": lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:100]),
+        "metadata": lambda d: (d / "kdtw_student.json").write_text('{"tau_token": "x"}'),
+        "not json": lambda d: (d / "kdtw_student.json").write_text("{oops"),
+        "tokenizer": lambda d: [os.remove(d / n) for n in os.listdir(d) if n.startswith(("tokenizer", "special_tokens"))],
+        "value head": lambda d: os.remove(d / "value_head.safetensors"),
+    }
+    for name, spoil in breaks.items():
+        d = tmp_path / name.replace(" ", "_")
+        shutil.copytree(good, d)
+        spoil(d)
+        with pytest.raises(ModelError, match="corrupt") as e:
+            Student.load(d)
+        assert str(d) in str(e.value), (name, str(e.value))
 
 
 def test_tokenizer_mismatch_is_a_clear_error(tok):
