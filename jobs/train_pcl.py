@@ -28,7 +28,7 @@ for _p in (ROOT, os.path.dirname(os.path.abspath(__file__))):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from actors.cluster import Interrupted, Stopper, guarded, job_start, session  # noqa: E402
+from actors.cluster import Interrupted, Stopper, guarded, job_start, remote_cause, session  # noqa: E402
 from kdtw.config import Config, load_config  # noqa: E402,F401  (load_config: tests build a resumed config)
 from kdtw.factory import budget_table, load_splits, load_student  # noqa: E402
 from kdtw.metrics import primary_metric  # noqa: E402
@@ -85,9 +85,15 @@ class Phase2:
         self.val.resume(self.published, manifest)
 
     def run(self) -> dict:
-        """Phase-2 steps up to ``train.phase2_steps``, then selection, export and the report."""
+        """Phase-2 steps up to ``train.phase2_steps``, then selection, export and the report (also
+        after a loss, weights or logits gone non-finite, which is then raised, as the local loop does)."""
         with Stopper.deferred(self.stopper):  # a first signal: stop after the step in flight
-            self._loop()
+            try:
+                self._loop()
+            except Exception as e:
+                if isinstance(remote_cause(e), FloatingPointError):  # what was validated is exported first
+                    self.finish(stopped={"error": str(remote_cause(e)), "phase": 2, "step": self.step})
+                raise
         return self.finish()
 
     def _loop(self) -> None:
@@ -195,13 +201,13 @@ class Phase2:
         self.log(f"[checkpoint] {path}")
         return path
 
-    def finish(self) -> dict:
+    def finish(self, stopped: dict | None = None) -> dict:
         """Selection, export, report.json and the plot (kdtw/reporting.py), plus the system's figures."""
         c = self.cfg
         self.val.land()
         report = finish_run(c, self.state, self.table, self.initial, teacher=self.teacher, val_set=self.val_set,
                             seconds={"phase2": self.counters["seconds"]}, log=self.log, calibrate=self.actors.calibrate,
-                            extra={"ray": self.progress.report(), "settled": self.settled})
+                            extra={"ray": self.progress.report(), "settled": self.settled, "stopped": stopped})
         if self.tracker is not None:
             self.tracker.run_artifacts(c.run_dir, report["selected_dir"])
         return report

@@ -3,6 +3,7 @@ driver death and resume, and bad inputs. One ``ray.init(num_cpus=2)`` for the mo
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -598,10 +599,13 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
 def test_an_error_raised_in_an_actor_is_one_line(tmp_path):
     """Bad input found inside the job's actors (here a learning rate that sends the weights past
     float range in Phase 2) ends the job with the cause as one line and status 2, not Ray's
-    wrapped remote traceback."""
+    wrapped remote traceback, after report.json (which says where and why it stopped)."""
     proc = _job("--config", TINY, f"run_dir={tmp_path / 'run'}", *QUICK, "train.phase2_lr=1e30",
                 "train.phase2_steps=6", "train.validate_every=1000", "ray.num_cpus=2")
     out, err = proc.communicate(timeout=300)
     last = [ln for ln in err.splitlines() if ln.strip()][-1]
     assert proc.returncode == 2, err[-3000:]
     assert last.startswith("kdtw: error: ") and "lower train.phase2_lr" in last and "ray::" not in last, err[-3000:]
+    with open(tmp_path / "run" / "report.json") as f:
+        stopped = json.load(f)["stopped"]
+    assert stopped["phase"] == 2 and stopped["step"] < 6 and "train.phase2_lr" in stopped["error"]
