@@ -34,7 +34,10 @@ PROG = "python jobs/train_bc.py"
 
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    # a usage error is one line, as every other error
+    from kdtw.cli import OneLineParser
+
+    p = OneLineParser(prog=prog, description=__doc__.split("\n")[0])
     p.add_argument("--config", help="YAML profile (default: conf/default.yaml)")
     p.add_argument("--resume", help="continue a stopped Phase 1: its run folder (holding phase1/ and config.yaml)")
     p.add_argument("--overwrite", action="store_true", help="delete the outputs of an earlier run in run_dir first")

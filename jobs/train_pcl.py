@@ -29,6 +29,7 @@ for _p in (ROOT, os.path.dirname(os.path.abspath(__file__))):
         sys.path.insert(0, _p)
 
 from actors.cluster import Interrupted, Stopper, guarded, job_start, remote_cause, session  # noqa: E402
+from kdtw.cli import OneLineParser, _clear_run  # noqa: E402  (usage errors as one line, as every other)
 from kdtw.config import Config, load_config  # noqa: E402,F401  (load_config: tests build a resumed config)
 from kdtw.factory import budget_table, load_splits, load_student  # noqa: E402
 from kdtw.metrics import primary_metric  # noqa: E402
@@ -261,7 +262,7 @@ def train(cfg: Config, *, resume: tuple[str, dict] | None = None, phase1: str | 
 
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    p = OneLineParser(prog=prog, description=__doc__.split("\n")[0])
     p.add_argument("--config", help="YAML profile (default: conf/default.yaml)")
     p.add_argument("--phase1", help="a Phase-1 folder (jobs/train_bc.py output): skip Phase 1")
     p.add_argument("--resume", help="continue a run: its run folder or one of its checkpoints/step_* folders; "
@@ -275,8 +276,6 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
     args = build_parser(prog).parse_args(argv)
 
     def body() -> int:
-        from kdtw.cli import _clear_run
-
         cfg, resume, resume_phase1, old = job_start(args, prog)  # every input checked before Ray starts
         with session(cfg) as stopper:  # signals, and a local Ray that ends with the job
             if old:

@@ -587,6 +587,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
         f"no pretrained teacher at {tmp_path / 'none' / 'teacher'}: run `kdtw pretrain": _job(
             "--config", TINY, run, f"models_dir={tmp_path / 'none'}", "teacher.source=pretrain"),
         "teacher and student tokenizers differ": _job("--config", TINY, run, f"teacher.tokenizer={tmp_path / 'tok'}"),
+        "unrecognized arguments: --bogus (see `python jobs/train_pcl.py --help`)": _job("--bogus"),
     }
     for expected, proc in cases.items():
         out, err = proc.communicate(timeout=120)
