@@ -193,11 +193,12 @@ def pretrain(cfg: Config, *, roles: tuple[str, ...] = ("teacher", "student"), fo
 
 def _recipe(cfg: Config, role: str) -> dict:
     """What a model trained here from a random init is made of: its spec (not where it runs),
-    the task (its words are the tokenizer's) and prompts, the seed."""
+    the task (its words are the tokenizer's) and prompts. Not the run's seed: the cached models
+    are the shared starting point of runs of every seed (`seed=N` on a later command)."""
     spec = {f"{role}.{k}": v for k, v in dataclasses.asdict(getattr(cfg, role)).items()
             if k not in ("source", "device", "dtype")}
     task = {f"task.{k}": v for k, v in dataclasses.asdict(cfg.task).items()}
-    recipe = {**spec, **task, "budgets": sorted(cfg.budgets), "prompt_template": cfg.prompt_template, "seed": cfg.seed}
+    recipe = {**spec, **task, "budgets": sorted(cfg.budgets), "prompt_template": cfg.prompt_template}
     return json.loads(json.dumps(recipe))  # as the report keeps it (tuples as lists)
 
 
