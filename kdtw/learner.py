@@ -346,15 +346,6 @@ class Learner:
             torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.grad_clip)
         self.opt.step()
         self.step += 1
-        # a finite loss can still take the weights past float range (a learning rate far too
-        # high): said here, not later as a sampling error on the next rollouts
-        # (each tensor's min and max: a NaN propagates, and no copy of the weights is made)
-        extremes = torch.stack([torch.stack(torch.aminmax(p.detach())) for p in self.student.parameters() if p.numel()])
-        if not bool(torch.isfinite(extremes).all()):
-            raise FloatingPointError(
-                f"the student's weights are not finite after {phase} learner step {self.step}: lower "
-                f"{self._rate(phase)}"
-            )
 
     def set_lr(self, lr: float, *, tau_offset_lr: float | None = None) -> None:
         """Change the body's learning rate, and the <τ> offsets' where given (the value head
