@@ -29,6 +29,7 @@ from .models import (
     _from_pretrained,
     check_tokenizers,
     init_model,
+    load_tokenizer,
     make_student,
 )
 from .sources import cut_student, gguf_wheel_model, narrow_student, num_layers
@@ -84,9 +85,7 @@ def task_tokenizer(cfg: Config) -> Any:
 
 def _spec_tokenizer(cfg: Config, spec: ModelConfig) -> Any:
     if spec.tokenizer:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(spec.tokenizer)
+        return load_tokenizer(spec.tokenizer)
     return task_tokenizer(cfg)
 
 
@@ -212,15 +211,7 @@ def role_tokenizer(cfg: Config, role: str) -> Any | None:
     if spec.source in DERIVED and not finetuned(cfg, role):
         return None
     path = model_path(cfg, role)
-    if not os.path.isdir(path):
-        return None
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"cannot read the {role}'s tokenizer in {path!r} ({str(e).splitlines()[0]}): an "
-                         "incomplete folder? write it again (`kdtw pretrain --force` for its outputs)") from None
+    return load_tokenizer(path) if os.path.isdir(path) else None
 
 
 def check_models(cfg: Config) -> None:

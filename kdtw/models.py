@@ -587,7 +587,7 @@ def _hidden_size(config: Any) -> int:
 
 def _from_pretrained(name_or_path: str, *, dtype: str = "float32", device: str = "cpu", **kw):
     """``from_pretrained`` on a hub name or a local folder, picking the right auto class."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     recover_dir(name_or_path)  # a local folder whose replacement was killed: the old copy back (hub names: no-op)
     _quiet()
@@ -604,24 +604,38 @@ def _from_pretrained(name_or_path: str, *, dtype: str = "float32", device: str =
         extra["device_map"] = "auto"
     from safetensors import SafetensorError
 
-    local, what = os.path.isdir(name_or_path), "weights"
     try:
         model = auto.from_pretrained(name_or_path, **extra, **kw)
-        what = "tokenizer"
-        tok = AutoTokenizer.from_pretrained(name_or_path, **kw)
     except (OSError, ValueError, KeyError, SafetensorError) as e:  # not memory or device errors
-        if not local:  # a hub name: the library's own message says what went wrong
-            raise
-        # a local folder's truncated weights or missing tokenizer files surface as the
-        # libraries' own errors (a safetensors header error; "you need sentencepiece")
-        raise ModelError(
-            f"cannot load the {what} in {name_or_path!r} ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}): the folder is incomplete or corrupt; write it again "
-            "(`kdtw pretrain --force` for its outputs, or save the model again)"
-        ) from None
+        _corrupt(name_or_path, "weights", e)
+    tok = load_tokenizer(name_or_path, **kw)
     if device != "auto":
         model = model.to(device)
     return model.eval(), tok
+
+
+def load_tokenizer(name_or_path: str, **kw):
+    """``AutoTokenizer.from_pretrained`` on a hub name or a local folder (a folder whose tokenizer
+    files are missing or broken: a ModelError naming it)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path, **kw)
+    except (OSError, ValueError, KeyError) as e:
+        _corrupt(name_or_path, "tokenizer", e)
+
+
+def _corrupt(name_or_path: str, what: str, e: BaseException):
+    """A local folder's truncated weights or missing tokenizer files surface as the libraries' own
+    errors (a safetensors header error; "you need sentencepiece"): one ModelError naming the
+    folder. A hub name keeps the library's own message."""
+    if not os.path.isdir(name_or_path):
+        raise e
+    raise ModelError(
+        f"cannot load the {what} in {name_or_path!r} ({type(e).__name__}: "
+        f"{str(e).splitlines()[0] if str(e) else ''}): the folder is incomplete or corrupt; write it again "
+        "(`kdtw pretrain --force` for its outputs, or save the model again)"
+    ) from None
 
 
 def load_lm(name_or_path: str, *, dtype: str = "float32", device: str = "cpu") -> LM:
