@@ -206,6 +206,7 @@ def log_mlflow(cfg, result, out_dir: str, *, extra_params: dict, files: tuple | 
 
 
 def run(args, argv: list[str], prog: str) -> int:
+    from kdtw.atomic import write_text_atomic
     from kdtw.calibration import SCORED_RULES, save_thresholds
     from kdtw.config import load_config
     from kdtw.evaluation import evaluate_frontier
@@ -253,18 +254,11 @@ def run(args, argv: list[str], prog: str) -> int:
         how(f"{root}.tmp{ext}")  # the plot's format follows the extension
         os.replace(f"{root}.tmp{ext}", path)
 
-    def text(s: str):
-        def put(path: str) -> None:
-            with open(path, "w") as f:
-                f.write(s)
-
-        return put
-
     write("results.csv", result.to_csv)
     write("results.json", result.to_json)
     write("frontier.png", result.plot)
-    write("verdict.txt", text(result.verdict + "\n"))
-    write("command.txt", text(f"{prog} {shlex.join(argv)}".strip() + "\n"))
+    write_text_atomic(os.path.join(out, "verdict.txt"), result.verdict + "\n")
+    write_text_atomic(os.path.join(out, "command.txt"), f"{prog} {shlex.join(argv)}".strip() + "\n")
     written = list(FILES)
     record = result.info.get("call_thresholds") or {}
     if any(rule in record for rule in SCORED_RULES):

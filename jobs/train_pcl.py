@@ -92,8 +92,8 @@ class Phase2:
             try:
                 self._loop()
             except Exception as e:
-                if isinstance(remote_cause(e), FloatingPointError):  # what was validated is exported first
-                    self.finish(stopped={"error": str(remote_cause(e)), "phase": 2, "step": self.step})
+                if isinstance(cause := remote_cause(e), FloatingPointError):  # what was validated is exported first
+                    self.finish(stopped={"error": str(cause), "phase": 2, "step": self.step})
                 raise
         return self.finish()
 
