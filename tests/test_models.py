@@ -17,6 +17,7 @@ from kdtw.models import (
     ModelError,
     Student,
     check_tokenizers,
+    check_weights,
     encode_outputs,
     init_model,
     load_lm,
@@ -131,6 +132,32 @@ def test_a_corrupt_student_folder_is_a_clear_error(pair, tmp_path):
         spoil(d)
         with pytest.raises(ModelError, match="corrupt") as e:
             Student.load(d)
+        assert str(d) in str(e.value), (name, str(e.value))
+
+
+def test_weights_cut_short_are_found_without_loading_the_model(pair, tmp_path):
+    """`check_weights` (what the Ray jobs run before Ray starts) reads only the safetensors
+    headers: a copy cut short at its start or its end, or a folder without a weights file, is a
+    ModelError naming the folder; the saved folder passes."""
+    import shutil
+
+    _, student = pair
+    good = tmp_path / "good"
+    student.save(good)
+    check_weights(str(good))
+    size = (good / "model.safetensors").stat().st_size
+    breaks = {
+        "head": lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:100]),
+        "tail": lambda d: os.truncate(d / "model.safetensors", size - 1000),
+        "value head": lambda d: os.truncate(d / "value_head.safetensors", 20),
+        "none": lambda d: os.remove(d / "model.safetensors") or os.remove(d / "value_head.safetensors"),
+    }
+    for name, spoil in breaks.items():
+        d = tmp_path / name.replace(" ", "_")
+        shutil.copytree(good, d)
+        spoil(d)
+        with pytest.raises(ModelError, match="corrupt") as e:
+            check_weights(str(d))
         assert str(d) in str(e.value), (name, str(e.value))
 
 

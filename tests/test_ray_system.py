@@ -574,6 +574,14 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
 
     # a tokenizer of another vocabulary (the tiny task with a smaller lexicon) for the teacher
     task_tokenizer(tiny(tmp_path, "task.generator.lexicon_size=30")).save_pretrained(str(tmp_path / "tok"))
+    # a `kdtw pretrain` teacher whose weights file was cut short
+    from kdtw.factory import load_teacher
+
+    teacher = load_teacher(tiny(tmp_path))
+    cut = tmp_path / "cut" / "teacher"
+    teacher.model.save_pretrained(str(cut))
+    teacher.tokenizer.save_pretrained(str(cut))
+    os.truncate(cut / "model.safetensors", 1000)
     cases = {
         "cannot reach a Ray cluster at 127.0.0.1": _job("--config", TINY, run, f"ray.address=127.0.0.1:{free_port()}"),
         "is not a kdtw checkpoint": _job("--resume", str(empty)),
@@ -587,6 +595,8 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
         f"no pretrained teacher at {tmp_path / 'none' / 'teacher'}: run `kdtw pretrain": _job(
             "--config", TINY, run, f"models_dir={tmp_path / 'none'}", "teacher.source=pretrain"),
         "teacher and student tokenizers differ": _job("--config", TINY, run, f"teacher.tokenizer={tmp_path / 'tok'}"),
+        f"cannot load the weights in '{cut}'": _job("--config", TINY, run, f"models_dir={cut.parent}",
+                                                    "teacher.source=pretrain"),
         "unrecognized arguments: --bogus (see `python jobs/train_pcl.py --help`)": _job("--bogus"),
     }
     for expected, proc in cases.items():
@@ -595,6 +605,47 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
         assert proc.returncode == 2, (expected, err[-2000:])
         assert len(lines) == 1 and lines[0].startswith("kdtw: error: ") and expected in lines[0], (expected, err)
     assert not os.path.exists(tmp_path / "run")  # nothing written for any of them
+
+
+def test_bad_input_raised_in_an_actor_constructor_is_one_line(ray_session, capsys):
+    """An actor whose constructor refuses its input dies, and a call to it (here through another
+    actor, as the pool calls a replica) fails with Ray's ActorDiedError, which keeps the
+    constructor's error only as its first argument: `guarded` still prints that error as one line,
+    status 2; a defect raised the same way keeps its traceback."""
+    from actors.cluster import guarded, remote_cause
+    from kdtw.models import ModelError
+
+    ray = ray_session
+
+    @ray.remote(num_cpus=0)
+    class Refuses:
+        def __init__(self, error):
+            raise error
+
+        def ping(self):
+            return 1
+
+    @ray.remote(num_cpus=0)
+    class Asks:
+        def __init__(self, other):
+            self.other = other
+
+        def ask(self):
+            import ray
+
+            return ray.get(self.other.ping.remote())
+
+    bad = Asks.remote(Refuses.remote(ModelError("cannot load the weights in 'x': write it again")))
+    with pytest.raises(Exception) as e:
+        ray.get(bad.ask.remote())
+    assert isinstance(remote_cause(e.value), ModelError)
+    assert guarded(lambda: ray.get(bad.ask.remote())) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert err[-1] == "kdtw: error: cannot load the weights in 'x': write it again", err
+    defect = Refuses.remote(ZeroDivisionError("a defect"))
+    with pytest.raises(Exception) as e:
+        guarded(lambda: ray.get(defect.ping.remote()))
+    assert isinstance(remote_cause(e.value), ZeroDivisionError)
 
 
 def test_an_error_raised_in_an_actor_is_one_line(tmp_path):
