@@ -123,7 +123,7 @@ def cmd_decode(args) -> int:
 
     cfg = _config(args)
     table = budget_table(cfg)
-    phrase = table.get(args.budget).phrase if args.budget else table.phrases[min(2, len(table) - 1)]
+    phrase = table.get(args.budget).phrase if args.budget is not None else table.phrases[min(2, len(table) - 1)]
     sources = _read_inputs(args.input)
     examples = [Example(s, "") for s in sources]
     prompts = prompts_for(cfg, examples, phrase)
@@ -326,7 +326,7 @@ def cmd_data_bible(args) -> int:
     argv = ["check" if args.check else "build", "--out", args.out]
     if args.debs and not args.check:
         argv += ["--debs", args.debs]
-    return bible_main(argv)
+    return bible_main(argv, prog="kdtw")
 
 
 def build_parser() -> argparse.ArgumentParser:

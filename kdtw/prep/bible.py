@@ -449,12 +449,12 @@ def verify(folder: str | os.PathLike) -> dict:
     folder = Path(folder)
     meta_path = folder / CHECKSUMS
     if not meta_path.exists():
-        raise BibleError(f"{meta_path} is missing: run `python -m kdtw.prep.bible build --out {folder}`")
+        raise BibleError(f"{meta_path} is missing: create the files with `kdtw data bible-en-es --out {folder}`")
     meta = json.loads(meta_path.read_text())
     for name, info in meta["files"].items():
         path = folder / name
         if not path.exists():
-            raise BibleError(f"{path} is missing: rebuild with `python -m kdtw.prep.bible build`")
+            raise BibleError(f"{path} is missing: create the files again with `kdtw data bible-en-es --out {folder}`")
         digest = sha256_file(path)
         if digest != info["sha256"]:
             raise BibleError(f"{path}: sha256 {digest} != {info['sha256']} in {CHECKSUMS}")
@@ -486,7 +486,8 @@ def fetch_debs(workdir: str, debs_dir: str | None = None) -> dict[str, Path]:
     for mod in (ENGLISH, SPANISH):
         matches = sorted(Path(debs_dir).glob(f"{mod.package}_*.deb"))
         if not matches:
-            raise BibleError(f"no {mod.package}_*.deb in {debs_dir}: `apt-get download {mod.package}`")
+            raise BibleError(f"no {mod.package}_*.deb in {debs_dir}: add it there (`apt-get download {mod.package}` in that "
+                             "folder), or leave out --debs to download it")
         found[mod.package] = matches[-1]
     return found
 
@@ -553,8 +554,10 @@ def build(
     return meta
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kdtw.prep.bible", description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None, prog: str = "python -m kdtw.prep.bible") -> int:
+    """The module's command line; ``prog`` names the command in its errors (`kdtw data
+    bible-en-es` passes ``kdtw``)."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="fetch the two .deb files and write the Parquet splits")
     b.add_argument("--out", default="data/bible_en_es", help="output folder")
@@ -571,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
             meta = verify(args.out)
             print(json.dumps({n: f["rows"] for n, f in meta["files"].items()}))
     except BibleError as e:
-        print(f"kdtw.prep.bible: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     return 0
 
