@@ -246,11 +246,11 @@ def test_kdtw_data_lists_and_wires_bible_en_es(capsys, monkeypatch, tmp_path):
 
     calls = []
     with monkeypatch.context() as m:
-        m.setattr(bible, "main", lambda argv=None: calls.append(argv) or 0)
+        m.setattr(bible, "main", lambda argv=None, prog=None: calls.append((argv, prog)) or 0)
         assert cli_main(["data", "bible-en-es", "--out", str(tmp_path), "--debs", "debs"]) == 0
         assert cli_main(["data", "bible-en-es"]) == 0
-    assert calls == [["build", "--out", str(tmp_path), "--debs", "debs"],
-                     ["build", "--out", "data/bible_en_es"]]
+    assert calls == [(["build", "--out", str(tmp_path), "--debs", "debs"], "kdtw"),
+                     (["build", "--out", "data/bible_en_es"], "kdtw")]
 
     assert cli_main(["data", "bible-en-es", "--check", "--out", str(BIBLE)]) == 0
     rows = json.loads(capsys.readouterr().out)
