@@ -141,7 +141,7 @@ def job_start(args, prog: str) -> tuple[Config, tuple[str, dict] | None, str | N
     overrides) ask for, every input checked before Ray starts: (config, Phase-2 checkpoint and
     manifest, Phase-1 folder to go on from, the earlier run's outputs in run_dir to clear)."""
     from kdtw.cli import _check_run_dir
-    from kdtw.factory import check_models
+    from kdtw.factory import check_inputs
     from kdtw.phase1 import check_phase1
 
     old: list[str] = []
@@ -158,7 +158,7 @@ def job_start(args, prog: str) -> tuple[Config, tuple[str, dict] | None, str | N
         old = _check_run_dir(cfg, overwrite=args.overwrite, resume_with=prog, keep=("phase1", "config.yaml") if here else ())
     if args.phase1:
         check_phase1(args.phase1)
-    check_models(cfg)
+    check_inputs(cfg)
     return cfg, resume, resume_phase1, old
 
 

@@ -40,6 +40,7 @@ def _load_raw(path_or_name: str, config_name: str | None, data_files: Any) -> Ma
     """A mapping split name -> `datasets.Dataset`."""
     import datasets
 
+    datasets.disable_progress_bars()  # "Generating train split" bars on stderr: noise in a job's log
     path = Path(path_or_name).expanduser()
     if data_files is not None:
         files = {data_files} if isinstance(data_files, str) else data_files

@@ -229,6 +229,14 @@ def check_models(cfg: Config) -> None:
         check_tokenizers(teacher, student)
 
 
+def check_inputs(cfg: Config) -> None:
+    """`check_models`, and the task's examples loaded once (a missing data file or column, a bad
+    split): what the Ray jobs check before Ray starts and anything is written (about a second for
+    the shipped Parquet; a generated task's splits are cached for the run's own load)."""
+    check_models(cfg)
+    load_splits(cfg)
+
+
 def load_pair(cfg: Config) -> tuple[LM, Student]:
     teacher = load_teacher(cfg)
     return teacher, load_student(cfg, teacher)

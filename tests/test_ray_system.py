@@ -582,6 +582,17 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     teacher.model.save_pretrained(str(cut))
     teacher.tokenizer.save_pretrained(str(cut))
     os.truncate(cut / "model.safetensors", 1000)
+    # a Parquet task without the configured source column
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "data").mkdir()
+    for split in ("train", "validation"):
+        pq.write_table(pa.table({"en": ["a b"] * 8, "target": ["c d"] * 8}), tmp_path / "data" / f"{split}.parquet")
+    parquet = ["task.kind=datasets", f"task.dataset={tmp_path / 'data'}", "task.source_column=source",
+               "task.data_files={train: train.parquet, validation: validation.parquet}",
+               "task.splits={train: train, validation: validation}", f"teacher.tokenizer={tmp_path / 'tok'}",
+               f"student.tokenizer={tmp_path / 'tok'}"]
     cases = {
         "cannot reach a Ray cluster at 127.0.0.1": _job("--config", TINY, run, f"ray.address=127.0.0.1:{free_port()}"),
         "is not a kdtw checkpoint": _job("--resume", str(empty)),
@@ -598,6 +609,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
         f"cannot load the weights in '{cut}'": _job("--config", TINY, run, f"models_dir={cut.parent}",
                                                     "teacher.source=pretrain"),
         "unrecognized arguments: --bogus (see `python jobs/train_pcl.py --help`)": _job("--bogus"),
+        "column 'source' not found in split 'train'": _job("--config", TINY, run, *parquet),
     }
     for expected, proc in cases.items():
         out, err = proc.communicate(timeout=120)
