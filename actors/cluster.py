@@ -219,14 +219,54 @@ def connect(cfg: Config) -> bool:
     return False
 
 
+def demand(cfg: Config, phase: int) -> dict[str, tuple[float, str]]:
+    """Ray's logical CPUs and GPUs a phase of the job holds at once, with the keys they come from:
+    Phase 1 its Ray Train ranks, Phase 2 the teacher replicas, the learner and the rollout workers
+    (the pool and the buffer ask for none)."""
+    r = cfg.ray
+    out = {}
+    for kind in ("CPU", "GPU"):
+        k = kind.lower()
+        roles = ((r.learner_ranks, "learner_ranks", f"learner_{k}s"),) if phase == 1 else (
+            (r.num_teacher_replicas, "num_teacher_replicas", f"teacher_{k}s"), (1, None, f"learner_{k}s"),
+            (r.num_rollout_workers, "num_rollout_workers", f"rollout_worker_{k}s"))
+        terms = [(n * getattr(r, key), f"ray.{key}" if count is None else f"ray.{count}={n} x ray.{key}")
+                 for n, count, key in roles]
+        out[kind] = (sum(t for t, _ in terms), " + ".join(f"{label} = {t:g}" for t, label in terms if t))
+    return out
+
+
+def check_fit(cfg: Config, phases: tuple[int, ...], *, local: bool, log: Callable[[str], None] = print) -> None:
+    """Refuse a job whose phases ask for more logical CPUs or GPUs than the local Ray it started
+    holds (Ray would keep its actors pending, the job waiting without end). On a cluster it joined,
+    where an autoscaler may add nodes, say so in one line and go on."""
+    import ray
+
+    total = ray.cluster_resources()
+    for phase in phases:
+        for kind, (need, terms) in demand(cfg, phase).items():
+            have = float(total.get(kind, 0.0))
+            if need <= have + 1e-9:
+                continue
+            what = f"Phase {phase} asks for {need:g} {kind}{'' if need == 1 else 's'} ({terms}) and this Ray has {have:g}"
+            if local:
+                fix = ("set ray.num_cpus higher (logical CPUs may exceed the cores) or lower those keys"
+                       if kind == "CPU" else "lower those keys to 0 on a machine without GPUs, or join a cluster "
+                       "with GPUs (ray.address, or `ray job submit`)")
+                raise ClusterError(f"{what}: {fix}")
+            log(f"[ray] {what} now: the job waits until the cluster has them (`ray status` shows what it has)")
+
+
 @contextmanager
-def session(cfg: Config):
-    """The job's signal handling (yields its `Stopper`) and Ray connection (`connect`); a local
-    Ray this started is shut down on the way out, however the job ends (no process of it is left)."""
+def session(cfg: Config, phases: tuple[int, ...] = (1, 2)):
+    """The job's signal handling (yields its `Stopper`) and Ray connection (`connect`), the
+    resources of ``phases`` checked against Ray's (`check_fit`); a local Ray this started is shut
+    down on the way out, however the job ends (no process of it is left)."""
     stopper = Stopper().install()
     started = False
     try:
         started = connect(cfg)
+        check_fit(cfg, phases, local=started)
         yield stopper
     finally:
         stopper.restore()

@@ -227,8 +227,9 @@ def copy_dir(src: str, dst: str) -> None:
         raise
 
 
-def _placement(cfg):
-    """A placement group (one bundle per replica, one for the learner) when a role wants GPUs."""
+def _placement(cfg, *, wait_s: int = 600, every_s: int = 30):
+    """A placement group (one bundle per replica, one for the learner) when a role wants GPUs; a
+    line every ``every_s`` while the cluster has no room for it, a ClusterError after ``wait_s``."""
     r = cfg.ray
     if not (r.teacher_gpus or r.learner_gpus):
         return None
@@ -237,10 +238,20 @@ def _placement(cfg):
     def bundle(cpu: float, gpu: float) -> dict:
         return {k: v for k, v in (("CPU", cpu), ("GPU", gpu)) if v}
 
-    pg = placement_group([bundle(r.teacher_cpus, r.teacher_gpus)] * r.num_teacher_replicas
-                         + [bundle(r.learner_cpus, r.learner_gpus)], strategy="PACK")
-    ray.get(pg.ready(), timeout=600)
-    return pg
+    bundles = [bundle(r.teacher_cpus, r.teacher_gpus)] * r.num_teacher_replicas + [bundle(r.learner_cpus, r.learner_gpus)]
+    pg = placement_group(bundles, strategy="PACK")
+    for waited in range(every_s, wait_s + 1, every_s):
+        if ray.wait([pg.ready()], timeout=every_s)[0]:
+            return pg
+        print(f"[ray] waiting {waited} s for room for the placement group {bundles} (the cluster has "
+              f"{ray.available_resources()} free; `ray status`)", flush=True)
+    from ray.util.placement_group import remove_placement_group
+
+    from actors.cluster import ClusterError
+
+    remove_placement_group(pg)
+    raise ClusterError(f"no room for the placement group {bundles} after {wait_s} s: free those resources or lower "
+                       "ray.teacher_gpus / ray.learner_gpus / their CPUs")
 
 
 class Validations:

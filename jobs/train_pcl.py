@@ -277,7 +277,8 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
 
     def body() -> int:
         cfg, resume, resume_phase1, old = job_start(args, prog)  # every input checked before Ray starts
-        with session(cfg) as stopper:  # signals, and a local Ray that ends with the job
+        phases = (2,) if args.phase1 or resume or not cfg.train.phase1_steps else (1, 2)
+        with session(cfg, phases) as stopper:  # signals, and a local Ray that ends with the job
             if old:
                 _clear_run(cfg.run_dir, old)
             report, _ = train(cfg, resume=resume, phase1=args.phase1, stopper=stopper, resume_phase1=resume_phase1)

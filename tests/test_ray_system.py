@@ -610,6 +610,9 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
                                                     "teacher.source=pretrain"),
         "unrecognized arguments: --bogus (see `python jobs/train_pcl.py --help`)": _job("--bogus"),
         "column 'source' not found in split 'train'": _job("--config", TINY, run, *parquet),
+        # found once the local Ray is up, before anything is written (Ray would wait without end)
+        "Phase 2 asks for 1 GPU (ray.num_teacher_replicas=1 x ray.teacher_gpus = 1) and this Ray has 0": _job(
+            "--config", TINY, run, "ray.teacher_gpus=1"),
     }
     for expected, proc in cases.items():
         out, err = proc.communicate(timeout=120)
@@ -617,6 +620,40 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
         assert proc.returncode == 2, (expected, err[-2000:])
         assert len(lines) == 1 and lines[0].startswith("kdtw: error: ") and expected in lines[0], (expected, err)
     assert not os.path.exists(tmp_path / "run")  # nothing written for any of them
+
+
+def test_resources_beyond_the_ray_are_refused_on_a_local_ray_and_said_on_a_cluster(ray_session, tmp_path):
+    """`check_fit` against this module's Ray (2 CPUs, no GPU): Phase 2's rollout workers at one CPU
+    each, or Phase 1's ranks on GPUs, are refused with the keys to change where the job started the
+    Ray itself; on a Ray it joined (an autoscaler may add nodes) the same is one line and the job
+    goes on. What fits passes."""
+    from actors.cluster import ClusterError, check_fit
+
+    fits = tiny(tmp_path, "ray.num_rollout_workers=2")
+    check_fit(fits, (1, 2), local=True)
+    workers = tiny(tmp_path, "ray.num_rollout_workers=3", "ray.rollout_worker_cpus=1")
+    with pytest.raises(ClusterError, match=r"Phase 2 asks for 3.5 CPUs .*ray.num_rollout_workers=3 x "
+                                           r"ray.rollout_worker_cpus = 3\) and this Ray has 2: set ray.num_cpus"):
+        check_fit(workers, (2,), local=True)
+    check_fit(workers, (1,), local=True)  # Phase 1 alone does not run the workers
+    ranks = tiny(tmp_path, "ray.learner_ranks=2", "ray.learner_gpus=1")
+    with pytest.raises(ClusterError, match=r"Phase 1 asks for 2 GPUs \(ray.learner_ranks=2 x ray.learner_gpus = 2\)"):
+        check_fit(ranks, (1, 2), local=True)
+    lines: list[str] = []
+    check_fit(ranks, (1,), local=False, log=lines.append)
+    assert len(lines) == 1 and lines[0].startswith("[ray] Phase 1 asks for 2 GPUs") and "waits" in lines[0], lines
+
+
+def test_a_placement_group_without_room_says_so_while_it_waits_then_gives_up(ray_session, tmp_path, capsys):
+    from actors.cluster import ClusterError
+    from actors.system import _placement
+
+    with pytest.raises(ClusterError, match=r"no room for the placement group .*'GPU': 1.* after 2 s"):
+        _placement(tiny(tmp_path, "ray.teacher_gpus=1"), wait_s=2, every_s=1)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[ray] waiting")]
+    assert [ln.split(" s ")[0] for ln in lines] == ["[ray] waiting 1", "[ray] waiting 2"], lines
+    assert ray_session.util.placement_group_table() and not any(  # removed, not left pending
+        p["state"] == "PENDING" for p in ray_session.util.placement_group_table().values())
 
 
 def test_bad_input_raised_in_an_actor_constructor_is_one_line(ray_session, capsys):
