@@ -141,6 +141,7 @@ def job_start(args, prog: str) -> tuple[Config, tuple[str, dict] | None, str | N
     overrides) ask for, every input checked before Ray starts: (config, Phase-2 checkpoint and
     manifest, Phase-1 folder to go on from, the earlier run's outputs in run_dir to clear)."""
     from kdtw.cli import _check_run_dir
+    from actors.tracking import check_tracking
     from kdtw.factory import check_inputs
     from kdtw.phase1 import check_phase1
 
@@ -159,6 +160,7 @@ def job_start(args, prog: str) -> tuple[Config, tuple[str, dict] | None, str | N
     if args.phase1:
         check_phase1(args.phase1)
     check_inputs(cfg)
+    check_tracking()
     return cfg, resume, resume_phase1, old
 
 
@@ -277,9 +279,10 @@ def session(cfg: Config, phases: tuple[int, ...] = (1, 2)):
 
 
 def _errors() -> tuple[type[BaseException], ...]:
+    from actors.tracking import TrackingError
     from kdtw.cli import errors
 
-    return (*errors(), ClusterError, CheckpointError)
+    return (*errors(), ClusterError, CheckpointError, TrackingError)
 
 
 def remote_cause(e: BaseException) -> BaseException:

@@ -16,6 +16,33 @@ from contextlib import contextmanager
 
 _BAD = re.compile(r"[^\w\-. :/]")
 PARAM_MAX = 6000
+# MLflow retries a request to a tracking server 7 times with backoff (minutes against a server
+# that is down): a job's logging gives up sooner and training goes on. Set them to change that.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
+class TrackingError(RuntimeError):
+    """The tracking server of ``MLFLOW_TRACKING_URI`` does not answer."""
+
+
+def check_tracking() -> None:
+    """A tracking server (``MLFLOW_TRACKING_URI`` http or https) that nothing answers at, found
+    before the job starts Ray or writes anything (MLflow would retry for minutes, then fail)."""
+    import socket
+    from urllib.parse import urlparse
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    url = urlparse(uri)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        return
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=5).close()
+    except OSError as e:
+        raise TrackingError(f"MLFLOW_TRACKING_URI={uri}: nothing answers at {url.hostname}:{port} "
+                            f"({e.strerror or e}): start the tracking server, fix the variable, or unset it to "
+                            "track into <run_dir>/mlflow.db") from None
 
 
 def _own_store(run_dir: str) -> str:
@@ -71,6 +98,9 @@ class Tracker:
 
     def __init__(self, cfg, *, run_name: str, run_id: str | None = None, log=print) -> None:
         os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+        for k, v in HTTP_DEFAULTS.items():
+            os.environ.setdefault(k, v)
+        self.log, self.failures = log, 0
         for name in ("mlflow", "alembic"):
             logging.getLogger(name).setLevel(logging.WARNING)
         from mlflow.exceptions import MlflowException
@@ -122,14 +152,31 @@ class Tracker:
         now = int(time.time() * 1000)
         items = [Metric(_key(k), float(v), now, step) for k, v in metrics.items()
                  if isinstance(v, (int, float)) and math.isfinite(float(v)) and step > self.logged.get(_key(k), -1)]
-        for s in range(0, len(items), 500):
-            self.client.log_batch(self.run_id, metrics=items[s : s + 500])
+        with self._guard(f"step {step}'s metrics"):
+            for s in range(0, len(items), 500):
+                self.client.log_batch(self.run_id, metrics=items[s : s + 500])
 
     def artifact(self, path: str, folder: str | None = None) -> None:
-        if os.path.isdir(path):
-            self.client.log_artifacts(self.run_id, path, folder)
-        elif os.path.exists(path):
-            self.client.log_artifact(self.run_id, path, folder)
+        with self._guard(os.path.basename(path)):
+            if os.path.isdir(path):
+                self.client.log_artifacts(self.run_id, path, folder)
+            elif os.path.exists(path):
+                self.client.log_artifact(self.run_id, path, folder)
+
+    @contextmanager
+    def _guard(self, what: str):
+        """A tracking store that fails during the run (a server gone, a disk full) costs what was
+        being logged, with a line saying so, not the training: the run folder holds everything
+        (report.json, checkpoints). The first failure and every 100th after it are said."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            yield
+        except (MlflowException, OSError) as e:
+            if self.failures % 100 == 0:
+                self.log(f"[mlflow] not logged: {what} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                         f"training goes on, the run folder has everything ({self.failures + 1} failure(s) so far)")
+            self.failures += 1
 
     def run_artifacts(self, run_dir: str, selected_dir: str | None) -> None:
         """A training run's files: config, report, λ plot and the selected student."""
@@ -139,7 +186,8 @@ class Tracker:
             self.artifact(selected_dir, "student")
 
     def finish(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.run_id, status=status)
+        with self._guard(f"the run's status ({status})"):
+            self.client.set_terminated(self.run_id, status=status)
 
 
 @contextmanager

@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
     def body() -> int:
         from kdtw.checkpoint import CheckpointError
         from kdtw.cli import _check_run_dir, _clear_run
+        from actors.tracking import check_tracking
         from kdtw.factory import check_inputs
         from kdtw.phase1 import check_phase1, read_phase1
 
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
             cfg = load(args.config, args.overrides)
             old = _check_run_dir(cfg, overwrite=args.overwrite, resume_with=prog)  # before Ray starts
         check_inputs(cfg)
+        check_tracking()
         with session(cfg, phases=(1,)) as stopper:  # signals, and a local Ray that ends with the job
             from actors.tracking import tracked
 

@@ -610,6 +610,8 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
                                                     "teacher.source=pretrain"),
         "unrecognized arguments: --bogus (see `python jobs/train_pcl.py --help`)": _job("--bogus"),
         "column 'source' not found in split 'train'": _job("--config", TINY, run, *parquet),
+        "nothing answers at 127.0.0.1:": _job("--config", TINY, run, env=ray_env(
+            {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"})),
         # found once the local Ray is up, before anything is written (Ray would wait without end)
         "Phase 2 asks for 1 GPU (ray.num_teacher_replicas=1 x ray.teacher_gpus = 1) and this Ray has 0": _job(
             "--config", TINY, run, "ray.teacher_gpus=1"),

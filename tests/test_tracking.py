@@ -61,3 +61,40 @@ def test_a_moved_run_folder_keeps_its_artifacts_where_it_is(tmp_path, monkeypatc
     assert not old_dir.exists() and len(lines) == 1 and "moved" in lines[0]
     assert {a.path for a in again.client.list_artifacts(first.run_id)} == {"note.txt", "more"}
     assert again.client.get_run(first.run_id).info.artifact_uri.startswith(str(new_dir / "mlartifacts"))
+
+
+def test_a_tracking_server_that_goes_away_costs_the_logging_not_the_run(tmp_path, monkeypatch):
+    """Started against a store, then the store's server is gone (here a client pointed at a port
+    nothing listens on): metrics, artifacts and the final status are not logged, with a line the
+    first time and every 100th, and nothing raises; a server down before the job starts is refused
+    by `check_tracking` in one error naming the variable."""
+    import socket
+    import time
+
+    import pytest
+    from mlflow.tracking import MlflowClient
+
+    from actors.tracking import TrackingError, check_tracking
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    check_tracking()  # the run folder's own store: nothing to reach
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    lines: list[str] = []
+    tracker = Tracker(_cfg(tmp_path / "run"), run_name="t", log=lines.append)
+    tracker.metrics({"loss": 1.0}, step=1)
+    tracker.client = MlflowClient(f"http://127.0.0.1:{port}")
+    t0 = time.monotonic()
+    for step in range(2, 103):
+        tracker.metrics({"loss": float(step)}, step=step)
+    (tmp_path / "report.json").write_text("{}")
+    tracker.artifact(str(tmp_path / "report.json"))
+    tracker.finish()
+    assert tracker.failures == 103 and time.monotonic() - t0 < 60
+    assert len(lines) == 2 and all(ln.startswith("[mlflow] not logged: ") for ln in lines), lines
+    assert "step 2's metrics" in lines[0] and "training goes on" in lines[0] and "(101 failure(s)" in lines[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    with pytest.raises(TrackingError, match=rf"MLFLOW_TRACKING_URI=http://127.0.0.1:{port}: nothing answers"):
+        check_tracking()
