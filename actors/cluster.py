@@ -221,32 +221,39 @@ def connect(cfg: Config) -> bool:
     return False
 
 
-def demand(cfg: Config, phase: int) -> dict[str, tuple[float, str]]:
+def demand(cfg: Config, phase: int, *, beside_teachers: bool = True) -> dict[str, tuple[float, str]]:
     """Ray's logical CPUs and GPUs a phase of the job holds at once, with the keys they come from:
-    Phase 1 its Ray Train ranks, Phase 2 the teacher replicas, the learner and the rollout workers
-    (the pool and the buffer ask for none)."""
+    Phase 1 its Ray Train ranks, beside the teacher replicas (and the learner's bundle of the
+    placement group, when a role wants GPUs) that jobs/train_pcl.py starts before Phase 1
+    (``beside_teachers``; jobs/train_bc.py has none); Phase 2 the teacher replicas, the learner and
+    the rollout workers (the pool and the buffer ask for none)."""
     r = cfg.ray
+    pg = bool(r.teacher_gpus or r.learner_gpus)  # actors/system.py _placement: the learner's bundle is held from the start
     out = {}
     for kind in ("CPU", "GPU"):
         k = kind.lower()
-        roles = ((r.learner_ranks, "learner_ranks", f"learner_{k}s"),) if phase == 1 else (
-            (r.num_teacher_replicas, "num_teacher_replicas", f"teacher_{k}s"), (1, None, f"learner_{k}s"),
-            (r.num_rollout_workers, "num_rollout_workers", f"rollout_worker_{k}s"))
+        teachers = ((r.num_teacher_replicas, "num_teacher_replicas", f"teacher_{k}s"),
+                    *(((1, None, f"learner_{k}s"),) if pg else ()))
+        roles = (((r.learner_ranks, "learner_ranks", f"learner_{k}s"), *(teachers if beside_teachers else ()))
+                 if phase == 1 else
+                 ((r.num_teacher_replicas, "num_teacher_replicas", f"teacher_{k}s"), (1, None, f"learner_{k}s"),
+                  (r.num_rollout_workers, "num_rollout_workers", f"rollout_worker_{k}s")))
         terms = [(n * getattr(r, key), f"ray.{key}" if count is None else f"ray.{count}={n} x ray.{key}")
                  for n, count, key in roles]
         out[kind] = (sum(t for t, _ in terms), " + ".join(f"{label} = {t:g}" for t, label in terms if t))
     return out
 
 
-def check_fit(cfg: Config, phases: tuple[int, ...], *, local: bool, log: Callable[[str], None] = print) -> None:
-    """Refuse a job whose phases ask for more logical CPUs or GPUs than the local Ray it started
-    holds (Ray would keep its actors pending, the job waiting without end). On a cluster it joined,
-    where an autoscaler may add nodes, say so in one line and go on."""
+def check_fit(cfg: Config, phases: tuple[int, ...], *, local: bool, beside_teachers: bool = True,
+              log: Callable[[str], None] = print) -> None:
+    """Refuse a job whose phases (`demand`) ask for more logical CPUs or GPUs than the local Ray it
+    started holds (Ray would keep its actors pending, the job waiting without end). On a cluster it
+    joined, where an autoscaler may add nodes, say so in one line and go on."""
     import ray
 
     total = ray.cluster_resources()
     for phase in phases:
-        for kind, (need, terms) in demand(cfg, phase).items():
+        for kind, (need, terms) in demand(cfg, phase, beside_teachers=beside_teachers).items():
             have = float(total.get(kind, 0.0))
             if need <= have + 1e-9:
                 continue
@@ -260,7 +267,7 @@ def check_fit(cfg: Config, phases: tuple[int, ...], *, local: bool, log: Callabl
 
 
 @contextmanager
-def session(cfg: Config, phases: tuple[int, ...] = (1, 2)):
+def session(cfg: Config, phases: tuple[int, ...] = (1, 2), *, beside_teachers: bool = True):
     """The job's signal handling (yields its `Stopper`) and Ray connection (`connect`), the
     resources of ``phases`` checked against Ray's (`check_fit`); a local Ray this started is shut
     down on the way out, however the job ends (no process of it is left)."""
@@ -268,7 +275,7 @@ def session(cfg: Config, phases: tuple[int, ...] = (1, 2)):
     started = False
     try:
         started = connect(cfg)
-        check_fit(cfg, phases, local=started)
+        check_fit(cfg, phases, local=started, beside_teachers=beside_teachers)
         yield stopper
     finally:
         stopper.restore()

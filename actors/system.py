@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from dataclasses import asdict
 
 import ray
@@ -240,11 +241,12 @@ def _placement(cfg, *, wait_s: int = 600, every_s: int = 30):
 
     bundles = [bundle(r.teacher_cpus, r.teacher_gpus)] * r.num_teacher_replicas + [bundle(r.learner_cpus, r.learner_gpus)]
     pg = placement_group(bundles, strategy="PACK")
-    for waited in range(every_s, wait_s + 1, every_s):
-        if ray.wait([pg.ready()], timeout=every_s)[0]:
+    start = time.monotonic()
+    while (left := start + wait_s - time.monotonic()) > 0:
+        if ray.wait([pg.ready()], timeout=min(every_s, left))[0]:
             return pg
-        print(f"[ray] waiting {waited} s for room for the placement group {bundles} (the cluster has "
-              f"{ray.available_resources()} free; `ray status`)", flush=True)
+        print(f"[ray] waiting {time.monotonic() - start:.0f} s for room for the placement group {bundles} (the "
+              f"cluster has {ray.available_resources()} free; `ray status`)", flush=True)
     from ray.util.placement_group import remove_placement_group
 
     from actors.cluster import ClusterError

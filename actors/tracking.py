@@ -22,6 +22,12 @@ HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BA
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
 
+# After the store fails, the tracker stops calling it for this long (doubling up to PAUSE_MAX_S while
+# it keeps failing): each call to a server that is down costs MLflow's retries (~7 s here, minutes
+# where packets are dropped), which every learner step would otherwise pay.
+PAUSE_S, PAUSE_MAX_S = 60.0, 600.0
+
+
 class TrackingError(RuntimeError):
     """The tracking server of ``MLFLOW_TRACKING_URI`` does not answer."""
 
@@ -36,6 +42,10 @@ def check_tracking() -> None:
     url = urlparse(uri)
     if url.scheme not in ("http", "https") or not url.hostname:
         return
+    from urllib.request import getproxies, proxy_bypass
+
+    if url.scheme in getproxies() and not proxy_bypass(url.hostname):
+        return  # reached through a proxy (as MLflow's requests would): nothing to connect to here
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
         socket.create_connection((url.hostname, port), timeout=5).close()
@@ -100,7 +110,8 @@ class Tracker:
         os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
         for k, v in HTTP_DEFAULTS.items():
             os.environ.setdefault(k, v)
-        self.log, self.failures = log, 0
+        self.log, self.failures, self.dropped = log, 0, 0
+        self.retry_at, self.pause = 0.0, PAUSE_S  # after a failure, calls wait this long before trying again
         for name in ("mlflow", "alembic"):
             logging.getLogger(name).setLevel(logging.WARNING)
         from mlflow.exceptions import MlflowException
@@ -152,42 +163,61 @@ class Tracker:
         now = int(time.time() * 1000)
         items = [Metric(_key(k), float(v), now, step) for k, v in metrics.items()
                  if isinstance(v, (int, float)) and math.isfinite(float(v)) and step > self.logged.get(_key(k), -1)]
-        with self._guard(f"step {step}'s metrics"):
+        def send():
             for s in range(0, len(items), 500):
                 self.client.log_batch(self.run_id, metrics=items[s : s + 500])
 
+        self._call(f"step {step}'s metrics", send)
+
     def artifact(self, path: str, folder: str | None = None) -> None:
-        with self._guard(os.path.basename(path)):
+        if not os.path.exists(path):
+            return
+
+        def send():
             if os.path.isdir(path):
                 self.client.log_artifacts(self.run_id, path, folder)
-            elif os.path.exists(path):
+            else:
                 self.client.log_artifact(self.run_id, path, folder)
 
-    @contextmanager
-    def _guard(self, what: str):
-        """A tracking store that fails during the run (a server gone, a disk full) costs what was
-        being logged, with a line saying so, not the training: the run folder holds everything
-        (report.json, checkpoints). The first failure and every 100th after it are said."""
+        self._call(os.path.basename(path), send)
+
+    def _call(self, what: str, send, *, force: bool = False) -> None:
+        """``send()`` to the store, unless it failed less than ``self.pause`` ago (``force``: try
+        anyway). A store that fails during the run (a server gone: MLflow's connection errors and
+        5xx answers, or a disk full) costs what was being logged, with a line each time it fails,
+        not the training: the run folder holds everything (report.json, checkpoints). A 4xx answer
+        (a request the store refuses) is a defect and raises."""
         from mlflow.exceptions import MlflowException
 
+        if not force and time.monotonic() < self.retry_at:
+            self.dropped += 1
+            return
         try:
-            yield
+            send()
         except (MlflowException, OSError) as e:
-            if self.failures % 100 == 0:
-                self.log(f"[mlflow] not logged: {what} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                         f"training goes on, the run folder has everything ({self.failures + 1} failure(s) so far)")
+            if isinstance(e, MlflowException) and e.get_http_status_code() < 500:
+                raise
             self.failures += 1
+            self.log(f"[mlflow] not logged: {what} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); training "
+                     f"goes on (the run folder has everything), the next {self.pause:.0f} s not sent to the store "
+                     f"({self.failures} failure(s), {self.dropped} call(s) not sent so far)")
+            self.retry_at = time.monotonic() + self.pause
+            self.pause = min(2 * self.pause, PAUSE_MAX_S)
+        else:
+            self.pause = PAUSE_S
 
     def run_artifacts(self, run_dir: str, selected_dir: str | None) -> None:
-        """A training run's files: config, report, λ plot and the selected student."""
+        """A training run's files: config, report, λ plot and the selected student (the store is
+        tried again for them, whatever failed before; if it fails again, the rest are not sent)."""
+        self.retry_at = 0.0
         for name in ("config.yaml", "report.json", "lambda_trace.png"):
             self.artifact(os.path.join(run_dir, name))
         if selected_dir:
             self.artifact(selected_dir, "student")
 
     def finish(self, status: str = "FINISHED") -> None:
-        with self._guard(f"the run's status ({status})"):
-            self.client.set_terminated(self.run_id, status=status)
+        self._call(f"the run's status ({status})", lambda: self.client.set_terminated(self.run_id, status=status),
+                   force=True)  # tried once more, whatever failed before
 
 
 @contextmanager

@@ -60,7 +60,7 @@ def ray_run(cfg, warmup: int) -> tuple[float, float]:
     from actors.phase1_rank import METRICS_FILE, run_bc
 
     j0 = cpu_jiffies()
-    with session(cfg) as stopper:
+    with session(cfg, phases=(1,), beside_teachers=False) as stopper:
         out = run_bc(cfg, log=lambda _: None, stopper=stopper)
     with open(os.path.join(out, METRICS_FILE)) as f:
         times = {r["step"]: r["seconds"] for r in map(json.loads, filter(str.strip, f))}

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
             old = _check_run_dir(cfg, overwrite=args.overwrite, resume_with=prog)  # before Ray starts
         check_inputs(cfg)
         check_tracking()
-        with session(cfg, phases=(1,)) as stopper:  # signals, and a local Ray that ends with the job
+        with session(cfg, phases=(1,), beside_teachers=False) as stopper:  # signals, and a local Ray that ends with the job
             from actors.tracking import tracked
 
             if old:

@@ -613,7 +613,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
         "nothing answers at 127.0.0.1:": _job("--config", TINY, run, env=ray_env(
             {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"})),
         # found once the local Ray is up, before anything is written (Ray would wait without end)
-        "Phase 2 asks for 1 GPU (ray.num_teacher_replicas=1 x ray.teacher_gpus = 1) and this Ray has 0": _job(
+        "Phase 1 asks for 1 GPU (ray.num_teacher_replicas=1 x ray.teacher_gpus = 1) and this Ray has 0": _job(
             "--config", TINY, run, "ray.teacher_gpus=1"),
     }
     for expected, proc in cases.items():
@@ -640,10 +640,16 @@ def test_resources_beyond_the_ray_are_refused_on_a_local_ray_and_said_on_a_clust
     check_fit(workers, (1,), local=True)  # Phase 1 alone does not run the workers
     ranks = tiny(tmp_path, "ray.learner_ranks=2", "ray.learner_gpus=1")
     with pytest.raises(ClusterError, match=r"Phase 1 asks for 2 GPUs \(ray.learner_ranks=2 x ray.learner_gpus = 2\)"):
-        check_fit(ranks, (1, 2), local=True)
+        check_fit(ranks, (1, 2), local=True, beside_teachers=False)  # jobs/train_bc.py: the ranks alone
     lines: list[str] = []
-    check_fit(ranks, (1,), local=False, log=lines.append)
+    check_fit(ranks, (1,), local=False, beside_teachers=False, log=lines.append)
     assert len(lines) == 1 and lines[0].startswith("[ray] Phase 1 asks for 2 GPUs") and "waits" in lines[0], lines
+    # jobs/train_pcl.py starts the teacher replicas before Phase 1: its ranks run beside them
+    check_fit(tiny(tmp_path, "ray.learner_ranks=7"), (1,), local=True)  # 7 x 0.25 + 0.25 = 2
+    with pytest.raises(ClusterError, match=r"Phase 1 asks for 2.25 CPUs \(ray.learner_ranks=8 x ray.learner_cpus = 2 "
+                                           r"\+ ray.num_teacher_replicas=1 x ray.teacher_cpus = 0.25\)"):
+        check_fit(tiny(tmp_path, "ray.learner_ranks=8"), (1,), local=True)
+    check_fit(tiny(tmp_path, "ray.learner_ranks=8"), (1,), local=True, beside_teachers=False)
 
 
 def test_a_placement_group_without_room_says_so_while_it_waits_then_gives_up(ray_session, tmp_path, capsys):
