@@ -206,7 +206,7 @@ def log_mlflow(cfg, result, out_dir: str, *, extra_params: dict, files: tuple | 
 
 
 def run(args, argv: list[str], prog: str) -> int:
-    from kdtw.atomic import write_text_atomic
+    from kdtw.atomic import write_atomic_with, write_text_atomic
     from kdtw.calibration import SCORED_RULES, save_thresholds
     from kdtw.config import load_config
     from kdtw.evaluation import evaluate_frontier
@@ -248,15 +248,8 @@ def run(args, argv: list[str], prog: str) -> int:
     out = args.out
     os.makedirs(out, exist_ok=True)
 
-    def write(name: str, how) -> None:  # each file whole or not at all (a temporary file, then os.replace)
-        path = os.path.join(out, name)
-        root, ext = os.path.splitext(path)
-        how(f"{root}.tmp{ext}")  # the plot's format follows the extension
-        os.replace(f"{root}.tmp{ext}", path)
-
-    write("results.csv", result.to_csv)
-    write("results.json", result.to_json)
-    write("frontier.png", result.plot)
+    for name, how in (("results.csv", result.to_csv), ("results.json", result.to_json), ("frontier.png", result.plot)):
+        write_atomic_with(os.path.join(out, name), how)  # each file whole or not at all
     write_text_atomic(os.path.join(out, "verdict.txt"), result.verdict + "\n")
     write_text_atomic(os.path.join(out, "command.txt"), f"{prog} {shlex.join(argv)}".strip() + "\n")
     written = list(FILES)

@@ -31,6 +31,7 @@ import shutil
 import signal
 import tempfile
 import time
+from typing import Callable
 
 CRASH_ENV = "KDTW_CRASH_AT"
 _STARTED = time.time()
@@ -206,17 +207,22 @@ def _remove(path: str) -> None:
 # ----------------------------------------------------------------------------- files
 
 
-def write_bytes_atomic(path: str, data: bytes) -> None:
-    """Write ``path`` through a temporary file in the same folder: fsync, rename, fsync the
-    folder. Readers see the old content or the new, never a prefix."""
+def write_atomic_with(path: str, write: Callable[[str], None]) -> None:
+    """Write ``path`` through a temporary file in the same folder, filled by ``write(tmp)`` (a
+    writer that takes a path: a DataFrame's, a plot's; the temporary name ends with ``path``'s
+    extension, from which such writers take the format): fsync, rename, fsync the folder. Readers
+    see the old content or the new, never a prefix."""
     parent, name = _split(path)
     os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{name}-{os.getpid()}-", dir=parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{name}-{os.getpid()}-", suffix=os.path.splitext(name)[1], dir=parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.chmod(tmp, 0o644)  # mkstemp makes it private
         crash_point("file:written")
         os.replace(tmp, os.path.join(parent, name))
@@ -224,6 +230,14 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
         _remove(tmp)
         raise
     fsync_dir(parent)
+
+
+def write_bytes_atomic(path: str, data: bytes) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    write_atomic_with(path, write)
 
 
 def write_text_atomic(path: str, text: str) -> None:
