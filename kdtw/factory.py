@@ -201,29 +201,36 @@ def student_folder(cfg: Config) -> str | None:
     return spec.name_or_path if spec.source == "pretrained" else model_folder(cfg, "student")
 
 
+def role_folder(cfg: Config, role: str) -> str | None:
+    """The local folder ``role`` loads from, if any. Raises :class:`ModelError` where a `kdtw
+    pretrain` output it needs is missing. None for random init, a derived source not fine-tuned
+    (built on first load from the teacher's folder or a wheel) and a hub name."""
+    spec: ModelConfig = getattr(cfg, role)
+    if spec.source == "init" or (spec.source in DERIVED and not finetuned(cfg, role)):
+        return None
+    path = model_path(cfg, role)
+    return path if os.path.isdir(path) else None
+
+
 def role_tokenizer(cfg: Config, role: str) -> Any | None:
-    """The tokenizer ``role`` loads with, read without its model. Raises :class:`ModelError`
-    where a `kdtw pretrain` output it needs is missing or its folder holds no readable tokenizer
-    or weights cut short (`check_weights`: their headers only).
-    None for a derived source not fine-tuned (built on first load from the teacher's folder or a
-    wheel) and for a hub name: their tokenizers are checked when the models load."""
+    """The tokenizer ``role`` loads with, read without its model (a folder without a readable
+    tokenizer: :class:`ModelError`). None where `role_folder` is None but for random init: those
+    tokenizers are checked when the models load."""
     spec: ModelConfig = getattr(cfg, role)
     if spec.source == "init":
         return _spec_tokenizer(cfg, spec)
-    if spec.source in DERIVED and not finetuned(cfg, role):
-        return None
-    path = model_path(cfg, role)
-    if not os.path.isdir(path):
-        return None
-    check_weights(path)
-    return load_tokenizer(path)
+    folder = role_folder(cfg, role)
+    return None if folder is None else load_tokenizer(folder)
 
 
 def check_models(cfg: Config) -> None:
     """What loading the pair would refuse, found before any model loads (the Ray jobs call it
     before Ray starts, where a refusal inside an actor would come back as a dead actor): a
-    missing `kdtw pretrain` output, a folder without a tokenizer or with weights files cut short,
-    tokenizers that differ."""
+    missing `kdtw pretrain` output, a folder with weights files cut short (`check_weights`: their
+    headers only) or without a tokenizer, tokenizers that differ."""
+    for role in ("teacher", "student"):
+        if (folder := role_folder(cfg, role)) is not None:
+            check_weights(folder)
     teacher, student = role_tokenizer(cfg, "teacher"), role_tokenizer(cfg, "student")
     if teacher is not None and student is not None:
         check_tokenizers(teacher, student)
