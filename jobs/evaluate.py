@@ -103,13 +103,16 @@ def check_args(args, cfg) -> None:
     """Everything about the flags that can be checked before a model loads: the input folders
     and files exist, and --out (and the MLflow store under run_dir) can be written."""
     from kdtw.config import check_writable_dir
-    from kdtw.models import ModelError
+    from kdtw.models import STUDENT_META, ModelError
 
     for flag, path in (("--student", args.student), ("--drafter", args.drafter)):
         if path is not None and not os.path.isdir(path):
             raise ModelError(f"{flag} {path!r} is not a folder: give a kdtw student folder"
                              + (" or a model folder" if flag == "--drafter" else "")
                              + f", or leave {flag} out")
+    if args.student is not None and not os.path.exists(os.path.join(args.student, STUDENT_META)):
+        raise ModelError(f"--student {args.student!r} is not a kdtw student folder (no {STUDENT_META}): give the "
+                         "student a run exported (<run_dir>/student, e.g. runs/default/student)")
     if args.thresholds is not None and not os.path.exists(args.thresholds):
         raise FileNotFoundError(f"--thresholds {args.thresholds!r}: no such file (give a call_thresholds.json "
                                 "or a folder holding one, or leave --thresholds out)")
@@ -208,10 +211,11 @@ def log_mlflow(cfg, result, out_dir: str, *, extra_params: dict, files: tuple | 
 def run(args, argv: list[str], prog: str) -> int:
     from kdtw.atomic import write_atomic_with, write_text_atomic
     from kdtw.calibration import SCORED_RULES, save_thresholds
+    from kdtw.cli import student_note
     from kdtw.config import load_config
     from kdtw.evaluation import evaluate_frontier
     from kdtw.factory import load_student, load_teacher
-    from kdtw.models import Student
+    from kdtw.models import Student, check_tokenizers
 
     path = args.config
     if path is None:
@@ -229,8 +233,11 @@ def run(args, argv: list[str], prog: str) -> int:
     teacher = load_teacher(cfg)
     if args.student:
         student = Student.load(args.student, dtype=cfg.student.dtype, device=cfg.student.device)
+        check_tokenizers(teacher.tokenizer, student.lm.tokenizer)
     else:
         student = load_student(cfg, teacher)
+        if note := student_note(cfg):
+            print(note, file=sys.stderr)
     if args.drafter:
         drafter = load_drafter(args.drafter, cfg)
     else:

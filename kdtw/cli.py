@@ -2,16 +2,20 @@
 
     kdtw pretrain [--config conf/default.yaml] [--force] [key=value ...]
     kdtw train --local [--overwrite] [--config conf/default.yaml] [key=value ...]
-    kdtw report   [--config conf/default.yaml] [--split validation] [key=value ...]
-    kdtw settle   --out DIR [--config ...] [--json FILE] [key=value ...]   (kdtw/settle.py)
+    kdtw report   [--student DIR] [--config conf/default.yaml] [--split validation] [key=value ...]
+    kdtw settle   --out DIR [--student DIR] [--config ...] [--json FILE] [key=value ...]   (kdtw/settle.py)
     kdtw eval     --student PATH [--drafter PATH] --out DIR [--config ...] (jobs/evaluate.py)
                   [--call-rules argmax,sample,systematic,threshold] [--no-oracle] [--calib-n N] [--thresholds FILE]
     kdtw decode   --mode budgeted|student|teacher|speculative [--budget light] [--k 3] [--strict]
-                  [--config ...] [--input FILE|-] [key=value ...]
+                  [--student DIR] [--config ...] [--input FILE|-] [key=value ...]
     kdtw data bible-en-es [--out data/bible_en_es] [--debs DIR] [--check]   (kdtw/prep/bible.py)
 
 Errors print one line (``kdtw: error: ...``) and exit with status 2: bad flags, config values,
 files and output folders are refused before any model loads or anything is written.
+
+``--student DIR`` (decode, report, settle, eval) names the trained student, e.g. the one a run
+exported to ``runs/default/student``; without it they use the config's student, which has never
+learned when to call the teacher: a budgeted decode of it prints a note saying so.
 """
 
 from __future__ import annotations
@@ -34,7 +38,44 @@ def _config(args):
     path = args.config
     if path is None and os.path.exists(DEFAULT_CONFIG):
         path = DEFAULT_CONFIG
-    return load_config(path, args.overrides)
+    overrides = list(args.overrides)
+    if getattr(args, "student", None) is not None:
+        overrides += student_overrides(args.student)
+    return load_config(path, overrides)
+
+
+def student_overrides(folder: str, flag: str = "--student") -> list[str]:
+    """The config overrides ``--student DIR`` stands for (``student.source=pretrained
+    student.name_or_path=DIR``), the folder checked first: a kdtw student folder (a training run
+    exports one to ``<run_dir>/student``) or a plain model folder (``<τ>`` added untrained)."""
+    from .models import STUDENT_META, ModelError
+
+    if not os.path.isdir(folder):
+        raise ModelError(f"{flag} {folder!r} is not a folder: give a trained student folder (a run exports "
+                         f"it to <run_dir>/student, e.g. runs/default/student), or leave {flag} out")
+    if not any(os.path.exists(os.path.join(folder, n)) for n in (STUDENT_META, "config.json")):
+        raise ModelError(f"{flag} {folder!r} holds no model (no {STUDENT_META} or config.json): give the "
+                         f"student folder a run exported (<run_dir>/student), or leave {flag} out")
+    return ["student.source=pretrained", f"student.name_or_path={folder}"]
+
+
+def student_note(cfg) -> str | None:
+    """One line for stderr where the config's student has never learned when to call the teacher
+    (a pretrained or random-init model, ``<τ>`` added untrained), naming the trained student to
+    give instead: a budgeted decode of it says little. None for a trained (kdtw) student."""
+    from .factory import student_folder
+    from .models import STUDENT_META
+
+    folder = student_folder(cfg) if cfg.student.source != "init" else None
+    if folder and (os.path.exists(os.path.join(folder, STUDENT_META)) or not os.path.isdir(folder)):
+        return None  # a trained student, or a hub name (not looked into)
+    which = f"the config's student ({folder or 'random init'})"
+    trained = os.path.join(cfg.run_dir, "student")
+    if os.path.exists(os.path.join(trained, STUDENT_META)):
+        return (f"kdtw: note: {which} has not learned when to call the teacher; the student trained in "
+                f"run_dir is {trained}: give --student {trained}")
+    return (f"kdtw: note: {which} has not learned when to call the teacher: train one (python "
+            f"jobs/train_pcl.py or kdtw train --local), then give --student {trained}")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -132,6 +173,8 @@ def cmd_decode(args) -> int:
         teacher, student = load_teacher(cfg), None
     else:
         teacher, student = load_pair(cfg)
+    if args.mode == "budgeted" and (note := student_note(cfg)):  # after the load: not above its error
+        print(note, file=sys.stderr)
     if args.mode == "speculative":
         out = speculative_generate(student, teacher, prompts, k=args.k or d.spec_k,
                                    max_new_tokens=d.max_new_tokens, do_sample=d.do_sample)
@@ -258,6 +301,8 @@ def cmd_report(args) -> int:
         teacher, student = load_teacher(cfg), None
     else:
         teacher, student = load_pair(cfg)
+    if "budgets" in wanted and (note := student_note(cfg)):
+        print(note, file=sys.stderr)
     d = cfg.decoding
     rows = []
     runs = [("student", "student", "student", table.phrases[0]), ("teacher", "teacher", "teacher", table.phrases[0])]
@@ -306,6 +351,8 @@ def cmd_settle(args) -> int:
     if args.json:
         check_output_file(args.json, "--json")
     teacher, student = load_pair(cfg)
+    if note := student_note(cfg):
+        print(note, file=sys.stderr)
     res = settle_budgets(cfg, student, teacher, load_splits(cfg)["train"], budget_table(cfg))
     if res is None:
         raise ConfigError("this student has no per-budget <τ> offsets to settle (train.budget_offsets, "
@@ -329,6 +376,12 @@ def cmd_data_bible(args) -> int:
     return bible_main(argv, prog="kdtw")
 
 
+def student_arg(sp) -> None:
+    sp.add_argument("--student", metavar="DIR",
+                    help="a trained student folder, e.g. runs/default/student (default: the config's "
+                         "student; the same as student.source=pretrained student.name_or_path=DIR)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="kdtw", description="Knowledge distillation with training wheels")
     sub = p.add_subparsers(dest="command", required=True)
@@ -349,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--k", type=count("--k", 3), help="speculative block size K (default: decoding.spec_k)")
     sp.add_argument("--strict", action="store_true", help="mask <τ> once the budget is used")
     sp.add_argument("--input", default="-", help="file with one source per line, or - for stdin")
+    student_arg(sp)
     sp.set_defaults(func=cmd_decode)
 
     sp = sub.add_parser("train", help="train the student (Phase 1 + Phase 2); --local: one process")
@@ -366,12 +420,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--runs", default="student,teacher,budgets",
                     help="which decoders, comma-separated (default: student,teacher,budgets)")
     sp.add_argument("--json", help="also write the rows to this JSON file")
+    student_arg(sp)
     sp.set_defaults(func=cmd_report)
 
     sp = sub.add_parser("settle", help="settle a trained student's budgets on decoded training prompts")
     common(sp)
     sp.add_argument("--out", required=True, help="a new folder for the settled student")
     sp.add_argument("--json", help="also write the shifts and each round's measured use to this JSON file")
+    student_arg(sp)
     sp.set_defaults(func=cmd_settle)
 
     # Listed for --help only: main() hands `kdtw eval ...` to jobs/evaluate.py (it logs to MLflow,

@@ -170,3 +170,44 @@ def test_settle_saves_a_settled_student_and_refuses_bad_input(tmp_path):
     assert again.returncode == 2 and "not an empty folder" in again.stderr
     off = kdtw("settle", *common, "--out", str(tmp_path / "other"))
     assert off.returncode == 2 and "train.settle_probes=24" in off.stderr and not (tmp_path / "other").exists()
+
+
+def test_decode_report_and_settle_take_the_trained_student(tmp_path):
+    """`--student DIR` decodes with the student a run exported (here one whose <τ> offset makes it
+    call at every step); without it a budgeted decode says that the config's student never learned
+    when to call, and names the run's trained student where one exists; a wrong folder is one line."""
+    import torch
+
+    from kdtw.config import load_config
+    from kdtw.factory import load_student
+
+    student = load_student(load_config(TINY, []))
+    with torch.no_grad():
+        student.tau_offset.fill_(50.0)
+    trained = tmp_path / "run" / "student"
+    student.save(str(trained))
+    common = ("--config", TINY, "--budget", "light", f"run_dir={tmp_path / 'run'}")
+    given = kdtw("decode", *common, "--student", str(trained), stdin="the dog\n")
+    assert given.returncode == 0 and "kdtw: note" not in given.stderr, given.stderr[-2000:]
+    assert set(json.loads(given.stdout)["call_mask"]) == {1}
+    plain = kdtw("decode", *common, stdin="the dog\n")
+    assert plain.returncode == 0 and 0 in json.loads(plain.stdout)["call_mask"], plain.stdout
+    assert (f"kdtw: note: the config's student (random init) has not learned when to call the teacher; the "
+            f"student trained in run_dir is {trained}: give --student {trained}") in plain.stderr
+    fresh = kdtw("decode", *common[:4], f"run_dir={tmp_path / 'other'}", stdin="the dog\n")
+    assert "train one (python jobs/train_pcl.py or kdtw train --local)" in fresh.stderr, fresh.stderr[-2000:]
+    assert "kdtw: note" not in kdtw("decode", *common, "--mode", "student", stdin="the dog\n").stderr
+    rep = kdtw("report", "--config", TINY, "--n", "2", "--runs", "budgets", "--student", str(trained),
+               "--json", str(tmp_path / "rows.json"))
+    assert rep.returncode == 0 and "kdtw: note" not in rep.stderr, rep.stderr[-2000:]
+    assert all(r["teacher_use"] == 1.0 for r in json.loads((tmp_path / "rows.json").read_text()) if r["target"])
+    (tmp_path / "empty").mkdir()
+    for cmd, folder, message in (("decode", tmp_path / "none", "is not a folder"),
+                                 ("report", tmp_path / "empty", "holds no model"),
+                                 ("settle", tmp_path / "none", "is not a folder")):
+        extra = ("--out", str(tmp_path / "settled")) if cmd == "settle" else ()
+        bad = kdtw(cmd, "--config", TINY, *extra, "--student", str(folder), stdin="a\n")
+        lines = bad.stderr.strip().splitlines()
+        assert bad.returncode == 2 and len(lines) == 1, bad.stderr[-2000:]
+        assert lines[0].startswith(f"kdtw: error: --student {str(folder)!r} {message}")
+        assert lines[0].endswith("or leave --student out")

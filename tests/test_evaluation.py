@@ -75,6 +75,7 @@ def job_run(setup):
            *_overrides(tmp)]
     proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "kdtw: note" not in proc.stderr  # the student given is a trained (kdtw) student
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     return out, uri, rows, proc, cfg
