@@ -215,7 +215,7 @@ def run(args, argv: list[str], prog: str) -> int:
     from kdtw.config import load_config
     from kdtw.evaluation import evaluate_frontier
     from kdtw.factory import load_student, load_teacher
-    from kdtw.models import Student, check_tokenizers
+    from kdtw.models import Student
 
     path = args.config
     if path is None:
@@ -233,7 +233,6 @@ def run(args, argv: list[str], prog: str) -> int:
     teacher = load_teacher(cfg)
     if args.student:
         student = Student.load(args.student, dtype=cfg.student.dtype, device=cfg.student.device)
-        check_tokenizers(teacher.tokenizer, student.lm.tokenizer)
     else:
         student = load_student(cfg, teacher)
         if note := student_note(cfg):
