@@ -166,7 +166,8 @@ def open_checkpoint(path: str, *, log: Log = print) -> tuple[str, dict]:
     folder itself, or a run folder: the one its ``checkpoints/latest`` names, or, when that one is
     missing or corrupt, the newest intact ``step_*`` (``log`` gets a line saying so)."""
     if not os.path.exists(path):
-        raise CheckpointError(f"resume folder {path!r} does not exist")
+        raise CheckpointError(f"resume folder {path!r} does not exist: give a run folder of jobs/train_pcl.py "
+                              "(its run_dir) or one of its checkpoints/step_* folders")
     if not os.path.isdir(path):
         raise CheckpointError(f"resume path {path!r} is a file; give a run folder or a checkpoint folder")
     if os.path.exists(os.path.join(path, META)):

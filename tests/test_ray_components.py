@@ -523,7 +523,7 @@ def test_checkpoints_are_atomic_verified_and_pruned(tmp_path):
         open_checkpoint(os.path.dirname(meta))
     with pytest.raises(CheckpointError, match="corrupt: sub/a.txt does not match its checksum"):
         open_checkpoint(str(tmp_path))  # none intact: the error of the one `latest` names
-    with pytest.raises(CheckpointError, match="does not exist"):
+    with pytest.raises(CheckpointError, match="does not exist: give a run folder"):
         open_checkpoint(str(tmp_path / "nope"))
     with pytest.raises(CheckpointError, match="not a kdtw checkpoint"):
         open_checkpoint(str(tmp_path / "checkpoints"))
