@@ -66,10 +66,11 @@ def student_note(cfg) -> str | None:
     from .factory import student_folder
     from .models import STUDENT_META
 
-    folder = student_folder(cfg) if cfg.student.source != "init" else None
-    if folder and (os.path.exists(os.path.join(folder, STUDENT_META)) or not os.path.isdir(folder)):
+    source = cfg.student.source
+    folder = student_folder(cfg) if source != "init" else None
+    if source == "pretrained" and (os.path.exists(os.path.join(folder, STUDENT_META)) or not os.path.isdir(folder)):
         return None  # a trained student, or a hub name (not looked into)
-    which = f"the config's student ({folder or 'random init'})"
+    which = f"the config's student ({folder if folder and os.path.isdir(folder) else f'student.source={source}'})"
     trained = os.path.join(cfg.run_dir, "student")
     if os.path.exists(os.path.join(trained, STUDENT_META)):
         return (f"kdtw: note: {which} has not learned when to call the teacher; the student trained in "

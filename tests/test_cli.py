@@ -192,7 +192,7 @@ def test_decode_report_and_settle_take_the_trained_student(tmp_path):
     assert set(json.loads(given.stdout)["call_mask"]) == {1}
     plain = kdtw("decode", *common, stdin="the dog\n")
     assert plain.returncode == 0 and 0 in json.loads(plain.stdout)["call_mask"], plain.stdout
-    assert (f"kdtw: note: the config's student (random init) has not learned when to call the teacher; the "
+    assert (f"kdtw: note: the config's student (student.source=init) has not learned when to call the teacher; the "
             f"student trained in run_dir is {trained}: give --student {trained}") in plain.stderr
     fresh = kdtw("decode", *common[:4], f"run_dir={tmp_path / 'other'}", stdin="the dog\n")
     assert "train one (python jobs/train_pcl.py or kdtw train --local)" in fresh.stderr, fresh.stderr[-2000:]
