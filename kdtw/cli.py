@@ -329,8 +329,9 @@ def cmd_report(args) -> int:
         tgt = "" if r["target"] is None else f"{r['target']:.2f}"
         print(f"{r['run']:<18}{tgt:>8}{r['teacher_use']:>8.3f}{r[key]:>9.2f}   {r['seconds']:.1f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        from .atomic import write_json_atomic
+
+        write_json_atomic(args.json, rows)  # a kill mid-write leaves the old file or none, not half of one
     return 0
 
 
@@ -362,8 +363,9 @@ def cmd_settle(args) -> int:
     print("[settle] shift of each budget's λ (offsets moved by its negative): "
           + " ".join(f"{x:+.3f}" for x in res["shift"]) + f"; saved to {out}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
+        from .atomic import write_json_atomic
+
+        write_json_atomic(args.json, res)  # a kill mid-write leaves the old file or none, not half of one
     return 0
 
 
