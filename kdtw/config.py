@@ -667,8 +667,9 @@ class Config:
         return c
 
     def save(self, path: str | os.PathLike) -> None:
-        with open(path, "w") as f:
-            yaml.safe_dump(self.to_dict(), f, sort_keys=False)
+        from .atomic import write_text_atomic
+
+        write_text_atomic(os.fspath(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 # ----------------------------------------------------------------------------- the typed pass
