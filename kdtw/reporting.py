@@ -233,6 +233,8 @@ def finish_run(cfg: Config, state: LoopState, table: BudgetTable, initial: dict 
         tag = "eligible" if best["eligible"] else f"NOT eligible (no checkpoint within δ={tc.eligibility_delta})"
         log(f"[kdtw] selected phase-{best['phase']} step {best['step']} ({tag}) -> {selected_dir}\n"
             + format_validation(best["validation"], key))
+        log(f"[kdtw] to use it: kdtw report --student {selected_dir}, or kdtw decode --student {selected_dir} "
+            "--budget light (with this run's --config and overrides)")
     return report
 
 

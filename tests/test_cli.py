@@ -123,6 +123,7 @@ def test_a_diverging_phase_2_in_the_local_loop_exports_the_best_so_far(tmp_path)
     last = out.stderr.strip().splitlines()[-1]
     assert out.returncode == 2 and last.startswith("kdtw: error: ") and "train.phase2_lr" in last, out.stderr[-3000:]
     assert "exporting the selection among the validations so far" in out.stdout
+    assert f"[kdtw] to use it: kdtw report --student {run / 'student'}," in out.stdout  # the next command
     with open(run / "report.json") as f:
         report = json.load(f)
     assert report["stopped"]["phase"] == 2 and report["stopped"]["step"] < 12 and "train.phase2_lr" in report["stopped"]["error"]
