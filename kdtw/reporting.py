@@ -234,7 +234,7 @@ def finish_run(cfg: Config, state: LoopState, table: BudgetTable, initial: dict 
         log(f"[kdtw] selected phase-{best['phase']} step {best['step']} ({tag}) -> {selected_dir}\n"
             + format_validation(best["validation"], key))
         log(f"[kdtw] to use it: kdtw report --student {selected_dir}, or kdtw decode --student {selected_dir} "
-            "--budget light (with this run's --config and overrides)")
+            f"--budget {table.phrases[min(2, len(table) - 1)]} (with this run's --config and overrides)")
     return report
 
 
