@@ -103,14 +103,14 @@ def check_args(args, cfg) -> None:
     """Everything about the flags that can be checked before a model loads: the input folders
     and files exist, and --out (and the MLflow store under run_dir) can be written."""
     from kdtw.config import check_writable_dir
-    from kdtw.models import STUDENT_META, ModelError
+    from kdtw.models import STUDENT_META, ModelError, is_student_folder
 
     for flag, path in (("--student", args.student), ("--drafter", args.drafter)):
         if path is not None and not os.path.isdir(path):
             raise ModelError(f"{flag} {path!r} is not a folder: give a kdtw student folder"
                              + (" or a model folder" if flag == "--drafter" else "")
                              + f", or leave {flag} out")
-    if args.student is not None and not os.path.exists(os.path.join(args.student, STUDENT_META)):
+    if args.student is not None and not is_student_folder(args.student):
         raise ModelError(f"--student {args.student!r} is not a kdtw student folder (no {STUDENT_META}): give the "
                          "student a run exported (<run_dir>/student, e.g. runs/default/student)")
     if args.thresholds is not None and not os.path.exists(args.thresholds):
@@ -153,12 +153,12 @@ def _thresholds(args, cfg) -> tuple[dict | None, str | None]:
 
 def load_drafter(path: str, cfg) -> Any:
     """A kdtw student folder (its <τ> is masked by speculative decoding) or a plain model folder."""
-    from kdtw.models import STUDENT_META, ModelError, Student, load_lm
+    from kdtw.models import ModelError, Student, is_student_folder, load_lm
 
     if not os.path.isdir(path):
         raise ModelError(f"--drafter {path!r} is not a folder (give a student or a model folder)")
     spec = cfg.student
-    if os.path.exists(os.path.join(path, STUDENT_META)):
+    if is_student_folder(path):
         return Student.load(path, dtype=spec.dtype, device=spec.device)
     return load_lm(path, dtype=spec.dtype, device=spec.device)
 

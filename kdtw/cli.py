@@ -44,18 +44,18 @@ def _config(args):
     return load_config(path, overrides)
 
 
-def student_overrides(folder: str, flag: str = "--student") -> list[str]:
+def student_overrides(folder: str) -> list[str]:
     """The config overrides ``--student DIR`` stands for (``student.source=pretrained
     student.name_or_path=DIR``), the folder checked first: a kdtw student folder (a training run
     exports one to ``<run_dir>/student``) or a plain model folder (``<τ>`` added untrained)."""
-    from .models import STUDENT_META, ModelError
+    from .models import STUDENT_META, ModelError, is_student_folder
 
     if not os.path.isdir(folder):
-        raise ModelError(f"{flag} {folder!r} is not a folder: give a trained student folder (a run exports "
-                         f"it to <run_dir>/student, e.g. runs/default/student), or leave {flag} out")
-    if not any(os.path.exists(os.path.join(folder, n)) for n in (STUDENT_META, "config.json")):
-        raise ModelError(f"{flag} {folder!r} holds no model (no {STUDENT_META} or config.json): give the "
-                         f"student folder a run exported (<run_dir>/student), or leave {flag} out")
+        raise ModelError(f"--student {folder!r} is not a folder: give a trained student folder (a run exports "
+                         "it to <run_dir>/student, e.g. runs/default/student), or leave --student out")
+    if not (is_student_folder(folder) or os.path.exists(os.path.join(folder, "config.json"))):
+        raise ModelError(f"--student {folder!r} holds no model (no {STUDENT_META} or config.json): give the "
+                         "student folder a run exported (<run_dir>/student), or leave --student out")
     return ["student.source=pretrained", f"student.name_or_path={folder}"]
 
 
@@ -64,15 +64,15 @@ def student_note(cfg) -> str | None:
     (a pretrained or random-init model, ``<τ>`` added untrained), naming the trained student to
     give instead: a budgeted decode of it says little. None for a trained (kdtw) student."""
     from .factory import student_folder
-    from .models import STUDENT_META
+    from .models import is_student_folder
 
     source = cfg.student.source
     folder = student_folder(cfg) if source != "init" else None
-    if source == "pretrained" and (os.path.exists(os.path.join(folder, STUDENT_META)) or not os.path.isdir(folder)):
+    if source == "pretrained" and (is_student_folder(folder) or not os.path.isdir(folder)):
         return None  # a trained student, or a hub name (not looked into)
     which = f"the config's student ({folder if folder and os.path.isdir(folder) else f'student.source={source}'})"
     trained = os.path.join(cfg.run_dir, "student")
-    if os.path.exists(os.path.join(trained, STUDENT_META)):
+    if is_student_folder(trained):
         return (f"kdtw: note: {which} has not learned when to call the teacher; the student trained in "
                 f"run_dir is {trained}: give --student {trained}")
     return (f"kdtw: note: {which} has not learned when to call the teacher: train one (python "

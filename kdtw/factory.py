@@ -23,13 +23,13 @@ from .data import load_task
 from .examples import Example, spread
 from .models import (
     LM,
-    STUDENT_META,
     ModelError,
     Student,
     _from_pretrained,
     check_tokenizers,
     check_weights,
     init_model,
+    is_student_folder,
     load_tokenizer,
     make_student,
 )
@@ -182,7 +182,7 @@ def load_student(cfg: Config, teacher: LM | None = None) -> Student:
     teacher's tokenizer when one is given."""
     spec = cfg.student
     path = student_folder(cfg)
-    if spec.source != "init" and path and os.path.exists(os.path.join(path, STUDENT_META)):
+    if spec.source != "init" and is_student_folder(path):
         student = Student.load(path, dtype=spec.dtype, device=spec.device)
     else:
         model, tok = _load_plain(cfg, "student", seed_offset=2)

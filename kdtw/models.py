@@ -625,6 +625,11 @@ def load_tokenizer(name_or_path: str, **kw):
         _corrupt(name_or_path, "tokenizer", e)
 
 
+def is_student_folder(path: str | os.PathLike | None) -> bool:
+    """Whether ``path`` is a kdtw student folder (`Student.save` writes its marker file there)."""
+    return bool(path) and os.path.exists(os.path.join(path, STUDENT_META))
+
+
 def check_weights(folder: str) -> None:
     """A local model folder's weights as far as they can be checked without loading them: a
     weights file there, each safetensors file's header readable and its tensors inside the file
