@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -28,6 +30,35 @@ def options(cfg, role: str, *, restarts: bool = False, placement=None) -> dict:
         pg, index = placement
         opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index)
     return opts
+
+
+def _counted(n: int, label: str) -> str:
+    return label if n == 1 else f"{n} {label}s"
+
+
+def await_started(groups: dict[str, list], *, every_s: float = 30.0, log: Callable[[str], None] = print) -> None:
+    """Block until every actor of ``groups`` (a label, e.g. "rollout worker", to its handles) has
+    run its constructor, with a line every ``every_s`` seconds while some have not: on a cluster
+    without room for them Ray keeps them pending, and the job would otherwise wait in silence. A
+    constructor's error is raised here, as Ray raises it."""
+    import ray
+
+    label = {a.__ray_ready__.remote(): name for name, handles in groups.items() for a in handles}
+    total = {name: len(handles) for name, handles in groups.items()}
+    pending, start = list(label), time.monotonic()
+    while pending:
+        done, pending = ray.wait(pending, num_returns=len(pending), timeout=every_s)
+        ray.get(done)
+        if pending:
+            left: dict[str, int] = {}
+            for ref in pending:
+                left[label[ref]] = left.get(label[ref], 0) + 1
+            what = ", ".join(_counted(n, name) if n == total[name] else f"{n} of {total[name]} {name}s"
+                             for name, n in left.items())
+            free = ray.available_resources()
+            log(f"[ray] waiting {time.monotonic() - start:.0f} s for {what} to start (free now: "
+                f"{free.get('CPU', 0.0):g} CPU, {free.get('GPU', 0.0):g} GPU; `ray status` shows what the "
+                "cluster has, `ray list actors --filter state=PENDING_CREATION` what waits)")
 
 
 def setup_threads(cfg) -> None:

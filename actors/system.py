@@ -15,7 +15,7 @@ from dataclasses import asdict
 
 import ray
 
-from actors.common import options, pack_weights
+from actors.common import await_started, options, pack_weights
 from kdtw.atomic import make_tmp_dir, remove_dir, replace_dir
 from kdtw.checkpoint import load_state, save_state, write_checkpoint
 from kdtw.models import Student
@@ -27,12 +27,12 @@ class Actors:
     """Teacher replicas behind a pool, a replay buffer, and (after `start` or `restore`) a
     learner and ``ray.num_rollout_workers`` rollout workers."""
 
-    def __init__(self, cfg) -> None:
+    def __init__(self, cfg, *, log=print) -> None:
         from actors.replay_buffer import ReplayBufferActor
         from actors.teacher import TeacherActor
         from actors.teacher_pool import TeacherPool
 
-        self.cfg = cfg
+        self.cfg, self.log = cfg, log
         r = cfg.ray
         self.pg = _placement(cfg)
         self.replicas = [
@@ -107,9 +107,15 @@ class Actors:
         """Learner (from the Phase-1 folder, if any) and workers; returns the published weights."""
         self.learner = self.make_learner(phase1_dir)
         self.workers = [self.make_worker(i) for i in range(self.cfg.ray.num_rollout_workers)]
-        published = ray.get(self.learner.publish.remote())
-        ray.get([w.rng_state.remote() for w in self.workers])  # every worker is up: timings start now
-        return published
+        self.await_started()  # every worker is up: timings start now
+        return ray.get(self.learner.publish.remote())
+
+    def await_started(self) -> None:
+        """Block until every actor made so far has run its constructor (a line every 30 s while
+        some pend, `actors.common.await_started`)."""
+        groups = {"teacher replica": self.replicas, "teacher pool": [self.pool], "replay buffer": [self.buffer],
+                  "learner": [self.learner] if self.learner is not None else [], "rollout worker": self.workers}
+        await_started({k: v for k, v in groups.items() if v}, log=self.log)
 
     def replace_worker(self, wid: int) -> None:
         try:
@@ -148,12 +154,13 @@ class Actors:
         s = self.cfg.student
         saved = Student.load(os.path.join(ckpt, "student"), dtype=s.dtype, device=s.device)
         self.learner = self.make_learner(None)
+        self.workers = [self.make_worker(i) for i in range(self.cfg.ray.num_rollout_workers)]
+        self.await_started()
         with open(os.path.join(ckpt, "buffer.parquet"), "rb") as f:
             data = f.read()
         ray.get([self.learner.load_state.remote({"student": pack_weights(saved), "learner": learner_state,
                                                  "torch_rng": d["torch_rng"], "cuda_rng": d.get("cuda_rng")}),
                  self.buffer.load.remote(data, d["buffer"])])
-        self.workers = [self.make_worker(i) for i in range(self.cfg.ray.num_rollout_workers)]
         ray.get([w.set_rng_state.remote(st) for w, st in zip(self.workers, d["workers"]) if st is not None])
         ray.get([t.set_rng_state.remote(st) for t, st in zip(self.replicas, d.get("teachers") or []) if st is not None])
         return d, ray.get(self.learner.publish.remote())

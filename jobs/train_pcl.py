@@ -54,8 +54,9 @@ class Phase2:
         self.table = budget_table(cfg)
         splits = load_splits(cfg)
         self.train_set, self.val_set = splits["train"], validation_examples(cfg, splits)
-        self.actors = Actors(cfg)
+        self.actors = Actors(cfg, log=log)
         self.student = load_student(cfg)  # the driver's copy: validation, selection, checkpoints
+        self.actors.await_started()  # the replicas, pool and buffer (a line every 30 s while they pend)
         self.teacher = self.actors.remote_teacher(self.student.lm.tokenizer)
         self.progress = Progress(cfg, self.table.phrases, self.actors, tracker=tracker, log=log)
         self.state, self.step, self.initial, self.published = LoopState(), 0, None, None

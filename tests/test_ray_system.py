@@ -664,6 +664,46 @@ def test_a_placement_group_without_room_says_so_while_it_waits_then_gives_up(ray
         p["state"] == "PENDING" for p in ray_session.util.placement_group_table().values())
 
 
+def test_actors_without_room_are_waited_for_with_a_line_until_they_start(ray_session):
+    """On a cluster it joined, the job's actors may pend for want of CPUs (`check_fit` only says
+    so once): `await_started` says what it waits for every ``every_s`` until they start; here two
+    workers pend behind a blocker holding the Ray's free CPUs, which the first line kills. A
+    constructor's error is raised, not waited on."""
+    from actors.cluster import remote_cause
+    from actors.common import await_started
+    from kdtw.models import ModelError
+
+    ray = ray_session
+
+    @ray.remote
+    class Held:
+        def __init__(self, error=None):
+            if error is not None:
+                raise error
+
+    free = ray.available_resources().get("CPU", 0.0)
+    assert free > 0, ray.available_resources()
+    blocker = Held.options(num_cpus=free).remote()
+    await_started({"blocker": [blocker]})
+    workers = [Held.options(num_cpus=free / 2).remote() for _ in range(2)]
+    lines: list[str] = []
+
+    def log(line: str) -> None:
+        lines.append(line)
+        ray.kill(blocker)
+
+    await_started({"rollout worker": workers, "learner": [Held.options(num_cpus=0).remote()]}, every_s=1.0, log=log)
+    assert lines and all(ln.startswith("[ray] waiting ") for ln in lines), lines  # workers take a while to start
+    assert lines[0].startswith("[ray] waiting 1 s for 2 rollout workers to start (free now: 0 CPU, 0 GPU; "), lines
+    assert "`ray status`" in lines[0], lines
+    assert ray.get([w.__ray_ready__.remote() for w in workers]) == [True, True]
+    for w in workers:
+        ray.kill(w)
+    with pytest.raises(Exception) as info:
+        await_started({"learner": [Held.options(num_cpus=0).remote(ModelError("no such model"))]}, every_s=60)
+    assert isinstance(remote_cause(info.value), ModelError), info.value
+
+
 def test_bad_input_raised_in_an_actor_constructor_is_one_line(ray_session, capsys):
     """An actor whose constructor refuses its input dies, and a call to it (here through another
     actor, as the pool calls a replica) fails with Ray's ActorDiedError, which keeps the
