@@ -18,10 +18,10 @@ import ray.train
 import torch
 
 from actors.common import on_device
+from actors.progress import STATUS_EVERY_S
 from kdtw.phase1 import check_phase1, is_complete, read_phase1, run_phase1, write_phase1
 
 METRICS_FILE = "phase1_metrics.jsonl"
-STATUS_EVERY_S = 30.0  # a status line at least this often, between the log_every lines
 
 
 def train_loop(config: dict) -> None:
