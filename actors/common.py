@@ -1,4 +1,5 @@
-"""What every role shares: Ray options from config, thread limits, weight packing."""
+"""What every role shares: Ray options from config, thread limits, weight packing, waiting for
+actors to start."""
 
 from __future__ import annotations
 
