@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections import Counter
 from collections.abc import Callable
 
 import numpy as np
@@ -51,9 +52,7 @@ def await_started(groups: dict[str, list], *, every_s: float = 30.0, log: Callab
         done, pending = ray.wait(pending, num_returns=len(pending), timeout=every_s)
         ray.get(done)
         if pending:
-            left: dict[str, int] = {}
-            for ref in pending:
-                left[label[ref]] = left.get(label[ref], 0) + 1
+            left = Counter(label[ref] for ref in pending)
             what = ", ".join(_counted(n, name) if n == total[name] else f"{n} of {total[name]} {name}s"
                              for name, n in left.items())
             free = ray.available_resources()
