@@ -692,7 +692,9 @@ def test_actors_without_room_are_waited_for_with_a_line_until_they_start(ray_ses
         lines.append(line)
         ray.kill(blocker)
 
-    await_started({"rollout worker": workers, "learner": [Held.options(num_cpus=0).remote()]}, every_s=1.0, log=log)
+    learner = Held.options(num_cpus=0).remote()
+    await_started({"learner": [learner]})  # started (a process start can take over a second): not named below
+    await_started({"rollout worker": workers, "learner": [learner]}, every_s=1.0, log=log)
     assert lines and all(ln.startswith("[ray] waiting ") for ln in lines), lines  # workers take a while to start
     assert lines[0].startswith("[ray] waiting 1 s for 2 rollout workers to start (free now: 0 CPU, 0 GPU; "), lines
     assert "`ray status`" in lines[0], lines
