@@ -18,7 +18,6 @@ import ray.train
 import torch
 
 from actors.common import on_device
-from actors.progress import STATUS_EVERY_S
 from kdtw.phase1 import check_phase1, is_complete, read_phase1, run_phase1, write_phase1
 
 METRICS_FILE = "phase1_metrics.jsonl"
@@ -39,18 +38,13 @@ def train_loop(config: dict) -> None:
     # terminal through Ray's log forwarding, with a prefix, among Ray's own lines (and twice)
     lines = config.get("lines") if rank == 0 else None
     control = config.get("control")
-    logged_at = [time.perf_counter()]
 
-    def log(line: str) -> None:
+    def log(line: str) -> None:  # run_phase1's status lines come every train.log_every steps or 20 s
         if lines is not None:
             lines.put(line)
-            logged_at[0] = time.perf_counter()
 
     def on_metrics(step: int, m: dict) -> None:
-        now = time.perf_counter()
-        rows.append({"step": step, "seconds": now - t0, **m})
-        if now - logged_at[0] >= STATUS_EVERY_S:
-            log(f"[phase 1] step {step}/{cfg.train.phase1_steps} bc loss {m['bc/loss']:.3f} ({now - t0:.0f} s)")
+        rows.append({"step": step, "seconds": time.perf_counter() - t0, **m})
 
     def stopping() -> bool:  # the driver puts one item in the control queue on Ctrl-C / SIGTERM
         return control is not None and not control.empty()

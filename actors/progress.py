@@ -9,13 +9,14 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from kdtw.reporting import LoopState, format_step, step_metrics, trace_entry
+from kdtw.reporting import (
+    LoopState,
+    StatusPacer,
+    format_step,
+    step_metrics,
+    trace_entry,
+)
 from kdtw.teacher_service import BatchStats
-
-# The job promises a status line at least every 30 s. A line is due this long after the last one: the
-# step that crosses the mark, and Ray's log streaming (Phase 1's lines come through a queue), take
-# the rest (at 30.0 the gaps were 30-31 s on a slower machine: run 13, docs/runs/default-async-2342c3c-seed0/).
-STATUS_EVERY_S = 20.0
 
 
 class Progress:
@@ -28,7 +29,7 @@ class Progress:
                          # calls and scoring, uncounted) and the prompt + output tokens of those paths
                          "rollout_teacher_positions": 0, "rollout_tokens": 0}
         self._positions_seen = 0  # the pool's running count of rollout positions at the last look
-        self._stats_at, self._logged_at = 0.0, time.perf_counter()
+        self._stats_at, self._pace = 0.0, StatusPacer(cfg.train.log_every, cfg.train.phase2_steps)
         self._last = {"buffer_fill": 0.0, "teacher_batch_requests": 0.0}
         self.begin()
 
@@ -61,7 +62,7 @@ class Progress:
 
     def step(self, step: int, res: dict, state: LoopState, *, workers: int) -> None:
         """Learner step ``step`` done (``res``: `actors.learner.LearnerActor.step`'s result): its trace
-        record, MLflow metrics and (every ``log_every`` steps, or 30 s) status line."""
+        record, MLflow metrics and (every ``log_every`` steps, or 20 s after the last) status line."""
         tc, c, st = self.cfg.train, self.counters, res["stats"]
         now = time.perf_counter()
         self._steps += 1
@@ -84,8 +85,8 @@ class Progress:
             out.update(self._last)
         if self.tracker is not None:
             self.tracker.metrics(out, step=step)
-        if due or now - self._logged_at >= STATUS_EVERY_S:
-            self._logged_at, s = now, self._last
+        if self._pace.due(step):  # `due`, or 20 s after the last line (kdtw.reporting.STATUS_EVERY_S)
+            s = self._last
             pool = "" if self.cfg.ray.teacher_in_workers else f" teacher batch {s['teacher_batch_requests']:.2f}"
             self.log(f"[phase 2] step {step}/{tc.phase2_steps} " + format_step(st)
                      + f" traj/s {out['trajectories_per_s']:.1f} lag {res['policy_lag']:.2f} "

@@ -199,7 +199,7 @@ class PretrainConfig:
     lr: PosFloat = 3e-3
     warmup_steps: NonNegInt = 100
     weight_decay: NonNegFloat = 0.0
-    # Print progress every N steps.
+    # Print progress every N steps, and 20 s after the last line at most (kdtw.reporting.StatusPacer).
     log_every: PosInt = 100
     # Validation examples decoded at the end to report quality (spread evenly over the split).
     eval_examples: PosInt = 200
@@ -341,7 +341,7 @@ class TrainConfig:
     # Validation examples decoded at each budget (null: the whole validation split), spread evenly
     # over the split (kdtw.examples.spread: a split in canonical order is measured on all of it).
     val_examples: Annotated[PosInt | None, Hint(null="the whole validation split", example=64)] = None
-    # Print progress every N steps.
+    # Print progress every N steps, and 20 s after the last line at most (kdtw.reporting.StatusPacer).
     log_every: PosInt = 10
     # Replay buffer capacity (output tokens) and staleness limit (policy versions).
     buffer_tokens: PosInt = 200000

@@ -23,8 +23,8 @@ from .factory import budget_table, load_pair, load_splits
 from .learner import Learner, StepStats
 from .metrics import primary_metric
 from .models import LM, Student
-from .reporting import (LoopState, finish_run, format_step, format_validation, record_validation, trace_entry, validate,
-                        validation_examples)
+from .reporting import (LoopState, StatusPacer, finish_run, format_step, format_validation, record_validation,
+                        trace_entry, validate, validation_examples)
 from .rollout import DemoQueue, collect, demo_generator, prompt_ids, sample_tasks, teacher_demos
 from .settle import settle_budgets
 from .trajectory import Trajectory
@@ -150,10 +150,10 @@ class LocalLoop:
         initial = validate(c, self.student, self.teacher, self.val_set)
         log("[kdtw] before training (greedy, validation):\n" + format_validation(initial, key))
 
-        t1 = time.perf_counter()
+        t1, pace = time.perf_counter(), StatusPacer(tc.log_every, tc.phase1_steps)
         for step in range(tc.phase1_steps):
             m = self.learner.bc_step(self.teacher, *self.phase1_batch())
-            if (step + 1) % tc.log_every == 0 or step + 1 == tc.phase1_steps:
+            if pace.due(step + 1):
                 el = time.perf_counter() - t1
                 log(f"[phase 1] step {step + 1}/{tc.phase1_steps} bc loss {m['bc/loss']:.3f} "
                     f"call-nll {m['bc/call_nll']:.3f} kl {m['bc/kl']:.3f} "
@@ -165,6 +165,7 @@ class LocalLoop:
         t2 = time.perf_counter()
         self.learner.start_phase2()
         self.in_phase2, stopped, settled, failed = True, None, None, None
+        pace = StatusPacer(tc.log_every, tc.phase2_steps)
         for step in range(tc.phase2_steps):
             try:
                 trajs, demos = self.collect()
@@ -176,7 +177,7 @@ class LocalLoop:
                 break
             self.state.losses.append(st.loss)
             self.state.lam_trace.append(trace_entry(step + 1, st))
-            if (step + 1) % tc.log_every == 0 or step + 1 == tc.phase2_steps:
+            if pace.due(step + 1):
                 el = time.perf_counter() - t2
                 log(f"[phase 2] step {step + 1}/{tc.phase2_steps} " + format_step(st)
                     + f" ({el:.0f}s, eta {el / (step + 1) * (tc.phase2_steps - step - 1):.0f}s)")

@@ -38,6 +38,7 @@ from .factory import load_teacher
 from .learner import Learner
 from .local import LocalLoop
 from .models import Student
+from .reporting import StatusPacer
 
 PHASE1_META = "kdtw_phase1.json"
 RNG_FILE = "rng.pt"  # every rank's random state, so a resumed Phase 1 takes the steps an unstopped one would
@@ -137,13 +138,13 @@ def run_phase1(cfg: Config, *, rank: int = 0, world: int = 1, log: Callable[[str
         if rank == 0:
             log(f"[phase 1] resumed at step {loop.learner.step}/{c.train.phase1_steps} from {resume}")
     tc = c.train
-    stop = False
+    stop, pace = False, StatusPacer(tc.log_every, tc.phase1_steps)
     while loop.learner.step < tc.phase1_steps and not stop:
         m = loop.learner.bc_step(loop.teacher, *loop.phase1_batch())
         step = loop.learner.step
         if on_metrics is not None:
             on_metrics(step, m)
-        if rank == 0 and (step % tc.log_every == 0 or step == tc.phase1_steps):
+        if rank == 0 and pace.due(step):
             log(f"[phase 1] step {step}/{tc.phase1_steps} bc loss {m['bc/loss']:.3f} "
                 f"call-nll {m['bc/call_nll']:.3f} kl {m['bc/kl']:.3f}")
         stop = _agree(bool(should_stop and rank == 0 and should_stop()), world)

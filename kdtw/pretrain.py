@@ -39,6 +39,7 @@ from .factory import (
 )
 from .metrics import task_metrics
 from .models import LM, ModelError, _from_pretrained, encode_outputs
+from .reporting import StatusPacer
 from .sources import SOURCE_META
 
 REPORT = "pretrain_report.json"
@@ -76,7 +77,7 @@ def supervised_train(
     opt = torch.optim.AdamW(lm.model.parameters(), lr=pc.lr, weight_decay=pc.weight_decay)
     lm.model.train()
     t0 = time.perf_counter()
-    ema = None
+    ema, pace = None, StatusPacer(pc.log_every, steps)
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, steps, pc.lr, pc.warmup_steps)
@@ -92,7 +93,7 @@ def supervised_train(
         torch.nn.utils.clip_grad_norm_(lm.model.parameters(), 1.0)
         opt.step()
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
-        if (step + 1) % pc.log_every == 0 or step + 1 == steps:
+        if pace.due(step + 1):
             el = time.perf_counter() - t0
             log(f"[pretrain {name}] step {step + 1}/{steps} loss {ema:.3f} "
                 f"({el:.0f}s, eta {el / (step + 1) * (steps - step - 1):.0f}s)")

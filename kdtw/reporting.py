@@ -127,6 +127,33 @@ def format_step(st: StepStats) -> str:
             f"greedy [{row(st.use_greedy)}]")
 
 
+# A long loop's status line is due every ``log_every`` steps and at most this long after the last
+# line, whichever comes first: both loops and `kdtw pretrain` promise a line at least every 30 s.
+# 20, not 30: the step that crosses the mark, and on Ray the log's way to the terminal (Phase 1's
+# lines come through a queue), take the rest (at 30.0 the job's gaps were 30-31 s on a slower
+# machine: run 13, docs/runs/default-async-2342c3c-seed0/).
+STATUS_EVERY_S = 20.0
+
+
+class StatusPacer:
+    """When a loop's status line is due: at a multiple of ``every`` steps, at step ``last``, or
+    ``seconds`` after the line before (``clock``'s seconds; the first is measured from the
+    pacer's making); the time counts from the last step it said yes to."""
+
+    def __init__(self, every: int, last: int, *, seconds: float | None = None,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        self.every, self.last, self.clock = every, last, clock
+        self.seconds = STATUS_EVERY_S if seconds is None else seconds
+        self._at = clock()
+
+    def due(self, step: int) -> bool:
+        now = self.clock()
+        if step % self.every == 0 or step == self.last or now - self._at >= self.seconds:
+            self._at = now
+            return True
+        return False
+
+
 # ----------------------------------------------------------------------------- selection
 
 

@@ -1,0 +1,74 @@
+"""Status lines of long work (kdtw.reporting.StatusPacer): every ``log_every`` steps, at the last
+step, and at most ``STATUS_EVERY_S`` after the line before, in the local loop's two phases, in
+`kdtw.phase1.run_phase1` (a Ray Train rank's loop) and in `kdtw pretrain`'s supervised steps."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from conftest_ray import tiny
+
+import kdtw.reporting
+from kdtw.factory import load_teacher
+from kdtw.local import LocalLoop
+from kdtw.phase1 import run_phase1
+from kdtw.pretrain import supervised_train
+from kdtw.reporting import StatusPacer
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_a_line_is_due_every_n_steps_at_the_last_and_after_the_seconds_since_the_last_line():
+    clock = Clock()
+    pace = StatusPacer(5, 12, seconds=20.0, clock=clock)
+    due = []
+    for step in range(1, 13):
+        clock.t += 8.0  # a step of 8 s: 24 s after the pacer's making at step 3
+        if pace.due(step):
+            due.append(step)
+    # 3 and 8 by time (24 s after the line before), 5 and 10 by count, 12 the last step (11: 8 s
+    # after 10's line)
+    assert due == [3, 5, 8, 10, 12]
+    fast = StatusPacer(5, 12, seconds=20.0, clock=clock)
+    assert [s for s in range(1, 13) if fast.due(s)] == [5, 10, 12]  # no time passes: by count only
+    clock.t += 19.0
+    assert not fast.due(13)
+    clock.t += 1.0
+    assert fast.due(14)  # 20 s after step 12's line
+
+
+def _steps(lines: list[str], tag: str) -> list[int]:
+    return [int(m.group(1)) for x in lines if (m := re.match(rf"\[{re.escape(tag)}\] step (\d+)/", x))]
+
+
+@pytest.mark.parametrize("every_s", [None, 0.0])
+def test_the_local_loop_prints_a_step_line_when_the_seconds_since_the_last_have_passed(tmp_path, monkeypatch, every_s):
+    """With ``train.log_every`` far above the run's steps, a step line comes only at each phase's
+    last step, unless the time since the last line has passed (0 s here: every step)."""
+    if every_s is not None:
+        monkeypatch.setattr(kdtw.reporting, "STATUS_EVERY_S", every_s)
+    cfg = tiny(tmp_path, "train.phase1_steps=3", "train.phase2_steps=3", "train.log_every=1000",
+               "train.validate_every=1000", "train.val_examples=2", "train.value_warmup_steps=0")
+    lines: list[str] = []
+    LocalLoop(cfg, log=lines.append).run()
+    want = [1, 2, 3] if every_s == 0.0 else [3]
+    assert _steps(lines, "phase 1") == want and _steps(lines, "phase 2") == want, lines
+
+
+def test_a_ray_train_ranks_phase1_loop_and_pretrain_are_paced_alike(tmp_path, monkeypatch):
+    monkeypatch.setattr(kdtw.reporting, "STATUS_EVERY_S", 0.0)
+    cfg = tiny(tmp_path, "train.phase1_steps=3", "train.log_every=1000", "pretrain.log_every=1000",
+               "pretrain.batch_size=2")
+    lines: list[str] = []
+    run_phase1(cfg, log=lines.append)
+    assert _steps(lines, "phase 1") == [1, 2, 3], lines
+    lines.clear()
+    supervised_train(cfg, load_teacher(cfg), steps=3, log=lines.append, name="teacher")
+    assert _steps(lines, "pretrain teacher") == [1, 2, 3], lines
