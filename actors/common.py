@@ -61,6 +61,21 @@ def await_started(groups: dict[str, list], *, every_s: float = 30.0, log: Callab
                 "cluster has, `ray list actors --filter state=PENDING_CREATION` what waits)")
 
 
+def get_with_lines(ref, what: str, *, log: Callable[[str], None] = print, every_s: float | None = None):
+    """``ray.get(ref)``, with the line ``what (N s)`` every ``every_s`` seconds
+    (`kdtw.reporting.STATUS_EVERY_S`) while it waits: the driver waits on a validation or a
+    calibration on a teacher replica (30-110 s on SmolLM2 here) and would otherwise be silent."""
+    import ray
+
+    from kdtw import reporting
+
+    every = reporting.STATUS_EVERY_S if every_s is None else every_s
+    start = time.monotonic()
+    while not ray.wait([ref], timeout=every)[0]:
+        log(f"{what} ({time.monotonic() - start:.0f}s)")
+    return ray.get(ref)
+
+
 def setup_threads(cfg) -> None:
     torch.set_num_threads(cfg.ray.torch_threads)
 

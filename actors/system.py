@@ -61,22 +61,25 @@ class Actors:
     def validate(self, student, examples: list) -> dict | None:
         """`kdtw.reporting.validate` of ``student`` on a teacher replica, next to its teacher (no
         round trip a decode step); None if no replica answers."""
-        return self._on_a_replica("validate", student, examples)
+        return self._on_a_replica("validate", student, examples, doing="[validate] decoding")
 
     def calibrate(self, student, prompts: list, targets: list) -> list | None:
         """`kdtw.reporting.calibrate_export` of ``student`` on a teacher replica, next to its teacher
         (the end of the job); None if no replica answers."""
-        return self._on_a_replica("calibrate", student, prompts, targets)
+        return self._on_a_replica("calibrate", student, prompts, targets,
+                                  doing="[kdtw] calibrating call thresholds")
 
-    def _on_a_replica(self, method: str, student, *args):
+    def _on_a_replica(self, method: str, student, *args, doing: str):
         """``TeacherActor.<method>(cfg, weights of student, *args)`` on the replicas in turn until one
-        answers; None if none does."""
-        from actors.common import RETRY_ERRORS
+        answers; None if none does. While it waits, a line ``doing on teacher replica i (N s)``
+        every `kdtw.reporting.STATUS_EVERY_S`."""
+        from actors.common import RETRY_ERRORS, get_with_lines
 
         weights = ray.put(pack_weights(student))
         for _ in self.replicas:
             try:
-                return ray.get(self._next_replica(method, weights, *args))
+                ref = self._next_replica(method, weights, *args)
+                return get_with_lines(ref, f"{doing} on teacher replica {self._turn}", log=self.log)
             except RETRY_ERRORS:
                 continue
         return None
@@ -281,7 +284,7 @@ class Validations:
         v = self.actors.validate(self.student, self.examples)
         if v is None:
             self.log("[validate] no teacher replica answered: validating through the pool")
-            v = validate(self.actors.cfg, self.student, self.teacher, self.examples)
+            v = validate(self.actors.cfg, self.student, self.teacher, self.examples, progress=self.log)
         return v
 
     def start(self, published: tuple, args: tuple) -> None:
@@ -301,12 +304,14 @@ class Validations:
 
     def land(self) -> None:
         """Wait for the validation in flight, if any, and record it (with the student it validated)."""
-        from actors.common import RETRY_ERRORS
+        from actors.common import RETRY_ERRORS, get_with_lines
 
         if self.ref is None:
             return
         try:
-            v = ray.get(self.ref)
+            _, step, phase, _ = self.args
+            v = get_with_lines(self.ref, f"[validate] waiting for phase-{phase} step {step}'s validation on a "
+                               "teacher replica", log=self.log)
         except RETRY_ERRORS:
             v = None
         weights, args = self.weights, self.args

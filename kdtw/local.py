@@ -147,7 +147,7 @@ class LocalLoop:
         log(f"[kdtw] teacher {self.teacher.num_parameters() / 1e6:.2f}M, student "
             f"{self.student.lm.num_parameters() / 1e6:.2f}M parameters; {len(self.table)} budgets; "
             f"{len(self.val_set)} validation examples")
-        initial = validate(c, self.student, self.teacher, self.val_set)
+        initial = validate(c, self.student, self.teacher, self.val_set, progress=log)
         log("[kdtw] before training (greedy, validation):\n" + format_validation(initial, key))
 
         t1, pace = time.perf_counter(), StatusPacer(tc.log_every, tc.phase1_steps)
@@ -160,7 +160,8 @@ class LocalLoop:
                     f"({el:.0f}s, eta {el / (step + 1) * (tc.phase1_steps - step - 1):.0f}s)")
         phase1_seconds = time.perf_counter() - t1
         if tc.phase1_steps:
-            self._record(validate(c, self.student, self.teacher, self.val_set), "[phase 1] done", step=0, phase=1)
+            v = validate(c, self.student, self.teacher, self.val_set, progress=log)
+            self._record(v, "[phase 1] done", step=0, phase=1)
 
         t2 = time.perf_counter()
         self.learner.start_phase2()
@@ -187,7 +188,7 @@ class LocalLoop:
                 self.learner.lam += shift  # λ_k and the integral follow the offsets they carry
                 self.learner.integral += shift
             if (step + 1) % tc.validate_every == 0 or step + 1 == tc.phase2_steps:
-                v = validate(c, self.student, self.teacher, self.val_set)
+                v = validate(c, self.student, self.teacher, self.val_set, progress=log)
                 self._record(v, f"[validate] phase-2 step {step + 1}", step=step + 1, phase=2)
             signame = should_stop() if should_stop is not None else None
             if signame and step + 1 < tc.phase2_steps:

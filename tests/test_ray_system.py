@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -704,6 +705,31 @@ def test_actors_without_room_are_waited_for_with_a_line_until_they_start(ray_ses
     with pytest.raises(Exception) as info:
         await_started({"learner": [Held.options(num_cpus=0).remote(ModelError("no such model"))]}, every_s=60)
     assert isinstance(remote_cause(info.value), ModelError), info.value
+
+
+def test_the_driver_says_what_it_waits_for_on_a_replica_every_few_seconds(ray_session):
+    """`get_with_lines` (the driver's wait on a validation or calibration on a teacher replica):
+    a line every ``every_s`` while it waits, none for a quick answer, the remote error raised."""
+    from actors.common import get_with_lines
+
+    ray = ray_session
+
+    @ray.remote(num_cpus=0)
+    def slow(x, seconds):
+        time.sleep(seconds)
+        if x is None:
+            raise ValueError("no such budget")
+        return x
+
+    lines: list[str] = []
+    assert get_with_lines(slow.remote(7, 1.2), "[validate] decoding on teacher replica 0", log=lines.append,
+                          every_s=0.3) == 7
+    assert len(lines) >= 2 and all(re.fullmatch(r"\[validate\] decoding on teacher replica 0 \(\d+s\)", ln)
+                                   for ln in lines), lines
+    lines.clear()
+    assert get_with_lines(slow.remote(8, 0.0), "quick", log=lines.append, every_s=30.0) == 8 and lines == []
+    with pytest.raises(ValueError, match="no such budget"):
+        get_with_lines(slow.remote(None, 0.0), "fails", log=lines.append, every_s=30.0)
 
 
 def test_bad_input_raised_in_an_actor_constructor_is_one_line(ray_session, capsys):

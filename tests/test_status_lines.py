@@ -1,6 +1,7 @@
 """Status lines of long work (kdtw.reporting.StatusPacer): every ``log_every`` steps, at the last
 step, and at most ``STATUS_EVERY_S`` after the line before, in the local loop's two phases, in
-`kdtw.phase1.run_phase1` (a Ray Train rank's loop) and in `kdtw pretrain`'s supervised steps."""
+`kdtw.phase1.run_phase1` (a Ray Train rank's loop), in `kdtw pretrain`'s supervised steps, and
+while a validation decodes."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from kdtw.factory import load_teacher
 from kdtw.local import LocalLoop
 from kdtw.phase1 import run_phase1
 from kdtw.pretrain import supervised_train
-from kdtw.reporting import StatusPacer
+from kdtw.reporting import StatusPacer, validate
 
 
 class Clock:
@@ -72,3 +73,35 @@ def test_a_ray_train_ranks_phase1_loop_and_pretrain_are_paced_alike(tmp_path, mo
     lines.clear()
     supervised_train(cfg, load_teacher(cfg), steps=3, log=lines.append, name="teacher")
     assert _steps(lines, "pretrain teacher") == [1, 2, 3], lines
+
+
+def test_a_pacer_by_time_only_counts_no_steps():
+    clock = Clock()
+    pace = StatusPacer(seconds=20.0, clock=clock)
+    assert not any(pace.due(s) for s in range(1, 50))
+    clock.t += 20.0
+    assert pace.due(50) and not pace.due(51)
+
+
+def test_a_validation_says_how_far_it_has_come_while_it_decodes(tmp_path, monkeypatch):
+    """A line after a budget decoded `STATUS_EVERY_S` after the start or the line before (0 s:
+    after each but the last, whose table follows); the figures are those without the lines."""
+    from kdtw.factory import budget_table, load_pair, load_splits
+    from kdtw.reporting import validation_examples
+
+    cfg = tiny(tmp_path, "train.val_examples=2")
+    teacher, student = load_pair(cfg)
+    examples = validation_examples(cfg, load_splits(cfg))
+    phrases = budget_table(cfg).phrases
+    monkeypatch.setattr(kdtw.reporting, "STATUS_EVERY_S", 1e9)
+    lines: list[str] = []
+    quiet = validate(cfg, student, teacher, examples, progress=lines.append)
+    assert lines == []
+    monkeypatch.setattr(kdtw.reporting, "STATUS_EVERY_S", 0.0)
+    v = validate(cfg, student, teacher, examples, progress=lines.append)
+    n = len(phrases)
+    assert len(lines) == n - 1, lines
+    for k, (line, phrase) in enumerate(zip(lines, phrases), 1):
+        assert re.fullmatch(rf"\[validate\] {k}/{n} budgets decoded \({phrase}: use \d\.\d{{3}}, bleu [\d.]+; \d+s\)",
+                            line), line
+    assert v["budgets"] == quiet["budgets"]
