@@ -2,7 +2,8 @@
 
 A replica given more than one GPU loads the teacher across them (accelerate ``device_map``,
 bfloat16); one GPU puts it on ``cuda``; none keeps the config's device. ``ray.teacher_latency_ms``
-makes it sleep before answering each batch (the remote-latency benchmark knob). It keeps the KV
+makes it sleep before answering each batch (the remote-latency benchmark knob; with
+``ray.teacher_latency_floor``, take that long in all, its forward within it). It keeps the KV
 caches of open teacher sessions within ``ray.teacher_cache_mb``. Demonstrations and the driver's
 validations run in threads of their own (Ray concurrency groups) beside the requests of the pool.
 Each answer carries the teacher positions computed since the previous answer, by tag (the pool
@@ -35,7 +36,7 @@ class TeacherActor:
         self.replica_id = replica_id
         self.service = TeacherService(load_teacher(cfg), max_batch=cfg.ray.teacher_max_batch,
                                       latency_s=cfg.ray.teacher_latency_ms / 1000.0, seed=cfg.seed + 101 * (replica_id + 1),
-                                      cache_mb=cfg.ray.teacher_cache_mb)
+                                      cache_mb=cfg.ray.teacher_cache_mb, latency_floor=cfg.ray.teacher_latency_floor)
         self._reported: Counter = Counter()
         self._report_lock = threading.Lock()
         self._student = None  # the student copy `validate` and `calibrate` load the first time they are asked

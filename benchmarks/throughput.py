@@ -32,7 +32,8 @@ Prints four figures (goals from issues 4 and 12 in brackets):
    sides, with two standard errors of the windows' ratios;
 2. scaling: trajectories/s with N = 1, 2, 4, 8 rollout workers against one teacher replica (the
    profile's; the header prints the number an override gives) that
-   sleeps ``--latency-ms`` before answering each batch (``ray.teacher_latency_ms``), on
+   sleeps ``--latency-ms`` before answering each batch (``ray.teacher_latency_ms``; with the
+   override ``ray.teacher_latency_floor=true``, takes that long in all, its forward within it), on
    ``--scaling-config``, relative to N = 1 [≥ 0.8·N]; teacher demonstrations go token by token
    through the pool there (``ray.teacher_side_demos=false``: a worker's demonstrations wait on
    the remote teacher ~16 times a rollout batch, in a thread beside its rollouts, which wait on it
@@ -692,7 +693,9 @@ def main(argv: list[str] | None = None) -> int:
     one = scaling[ns[0]]["traj_per_s"] / ns[0] if ns else 0.0
     if ns:
         reps = scaling[ns[0]]["replicas"]  # the profile's, unless an override set it
-        print(f"\n2-3. {rel(args.scaling_config)}, teacher latency {args.latency_ms:.0f} ms per batch, "
+        how = ("the whole answer, its forward within (ray.teacher_latency_floor)"
+               if cfg(args.scaling_config).ray.teacher_latency_floor else "slept before its forward")
+        print(f"\n2-3. {rel(args.scaling_config)}, teacher latency {args.latency_ms:.0f} ms per batch ({how}), "
               f"{reps} teacher replica{'s' if reps > 1 else ''}, "
               f"ray.teacher_max_wait_ms={wait:g}")
         print("   workers    traj/s   speed-up   /N (goal >= 0.8)   teacher batch / workers (goal >= 0.7)"

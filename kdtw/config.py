@@ -390,6 +390,10 @@ class RayConfig:
     teacher_socket: Bool = True
     # Benchmark knob: a teacher replica sleeps this long before answering each batch.
     teacher_latency_ms: NonNegFloat = 0.0
+    # true: teacher_latency_ms is the whole answer's time instead, the replica's forward within
+    # it and the rest slept (a teacher on an accelerator, whose batched forward takes about as long
+    # for 2 sequences as for 20; here the forward runs on the machine's cores and grows with the batch).
+    teacher_latency_floor: Bool = False
     # Teacher demonstrations decoded on a replica in one call, while the worker runs its student
     # rollouts (the demonstrations' sampler state travels with the request, so the random stream
     # is the local loop's either way), or in the worker (false: token by token through the pool

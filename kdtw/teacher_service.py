@@ -33,6 +33,7 @@ import threading
 import time
 import uuid
 from collections import Counter, OrderedDict, deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Hashable, Protocol
 
@@ -145,16 +146,19 @@ class SessionStore:
 
 class TeacherService:
     """One teacher answering merged request batches. ``latency_s`` (a benchmark knob) is slept
-    before each batch is answered, as a remote teacher's network and queueing would add.
+    before each batch is answered, as a remote teacher's network and queueing would add; with
+    ``latency_floor`` it is the whole answer's time instead: the forward runs within it and the
+    rest is slept (a teacher on an accelerator, whose batched forward takes about as long for 2
+    sequences as for 20, where the forward here runs on the machine's cores and grows with the batch).
     ``cache_mb`` bounds the KV caches of open sessions. ``positions`` counts, per request tag
     (``rollout``, ``validation``, ...), the teacher positions computed: prompt tokens when a
     session starts, then every output token fed up to its row's EOS (batch padding not counted)."""
 
     def __init__(self, teacher: LM, *, max_batch: int = 256, latency_s: float = 0.0, seed: int = 0,
-                 cache_mb: float = 1024.0):
+                 cache_mb: float = 1024.0, latency_floor: bool = False):
         self.teacher = teacher
         self.max_batch = max_batch
-        self.latency_s = latency_s
+        self.latency_s, self.latency_floor = latency_s, latency_floor
         self.gen = torch.Generator().manual_seed(seed)
         self.forwards = 0
         self.sessions = SessionStore(int(cache_mb * 2**20))
@@ -189,10 +193,21 @@ class TeacherService:
         - ``topk``: (prompt_rows, paths, k) -> list of (log p, top-k ids, top-k log p) per path
         - ``token``: (prompt_rows, prefixes, do_sample) -> list of token ids (greedy or sampled)
         """
-        if self.latency_s:
+        with self._latency():
+            self._count(None, 0, forwards=1)
+            return self._compute(kind, requests)
+
+    @contextmanager
+    def _latency(self, wait: bool = True):
+        """``latency_s`` around one answer (when ``wait``): slept before it, or with
+        ``latency_floor`` the answer's time made up to it."""
+        wait = bool(self.latency_s) and wait
+        t0 = time.perf_counter()
+        if wait and not self.latency_floor:
             time.sleep(self.latency_s)
-        self._count(None, 0, forwards=1)
-        return self._compute(kind, requests)
+        yield
+        if wait and self.latency_floor:
+            time.sleep(max(0.0, self.latency_s - (time.perf_counter() - t0)))
 
     def run_mixed(self, items: list[tuple[str, tuple]]) -> list[Any]:
         """Answer ``(kind, payload)`` requests of several kinds as one batch (one latency
@@ -200,15 +215,14 @@ class TeacherService:
         unknown = [k for k, _ in items if k not in KINDS]
         if unknown:
             raise ValueError(f"unknown teacher request kind {unknown[0]!r}: use one of {KINDS}")
-        if self.latency_s and any(k != "close" for k, _ in items):  # freeing a session is not a round trip to wait on
-            time.sleep(self.latency_s)
-        self._count(None, 0, forwards=1)
         out: list[Any] = [None] * len(items)
-        for kind in KINDS:
-            idx = [i for i, (k, _) in enumerate(items) if k == kind]
-            if idx:
-                for i, r in zip(idx, self._compute(kind, [items[i][1] for i in idx])):
-                    out[i] = r
+        with self._latency(any(k != "close" for k, _ in items)):  # freeing a session is not a round trip to wait on
+            self._count(None, 0, forwards=1)
+            for kind in KINDS:
+                idx = [i for i, (k, _) in enumerate(items) if k == kind]
+                if idx:
+                    for i, r in zip(idx, self._compute(kind, [items[i][1] for i in idx])):
+                        out[i] = r
         return out
 
     def _compute(self, kind: str, requests: list[tuple]) -> list[Any]:
@@ -300,13 +314,12 @@ class TeacherService:
         call instead of one round trip per token. Sampling uses a generator in the caller's state
         ``gen_state`` and the state it ends in is returned, so the caller's random stream goes on
         exactly as if it had decoded them itself (and a retry elsewhere gives the same paths)."""
-        if self.latency_s:
-            time.sleep(self.latency_s)
         self._count(None, 0, forwards=1)
         g = torch.Generator()
         g.set_state(gen_state)
-        trajs = teacher_demos(self.teacher, prompts, budget_ids, max_new_tokens=max_new_tokens,
-                              batch_size=batch_size, generator=g, version=version, worker_id=worker_id)
+        with self._latency():
+            trajs = teacher_demos(self.teacher, prompts, budget_ids, max_new_tokens=max_new_tokens,
+                                  batch_size=batch_size, generator=g, version=version, worker_id=worker_id)
         # decoded with score_teacher: prompt once, each output position once (the last only scored)
         for s in range(0, len(trajs), batch_size):
             chunk = trajs[s : s + batch_size]

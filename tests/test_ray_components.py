@@ -579,3 +579,24 @@ def test_cluster_yaml_is_a_valid_launcher_file_with_loopback_dashboard_and_token
     assert "--dashboard-host=127.0.0.1" in head and "RAY_AUTH_MODE=token" in head
     assert "RAY_AUTH_MODE=token" in " ".join(cluster["worker_start_ray_commands"])
     assert any("gpu" in k for k in cluster["available_node_types"])
+
+
+@pytest.mark.parametrize("floor", [False, True])
+def test_the_teacher_latency_is_slept_before_the_answer_or_makes_up_its_whole_time(pair, monkeypatch, floor):
+    """``latency_s`` (the benchmark knob): slept in full before each answered batch, or
+    (``latency_floor``) after it, for what the answer's own time left of it; a batch of session
+    closes only waits for nothing."""
+    import kdtw.teacher_service as ts
+
+    teacher, _ = pair
+    slept: list[float] = []
+    monkeypatch.setattr(ts.time, "sleep", slept.append)
+    ticks = iter(range(100))
+    monkeypatch.setattr(ts.time, "perf_counter", lambda: 0.25 * next(ticks))  # each reading 0.25 s after the last
+    service = TeacherService(teacher, latency_s=10.0, latency_floor=floor)
+    rows, prefixes = [[3, 4, 5], [6]], [[9, 10], []]
+    service.run_batch("token", [(rows, prefixes, False)])
+    service.run_mixed([("token", (rows, prefixes, False))])
+    service.run_mixed([("close", ("no-such-session",))])
+    # with the floor: the answer's start and end are one reading apart (0.25 s), so 9.75 s is left
+    assert slept == ([9.75, 9.75] if floor else [10.0, 10.0]), slept
