@@ -693,7 +693,7 @@ def main(argv: list[str] | None = None) -> int:
     one = scaling[ns[0]]["traj_per_s"] / ns[0] if ns else 0.0
     if ns:
         reps = scaling[ns[0]]["replicas"]  # the profile's, unless an override set it
-        how = ("the whole answer, its forward within (ray.teacher_latency_floor)"
+        how = ("the whole answer, its forward within: ray.teacher_latency_floor"
                if cfg(args.scaling_config).ray.teacher_latency_floor else "slept before its forward")
         print(f"\n2-3. {rel(args.scaling_config)}, teacher latency {args.latency_ms:.0f} ms per batch ({how}), "
               f"{reps} teacher replica{'s' if reps > 1 else ''}, "
