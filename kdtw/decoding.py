@@ -19,6 +19,7 @@ decodes one sequence at a time (as `transformers` assisted generation does).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -153,8 +154,10 @@ def generate(
     call_threshold: float | list[float] | None = None,
     score_teacher: bool = False,
     keep_teacher_logits: bool = False,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> DecodeOutput:
-    """Decode ``prompts`` (full input texts, budget instruction included).
+    """Decode ``prompts`` (full input texts, budget instruction included), ``batch_size`` at a
+    time (``on_batch(decoded, len(prompts))`` after each batch: a caller's progress line).
 
     ``score_teacher``: also return the teacher's log p of every output token
     (``teacher_logp``), computed on the teacher's decode state: the positions fed for calls are
@@ -236,6 +239,8 @@ def generate(
                 keep_teacher_logits=keep_teacher_logits,
             )
         )
+        if on_batch is not None:
+            on_batch(min(s + batch_size, len(prompts)), len(prompts))
     out = DecodeOutput(
         texts=[t for p in parts for t in p.texts],
         tokens=[t for p in parts for t in p.tokens],

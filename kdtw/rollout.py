@@ -73,6 +73,7 @@ def student_rollouts(
     worker_id: int = 0,
     budgets: list[float] | None = None,
     decoded_rule: str | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> tuple[list[Trajectory], DecodeOutput]:
     """Sampled on-policy paths (teacher tokens sampled at <τ>), scored by the teacher on its
     decode state (``generate(score_teacher=True)``: each output position computed once).
@@ -84,7 +85,7 @@ def student_rollouts(
         student, teacher, prompts, mode="budgeted" if use_tau else "student",
         max_new_tokens=max_new_tokens, do_sample=not decoded, temperature=1.0 if decoded else temperature,
         teacher_do_sample=not decoded, batch_size=batch_size, generator=generator, budgets=budgets,
-        score_teacher=True, call_rule=decoded_rule or "argmax",
+        score_teacher=True, call_rule=decoded_rule or "argmax", on_batch=on_batch,
     )
     t_logp = out.teacher_logp
     src = prompt_ids(student.lm, prompts)

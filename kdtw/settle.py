@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from typing import Callable
 
 import torch
@@ -37,6 +38,7 @@ from .config import Config
 from .examples import Example
 from .learner import budget_rates
 from .models import LM, Student
+from .reporting import StatusPacer
 from .rollout import student_rollouts
 
 SETTLE_SEED_OFFSET = 7919  # settling draws its verses and calls from seeds of its own
@@ -65,13 +67,20 @@ def settle_budgets(cfg: Config, student: Student, teacher: LM, train_set: list[E
     rng = random.Random(cfg.seed + SETTLE_SEED_OFFSET)
     gen = torch.Generator().manual_seed(cfg.seed + SETTLE_SEED_OFFSET)
     ks = [k for k in range(K) if table.targets[k] > 0]
+    t0, pace = time.perf_counter(), StatusPacer()
     for r in range(tc.settle_rounds):
         bids = [k for k in ks for _ in range(tc.settle_probes)]
         prompts = [table.prompt(table[k].phrase, cfg.task.instruction, rng.choice(train_set).source) for k in bids]
+
+        def batch_done(done: int, total: int, r=r) -> None:  # a line while a round decodes (69 s on SmolLM2 here)
+            if done < total and pace.due(0):
+                log(f"[settle] round {r + 1}/{tc.settle_rounds}: {done}/{total} training prompts decoded "
+                    f"({time.perf_counter() - t0:.0f}s)")
+
         paths = student_rollouts(
             student, teacher, prompts, bids, max_new_tokens=cfg.decoding.max_new_tokens, use_tau=True,
             batch_size=cfg.decoding.batch_size, generator=gen, budgets=[table.targets[b] for b in bids],
-            decoded_rule=cfg.decoding.call_rule)[0]
+            decoded_rule=cfg.decoding.call_rule, on_batch=batch_done)[0]
         delta = torch.zeros(K)
         parts, measured = [], [None] * K
         rates = budget_rates(paths, K, tc.use_estimate, tc.use_weighting)
@@ -84,6 +93,7 @@ def settle_budgets(cfg: Config, student: Student, teacher: LM, train_set: list[E
         off.sub_(delta.to(device=off.device, dtype=off.dtype))
         total += delta
         uses.append(measured)
+        pace = StatusPacer()  # after the round's own line below, the next is due STATUS_EVERY_S after it
         log(f"[settle] round {r + 1}/{tc.settle_rounds}, {tc.settle_probes} training prompts a budget, "
             f"{tc.use_estimate} use/target: " + ", ".join(parts))
     return {"shift": total.tolist(), "use": uses}

@@ -84,12 +84,13 @@ def test_a_pacer_by_time_only_counts_no_steps():
 
 
 def test_a_validation_says_how_far_it_has_come_while_it_decodes(tmp_path, monkeypatch):
-    """A line after a budget decoded `STATUS_EVERY_S` after the start or the line before (0 s:
-    after each but the last, whose table follows); the figures are those without the lines."""
+    """A line after a batch of prompts or a budget decoded `STATUS_EVERY_S` after the start or
+    the line before (0 s: after each, but the last budget's end, whose table follows); the
+    figures are those without the lines."""
     from kdtw.factory import budget_table, load_pair, load_splits
     from kdtw.reporting import validation_examples
 
-    cfg = tiny(tmp_path, "train.val_examples=2")
+    cfg = tiny(tmp_path, "train.val_examples=2", "decoding.batch_size=1")
     teacher, student = load_pair(cfg)
     examples = validation_examples(cfg, load_splits(cfg))
     phrases = budget_table(cfg).phrases
@@ -100,8 +101,38 @@ def test_a_validation_says_how_far_it_has_come_while_it_decodes(tmp_path, monkey
     monkeypatch.setattr(kdtw.reporting, "STATUS_EVERY_S", 0.0)
     v = validate(cfg, student, teacher, examples, progress=lines.append)
     n = len(phrases)
-    assert len(lines) == n - 1, lines
-    for k, (line, phrase) in enumerate(zip(lines, phrases), 1):
-        assert re.fullmatch(rf"\[validate\] {k}/{n} budgets decoded \({phrase}: use \d\.\d{{3}}, bleu [\d.]+; \d+s\)",
-                            line), line
+    assert len(lines) == 2 * n - 1, lines  # per budget: its first prompt (of 2), then the budget
+    for k, phrase in enumerate(phrases):
+        assert re.fullmatch(rf"\[validate\] {phrase}: 1/2 prompts decoded, {k}/{n} budgets done \(\d+s\)",
+                            lines[2 * k]), lines[2 * k]
+        if k + 1 < n:
+            assert re.fullmatch(rf"\[validate\] {k + 1}/{n} budgets decoded \({phrase}: use \d\.\d{{3}}, "
+                                rf"bleu [\d.]+; \d+s\)", lines[2 * k + 1]), lines[2 * k + 1]
     assert v["budgets"] == quiet["budgets"]
+
+
+def test_generate_reports_each_batch_and_settling_says_how_far_its_round_has_come(tmp_path, monkeypatch):
+    from kdtw.decoding import generate
+    from kdtw.factory import load_pair
+    from kdtw.settle import settle_budgets
+
+    cfg = tiny(tmp_path, "train.settle_probes=3", "train.settle_rounds=2", "decoding.batch_size=2",
+               "decoding.call_rule=systematic")
+    teacher, student = load_pair(cfg)
+    seen: list[tuple[int, int]] = []
+    generate(student, teacher, ["a b", "c d", "e f", "g h", "i j"], max_new_tokens=2, batch_size=2,
+             on_batch=lambda done, total: seen.append((done, total)))
+    assert seen == [(2, 5), (4, 5), (5, 5)]
+    monkeypatch.setattr(kdtw.reporting, "STATUS_EVERY_S", 0.0)
+    lines: list[str] = []
+    from kdtw.factory import budget_table, load_splits
+
+    table = budget_table(cfg)
+    student.set_budgets(table.targets)
+    assert settle_budgets(cfg, student, teacher, load_splits(cfg)["train"], table, log=lines.append) is not None
+    total = 3 * sum(1 for t in table.targets if t > 0)  # settle_probes a nonzero budget
+    batches = [f"{d}/{total} training prompts decoded" for d in range(2, total, 2)]
+    for r in (1, 2):
+        mine = [ln for ln in lines if ln.startswith(f"[settle] round {r}/2")]
+        assert [ln.split(": ", 1)[1].split(" (")[0] for ln in mine[:-1]] == batches, lines
+        assert mine[-1].startswith(f"[settle] round {r}/2, 3 training prompts a budget"), lines
