@@ -161,6 +161,10 @@ class StatusPacer:
         self.seconds = STATUS_EVERY_S if seconds is None else seconds
         self._at = clock()
 
+    def printed(self) -> None:
+        """A line went out by other means (a settling round's own): the next is due ``seconds`` after now."""
+        self._at = self.clock()
+
     def due(self, step: int) -> bool:
         now = self.clock()
         if (self.every and step % self.every == 0) or step == self.last or now - self._at >= self.seconds:

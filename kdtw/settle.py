@@ -93,7 +93,7 @@ def settle_budgets(cfg: Config, student: Student, teacher: LM, train_set: list[E
         off.sub_(delta.to(device=off.device, dtype=off.dtype))
         total += delta
         uses.append(measured)
-        pace = StatusPacer()  # after the round's own line below, the next is due STATUS_EVERY_S after it
+        pace.printed()  # the round's own line below: the next is due STATUS_EVERY_S after it
         log(f"[settle] round {r + 1}/{tc.settle_rounds}, {tc.settle_probes} training prompts a budget, "
             f"{tc.use_estimate} use/target: " + ", ".join(parts))
     return {"shift": total.tolist(), "use": uses}

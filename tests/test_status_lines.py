@@ -81,6 +81,12 @@ def test_a_pacer_by_time_only_counts_no_steps():
     assert not any(pace.due(s) for s in range(1, 50))
     clock.t += 20.0
     assert pace.due(50) and not pace.due(51)
+    clock.t += 15.0
+    pace.printed()  # a line by other means, 15 s after the last: the next 20 s after it
+    clock.t += 15.0
+    assert not pace.due(52)
+    clock.t += 5.0
+    assert pace.due(53)
 
 
 def test_a_validation_says_how_far_it_has_come_while_it_decodes(tmp_path, monkeypatch):
